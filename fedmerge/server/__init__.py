@@ -1,0 +1,1 @@
+"""The consortium side: the Flower ServerApp, the round loop, the spool and resume."""
