@@ -69,6 +69,9 @@ class Strategy:
     raw weights (linear, slerp) may run without one: the engine then uses the first model as the
     reference, whose delta is zero, and the algebra is unchanged.
     ``min_models`` / ``max_models``: how many inputs the method is defined for.
+    ``elementwise``: each output element depends only on the same element of the base and the
+    deltas (and on the parameters), with no randomness and no statistic over the tensor. The
+    engine may then feed a large tensor in row chunks, so memory does not grow with it.
     """
 
     name: ClassVar[str] = ""
@@ -78,6 +81,7 @@ class Strategy:
     needs_base: ClassVar[bool] = True
     min_models: ClassVar[int] = 2
     max_models: ClassVar[int | None] = None
+    elementwise: ClassVar[bool] = False
 
     def __init__(self, params: StrategyParams, model_params: Sequence[ModelParams]):
         self.params = params

@@ -34,6 +34,7 @@ class Linear(Strategy):
     Params = LinearParams
     PerModel = WeightParam
     needs_base = False
+    elementwise = True
 
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
         weights = [mp.weight for mp in ctx.model_params]
@@ -73,6 +74,7 @@ class TaskArithmetic(Strategy):
     paper = "Ilharco et al., Editing models with task arithmetic, ICLR 2023 (arXiv:2212.04089)"
     Params = TaskArithmeticParams
     PerModel = WeightParam
+    elementwise = True
 
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
         weights = [mp.weight for mp in ctx.model_params]
