@@ -1,0 +1,327 @@
+"""Scoring models with lm-evaluation-harness, round after round, offline.
+
+``Evaluator(config)`` builds its lm-eval tasks once (local JSONL tasks and built-in medical
+tasks, datasets read from local files only) and reuses them for every ``evaluate`` call. Before
+each call the few-shot samplers are re-seeded, so identical weights always get identical prompts
+and therefore identical scores, whichever round they are scored in. Every score is appended to
+the ``ResultsStore``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmerge.eval.config import EvalConfig
+from fedmerge.eval.errors import DatasetUnavailable, EvalError, UnknownTask
+from fedmerge.eval.store import ROLES, ResultsStore, ScoreRecord
+
+log = logging.getLogger(__name__)
+
+_TORCH_TO_SAFETENSORS = {
+    "float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+
+
+def force_offline() -> None:
+    """Make the hub and ``datasets`` libraries refuse the network, even if already imported."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import sys
+
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        import datasets.config as ds_config
+
+        ds_config.HF_HUB_OFFLINE = True
+        ds_config.HF_DATASETS_OFFLINE = True
+
+
+def module_fingerprint(model) -> str:
+    """The same fingerprint ``model_fingerprint`` gives the folder this model would be saved as.
+
+    SHA-256 over the sorted (name, dtype, shape, SHA-256 of bytes) of the state dict, so a model
+    scored in memory and the same weights scored from disk are recognised as one model.
+    """
+    import hashlib
+
+    from fedmerge.merging.checkpoint import tensor_digest
+
+    state = model.state_dict()
+    outer = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        dtype = _TORCH_TO_SAFETENSORS.get(str(t.dtype).removeprefix("torch."), str(t.dtype))
+        outer.update(json.dumps([name, dtype, list(t.shape), tensor_digest(t)]).encode())
+    return "sha256:" + outer.hexdigest()
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+
+    with CheckpointReader(folder) as reader:
+        return model_fingerprint(reader)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task: str
+    metric: str
+    value: float | None
+    stderr: float | None
+    n: int | None
+
+
+@dataclass
+class EvalResult:
+    """The scores of one model: one ``TaskScore`` per (task, metric)."""
+
+    run_id: str
+    label: str
+    role: str
+    round: int | None
+    fingerprint: str | None
+    scores: list[TaskScore]
+    seconds: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def value(self, task: str, metric: str = "acc") -> float:
+        for s in self.scores:
+            if s.task == task and s.metric == metric:
+                return float(s.value) if s.value is not None else float("nan")
+        raise KeyError(f"no {metric} score for task {task!r} in this result")
+
+    def stderr(self, task: str, metric: str = "acc") -> float | None:
+        for s in self.scores:
+            if s.task == task and s.metric == metric:
+                return s.stderr
+        raise KeyError(f"no {metric} score for task {task!r} in this result")
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(s.task for s in self.scores))
+
+    def accuracies(self, metric: str = "acc") -> dict[str, float]:
+        return {s.task: float(s.value) for s in self.scores if s.metric == metric and s.value is not None}
+
+    def mean(self, metric: str = "acc") -> float:
+        acc = self.accuracies(metric)
+        if not acc:
+            raise KeyError(f"no {metric} scores in this result")
+        return sum(acc.values()) / len(acc)
+
+
+class Evaluator:
+    """Scores models on a fixed set of lm-eval tasks; tasks are built once and reused."""
+
+    def __init__(self, config: EvalConfig, store: ResultsStore | str | Path | None = "config"):
+        self.config = config
+        if isinstance(store, str) and store == "config":
+            store = config.store
+        self.store = ResultsStore(store) if isinstance(store, (str, Path)) else store
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype(self.device)
+        self.batch_size = config.resolved_batch_size(self.device)
+        self._tasks: dict[str, Any] | None = None
+        self._task_manager = None
+        self.build_seconds: float | None = None
+        force_offline()
+
+    # ----------------------------------------------------------------- tasks
+
+    def build_tasks(self) -> dict[str, Any]:
+        """Build (once) the lm-eval Task objects of ``config.tasks``, in that order."""
+        if self._tasks is not None:
+            return self._tasks
+        force_offline()
+        t0 = time.perf_counter()
+        from lm_eval.tasks import TaskManager
+
+        from fedmerge.eval import tasks as task_defs
+
+        cfg = self.config
+        local = task_defs.discover(cfg.task_dirs) if cfg.task_dirs else {}
+        unknown_datasets = set(cfg.builtin_datasets) - set(task_defs.BUILTIN_TASKS)
+        if unknown_datasets:
+            raise UnknownTask(
+                f"builtin_datasets names {sorted(unknown_datasets)}, which are not built-in tasks fedmerge configures "
+                f"({', '.join(task_defs.BUILTIN_TASKS)})"
+            )
+        # Local tasks only: lm-eval's index of its ~10k built-in task files is never built here.
+        self._task_manager = TaskManager(include_defaults=False, include_path=[str(d) for d in cfg.task_dirs] or None)
+        built: dict[str, Any] = {}
+        for name in cfg.tasks:
+            if name in built:
+                continue
+            if name in local:
+                spec = task_defs.load_local_task(local[name]).config
+                built[name] = self._load_one(name, spec, source=f"local task file {local[name]}")
+            elif name in task_defs.BUILTIN_TASKS:
+                spec = task_defs.builtin_config(name, cfg.builtin_datasets.get(name))
+                built[name] = self._load_builtin(name, spec)
+            else:
+                known = sorted(set(local) | set(task_defs.BUILTIN_TASKS))
+                where = ", ".join(str(d) for d in cfg.task_dirs) or "no task folder configured"
+                raise UnknownTask(f"task {name!r} is neither a local task ({where}) nor a built-in one; known tasks: {', '.join(known)}")
+        self._tasks = built
+        self.build_seconds = time.perf_counter() - t0
+        log.info("built %d task(s) in %.1f s: %s", len(built), self.build_seconds, ", ".join(built))
+        return built
+
+    def _load_one(self, name: str, spec: dict[str, Any], source: str):
+        loaded = self._task_manager.load([spec])["tasks"]
+        if len(loaded) != 1:
+            raise EvalError(f"{source}: expected one task named {name!r}, lm-eval built {sorted(loaded)}")
+        return next(iter(loaded.values()))
+
+    def _load_builtin(self, name: str, spec: dict[str, Any]):
+        from fedmerge.eval.tasks import BUILTIN_COLUMNS, hub_dataset_of
+
+        local = self.config.builtin_datasets.get(name)
+        try:
+            return self._load_one(name, spec, source=f"built-in task {name}")
+        except EvalError:
+            raise
+        except Exception as exc:  # datasets raises many types when something is not on disk
+            import datasets.config as ds_config
+
+            if local is None:
+                raise DatasetUnavailable(
+                    f"built-in task {name} needs dataset {hub_dataset_of(name)}, which is not in the local datasets cache "
+                    f"({ds_config.HF_DATASETS_CACHE}) and the network is never used; point it at a local copy: "
+                    f"builtin_datasets: {{{name}: PATH}} in the eval config or --dataset {name}=PATH "
+                    f"(a folder copy of the dataset repository, or a .jsonl/.parquet file with columns {BUILTIN_COLUMNS[name]}). "
+                    f"[{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]"
+                ) from None
+            raise DatasetUnavailable(
+                f"built-in task {name}: the local copy {local} could not be read as {hub_dataset_of(name)} "
+                f"(expected columns {BUILTIN_COLUMNS[name]}): {type(exc).__name__}: {exc}"
+            ) from None
+
+    # ----------------------------------------------------------------- scoring
+
+    def _make_lm(self, model, tokenizer):
+        from lm_eval.api.model import LM
+        from lm_eval.models.huggingface import HFLM
+
+        if isinstance(model, LM):
+            return model, "<lm>", None
+        if isinstance(model, (str, Path)):
+            folder = Path(model)
+            if not (folder / "config.json").is_file():
+                raise EvalError(f"{folder}: not a model folder (no config.json)")
+            lm = HFLM(
+                pretrained=str(folder), tokenizer=tokenizer, device=self.device, dtype=self.dtype,
+                batch_size=self.batch_size, max_batch_size=self.config.max_batch_size,
+            )
+            fp = folder_fingerprint(folder) if self.config.fingerprint else None
+            return lm, str(folder), fp
+        if isinstance(model, tuple):
+            if len(model) != 2:
+                raise EvalError("an in-memory model is given as (model, tokenizer)")
+            model, tokenizer = model
+        if tokenizer is None:
+            raise EvalError("an in-memory model needs its tokenizer: evaluate((model, tokenizer)) or tokenizer=")
+        # With a model object lm-eval takes the batch size from HFLM itself (simple_evaluate's
+        # own batch_size is ignored), and the model stays on the device it is on.
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_batch_size=self.config.max_batch_size)
+        fp = module_fingerprint(model) if self.config.fingerprint else None
+        return lm, "<in-memory>", fp
+
+    def evaluate(
+        self,
+        model,
+        *,
+        round: int | None = None,
+        label: str | None = None,
+        role: str = "merge",
+        strategy: str | None = None,
+        params: dict[str, Any] | None = None,
+        tokenizer=None,
+        fingerprint: str | None = None,
+    ) -> EvalResult:
+        """Score a model folder, a ``(model, tokenizer)`` pair in memory, or an lm-eval ``LM``.
+
+        ``label`` names the row in reports (a merge method, a hospital, 'base'); ``role`` is
+        base, parent or merge. Scores are appended to the store when there is one.
+        """
+        if role not in ROLES:
+            raise EvalError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        tasks = self.build_tasks()
+        import lm_eval
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        lm, source, fp = self._make_lm(model, tokenizer)
+        fingerprint = fingerprint or fp
+        label = label or (strategy or (Path(source).name if source.startswith("/") else role))
+        for task in tasks.values():
+            # The sampler's generator advances as prompts are built: without a reset each round
+            # would draw different few-shot examples and identical weights would score differently.
+            task.set_fewshot_seed(seed=cfg.seed)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks.values()),
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            task_manager=self._task_manager,
+            log_samples=False,
+            bootstrap_iters=cfg.bootstrap_iters,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+        scores = _scores_from(out, list(tasks))
+        seconds = time.perf_counter() - t0
+        run_id = uuid.uuid4().hex
+        result = EvalResult(run_id=run_id, label=label, role=role, round=round, fingerprint=fingerprint,
+                            scores=scores, seconds=seconds, params=dict(params or {}))
+        for s in scores:
+            if s.metric == "acc":
+                log.info("%s round=%s %s acc=%.4f ± %.4f (n=%s)", label, round, s.task, s.value, s.stderr or 0.0, s.n)
+        if self.store is not None:
+            self.store.append_scores(
+                ScoreRecord(
+                    run_id=run_id, task=s.task, metric=s.metric, value=s.value, stderr=s.stderr, label=label,
+                    role=role, round=round, strategy=strategy, params=dict(params or {}), fingerprint=fingerprint,
+                    model=source, n=s.n, num_fewshot=cfg.num_fewshot,
+                    item_limit=float(cfg.limit) if cfg.limit is not None else None, seed=cfg.seed,
+                )
+                for s in scores
+            )
+        return result
+
+
+def _scores_from(out: dict[str, Any] | None, task_names: list[str]) -> list[TaskScore]:
+    if not out or "results" not in out:
+        raise EvalError("lm-eval returned no results")
+    scores = []
+    for name in task_names:
+        res = out["results"].get(name)
+        if res is None:
+            raise EvalError(f"lm-eval returned no results for task {name!r}")
+        n = out.get("n-samples", {}).get(name, {}).get("effective")
+        for key, value in res.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric, filt = key.split(",", 1)
+            if not isinstance(value, (int, float)):
+                continue
+            stderr = res.get(f"{metric}_stderr,{filt}")
+            stderr = float(stderr) if isinstance(stderr, (int, float)) else None
+            scores.append(TaskScore(task=name, metric=metric if filt == "none" else f"{metric}:{filt}",
+                                    value=float(value), stderr=stderr, n=n))
+    return scores
