@@ -1,0 +1,54 @@
+"""A hospital's config (``client.yaml``): who it is, what it contributes, where it installs models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ClientConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    institution: str
+    identity_key: str  # the institution's private identity file (signs its packages)
+    identity_passphrase_file: str | None = None
+    trust_store: str  # the consortium's trust store (checks the coordinator's signature)
+    base_model: str
+    finetuned: str | None = None  # a full fine-tune (HF folder)...
+    adapter: str | None = None  # ...or a PEFT LoRA adapter folder
+    state_dir: str
+    seal: bool = False
+    coordinator_public_file: str | None = None  # needed to seal: the coordinator's public identity
+    # Flower connection: the SuperLink's Fleet address, its CA, and this node's auth key (OpenSSH EC).
+    superlink_address: str = "127.0.0.1:9092"
+    root_cert: str | None = None
+    supernode_key: str | None = None
+    runtime_port: int = 9094
+    # SHA-256 of the Flower app bundles this node agrees to run; anything else is refused unrun.
+    pinned_app_hashes: list[str] = Field(default_factory=list)
+    # Optional local training between rounds: run before packing, with FEDMERGE_* variables set;
+    # it must write a checkpoint to $FEDMERGE_OUTPUT, which becomes the round's contribution.
+    train_hook: list[str] | None = None
+    keep_models: int = Field(2, ge=1, description="installed rounds kept on disk (current + previous)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ClientConfig":
+        if (self.finetuned is None) == (self.adapter is None):
+            raise ValueError("give exactly one of 'finetuned' (a model folder) or 'adapter' (a LoRA adapter folder)")
+        if self.seal and not self.coordinator_public_file:
+            raise ValueError("seal: true needs coordinator_public_file (the coordinator's public identity)")
+        return self
+
+    @property
+    def state(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def source(self) -> str:
+        return self.finetuned or self.adapter  # type: ignore[return-value]
+
+
+def load_client_config(path) -> ClientConfig:
+    from fedmerge.federation.yamlconfig import load_yaml_config
+
+    return load_yaml_config(path, ClientConfig)

@@ -1,0 +1,70 @@
+"""The few calls the federation makes into the security layer and the merge engine, in one place.
+
+The federation never reaches into those parts' internals: it packs, verifies, unpacks, signs and
+merges through the functions named here, exactly as the contracts between the parts define them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def load_identity(path: str | os.PathLike[str], passphrase: str | None = None):
+    from fedmerge.security.keys import load_identity as _load
+
+    return _load(path, passphrase)
+
+
+def load_public(path: str | os.PathLike[str]):
+    from fedmerge.security.keys import PublicIdentity
+
+    return PublicIdentity.load(path)
+
+
+def load_trust(path: str | os.PathLike[str]):
+    from fedmerge.security.trust import TrustStore
+
+    return TrustStore.load(path)
+
+
+def pack_delta(model, reference, out_dir, identity, round_id: int, reference_fingerprint: str, seal_to=None) -> Path:
+    from fedmerge.security.package import pack_delta as _pack
+
+    return Path(_pack(model, reference, out_dir, identity, round_id, reference_fingerprint, seal_to=seal_to))
+
+
+def verify_package(pkg_dir, trust, expected_round: int, expected_reference: str, opener=None, unpack_to=None):
+    """Check a package end to end; with ``unpack_to`` the verified deltas are written in the same pass."""
+    from fedmerge.security.package import verify_package as _verify
+
+    return _verify(pkg_dir, trust, expected_round=expected_round, expected_reference=expected_reference, opener=opener, unpack_to=unpack_to)
+
+
+def sign_model(model_dir, identity) -> Any:
+    from fedmerge.security.model_sign import sign_model as _sign
+
+    return _sign(model_dir, identity)
+
+
+def verify_model(model_dir, trust) -> Any:
+    from fedmerge.security.model_sign import verify_model as _verify
+
+    return _verify(model_dir, trust)
+
+
+def delta_checkpoint(folder):
+    from fedmerge.merging.taskvector import DeltaCheckpoint
+
+    return DeltaCheckpoint(folder)
+
+
+def merge(base_dir, delta_dirs: list[Path], out_dir, strategy: dict[str, Any], metadata: dict[str, Any] | None = None):
+    """Merge the verified deltas onto ``base_dir`` with the engine, exactly as an offline merge would."""
+    from fedmerge.merging.engine import MergeSpec
+    from fedmerge.merging.engine import merge as _merge
+
+    spec = MergeSpec(**strategy)
+    inputs = [delta_checkpoint(d) for d in delta_dirs]
+    return _merge(base_dir, inputs, out_dir, spec, progress=False, metadata=metadata)

@@ -1,0 +1,162 @@
+"""A federation in one process: Flower's Grid interface, delivering each message to the real ClientApp.
+
+No SuperLink, no SuperNodes, no subprocesses: ``LocalGrid`` is a ``flwr.serverapp.Grid`` whose
+messages go straight to ``fedmerge.client.app.app`` with each node's own ``Context``, so the
+coordinator's round loop and the hospital's handlers run exactly the code they run under Flower.
+Tests use it for logic and faults; ``fedmerge simulate`` uses it for quick studies and the demo.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+# A hook may look at (node_id, message) before delivery and return False to drop the node.
+DeliveryHook = Callable[[int, Message], bool]
+
+
+class LocalGrid(Grid):
+    def __init__(self, node_configs: dict[int, str], client_app=None, run_id: int = 1):
+        from flwr.supercore.run import Run
+        from flwr.supercore.task_identity import TaskIdentity
+
+        if client_app is None:
+            from fedmerge.client.app import app as client_app
+        self.client_app = client_app
+        self.contexts = {
+            nid: Context(run_id=run_id, node_id=nid, node_config={"fedmerge-config": str(path)}, state=RecordDict(), run_config={})
+            for nid, path in node_configs.items()
+        }
+        self.alive = set(node_configs)
+        self.replies: dict[str, Message] = {}
+        self.hooks: list[DeliveryHook] = []
+        self.sent: dict[int, int] = {n: 0 for n in node_configs}  # messages delivered per node
+        self.bytes_out: dict[int, int] = {n: 0 for n in node_configs}  # reply payload bytes per node
+        self._ids = itertools.count(1)
+        self._run = Run.create_empty(run_id)
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = 0
+        TaskIdentity.task_id = 0
+
+    def kill(self, node_id: int) -> None:
+        self.alive.discard(node_id)
+
+    # -- Grid -------------------------------------------------------------------------------------
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self):
+        return sorted(self.alive)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            mid = f"local-{next(self._ids)}"
+            msg.metadata.__dict__["_message_id"] = mid
+            node = msg.metadata.dst_node_id
+            ids.append(mid)
+            if node not in self.alive or not all(h(node, msg) for h in self.hooks):
+                self.alive.discard(node)
+                continue
+            self.sent[node] += 1
+            self.replies[mid] = self._deliver(node, msg)
+        return ids
+
+    def _deliver(self, node: int, msg: Message) -> Message:
+        from flwr.app import Error
+
+        try:
+            reply = self.client_app(message=msg, context=self.contexts[node])
+        except Exception as exc:  # the real SuperNode turns a raising ClientApp into an error reply
+            log.warning("node %s raised on %s: %s", node, msg.metadata.message_type, exc)
+            return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        if "payload" in reply.content.array_records:
+            self.bytes_out[node] += int(reply.content.array_records["payload"]["bytes"].shape[0])
+        return reply
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        out = []
+        for mid in message_ids:
+            reply = self.replies.pop(mid, None)
+            if reply is not None and reply.metadata.src_node_id in self.alive:
+                out.append(reply)
+        return out
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+@dataclass
+class RoundReport:
+    round: int
+    status: str
+    reference_dir: str
+    delta_dirs: dict[str, str]  # institution -> verified delta (DeltaCheckpoint folder) in the spool
+    model_dir: str | None
+    record: dict[str, Any]
+
+
+@dataclass
+class SimulationReport:
+    state_dir: str
+    base_dir: str
+    rounds: list[RoundReport] = field(default_factory=list)
+    installed: dict[str, list[int]] = field(default_factory=dict)  # institution -> installed rounds
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # institution -> payload bytes it sent
+
+
+def run_simulation(
+    federation_config: str | os.PathLike[str] | Any,
+    client_configs: list[str | os.PathLike[str]],
+    *,
+    hooks: list[DeliveryHook] | None = None,
+    crash_after_accepts: int | None = None,
+) -> SimulationReport:
+    """Run the coordinator's rounds over ``len(client_configs)`` in-process hospitals.
+
+    Returns, per round, the reference (base) folder and the spool folders of the verified deltas,
+    so the same inputs can be merged again offline with any strategy.
+    """
+    from fedmerge.client.config import load_client_config
+    from fedmerge.client.node import HospitalNode
+    from fedmerge.server.config import FederationConfig, load_federation_config
+    from fedmerge.server.rounds import RoundRunner
+
+    cfg = federation_config if isinstance(federation_config, FederationConfig) else load_federation_config(federation_config)
+    grid = LocalGrid({i + 1: str(p) for i, p in enumerate(client_configs)})
+    grid.hooks.extend(hooks or [])
+    runner = RoundRunner(grid, cfg, crash_after_accepts=crash_after_accepts)
+    records = runner.run()
+    report = SimulationReport(state_dir=cfg.state_dir, base_dir=cfg.base_model)
+    for rec in records:
+        report.rounds.append(
+            RoundReport(
+                round=rec["round"],
+                status=rec["status"],
+                reference_dir=rec["reference"]["path"],
+                delta_dirs={k: v["delta_dir"] for k, v in sorted(rec.get("inputs", {}).items())},
+                model_dir=(rec.get("output") or {}).get("path"),
+                record=rec,
+            )
+        )
+    for i, path in enumerate(client_configs):
+        ccfg = load_client_config(path)
+        report.installed[ccfg.institution] = HospitalNode(ccfg).installed_rounds()
+        report.bytes_sent[ccfg.institution] = grid.bytes_out[i + 1]
+    return report

@@ -1,0 +1,256 @@
+"""The federation's wire protocol: message kinds, record layouts, and how a folder is cut into parts.
+
+Both the coordinator (``fedmerge.server``) and the hospital (``fedmerge.client``) import this
+module and nothing of each other. It knows Flower records but no merging, no security: what
+travels is a folder of plain files (a signed delta package one way, a signed model folder the
+other way), described by a ``PartPlan`` and moved in bounded parts, one part per message, so
+no process on either side ever holds more than a part in memory.
+
+A round, as messages (all ``query.<action>``; each message starts a fresh ClientApp process,
+so every handler does one small thing and keeps what it computed on disk):
+
+- ``open_round``   coordinator -> client: round id, reference fingerprint, part size.
+                   reply: the client's institution id and the PartPlan of its package.
+- ``fetch_part``   coordinator -> client: round id, part index. reply: that part's bytes.
+- ``install_part`` coordinator -> client: round id, the model's PartPlan, part index, bytes.
+- ``install_commit`` coordinator -> client: round id, PartPlan. The client checks every file's
+                   digest, verifies the coordinator's signature and installs atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmerge.errors import FedmergeError
+
+PROTOCOL_VERSION = 1
+
+OPEN_ROUND = "query.open_round"
+FETCH_PART = "query.fetch_part"
+INSTALL_PART = "query.install_part"
+INSTALL_COMMIT = "query.install_commit"
+MESSAGE_KINDS = (OPEN_ROUND, FETCH_PART, INSTALL_PART, INSTALL_COMMIT)
+
+META = "fedmerge"  # ConfigRecord holding the small fields of every message
+PAYLOAD = "payload"  # ArrayRecord holding one part's bytes as a uint8 array
+PAYLOAD_KEY = "bytes"
+
+DEFAULT_PART_BYTES = 64 * 1024 * 1024
+_READ_BLOCK = 4 * 1024 * 1024
+
+
+class ProtocolError(FedmergeError):
+    """A message or a part does not match what the protocol expects."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    file: str  # path relative to the folder, with '/' separators
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class PartPlan:
+    """How a folder's files are laid end to end and cut into parts of at most ``part_bytes``."""
+
+    files: list[FileEntry]
+    parts: list[list[Segment]]
+    part_bytes: int
+    version: int = PROTOCOL_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def part_size(self, index: int) -> int:
+        return sum(s.length for s in self.parts[index])
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": self.version,
+                "part_bytes": self.part_bytes,
+                "files": [asdict(f) for f in self.files],
+                "parts": [[[s.file, s.offset, s.length] for s in p] for p in self.parts],
+                "extra": self.extra,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "PartPlan":
+        try:
+            data = json.loads(text)
+            if data["version"] != PROTOCOL_VERSION:
+                raise ProtocolError(f"part plan version {data['version']} is not {PROTOCOL_VERSION}; upgrade both sides")
+            files = [FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"]]
+            parts = [[Segment(str(a), int(b), int(c)) for a, b, c in p] for p in data["parts"]]
+            plan = cls(files=files, parts=parts, part_bytes=int(data["part_bytes"]), extra=dict(data.get("extra", {})))
+        except ProtocolError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed part plan ({exc})") from exc
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Refuse plans that would write outside the folder or do not tile the files exactly."""
+        sizes = {}
+        for f in self.files:
+            _check_relative(f.path)
+            if f.size < 0 or f.path in sizes:
+                raise ProtocolError(f"part plan: bad or repeated file entry {f.path!r}")
+            sizes[f.path] = f.size
+        covered = {p: 0 for p in sizes}
+        for i, part in enumerate(self.parts):
+            if sum(s.length for s in part) > self.part_bytes:
+                raise ProtocolError(f"part plan: part {i} is larger than the part size {self.part_bytes}")
+            for s in part:
+                if s.file not in sizes or s.offset != covered[s.file] or s.length <= 0:
+                    raise ProtocolError(f"part plan: part {i} segment {s} does not continue file {s.file!r}")
+                covered[s.file] += s.length
+        for p, n in covered.items():
+            if n != sizes[p]:
+                raise ProtocolError(f"part plan: file {p!r} is {sizes[p]} bytes but parts cover {n}")
+
+
+def _check_relative(path: str) -> None:
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
+        raise ProtocolError(f"part plan: file path {path!r} is not a plain relative path")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_READ_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plan_folder(folder: str | os.PathLike[str], part_bytes: int = DEFAULT_PART_BYTES, extra: dict[str, Any] | None = None) -> PartPlan:
+    """Describe every regular file under ``folder`` (sorted) and cut them into parts."""
+    if part_bytes <= 0:
+        raise ProtocolError("part_bytes must be positive")
+    root = Path(folder)
+    entries = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            rel = p.relative_to(root).as_posix()
+            entries.append(FileEntry(rel, p.stat().st_size, file_sha256(p)))
+    parts: list[list[Segment]] = []
+    current: list[Segment] = []
+    room = part_bytes
+    for f in entries:
+        offset = 0
+        while offset < f.size:
+            take = min(room, f.size - offset)
+            current.append(Segment(f.path, offset, take))
+            offset += take
+            room -= take
+            if room == 0:
+                parts.append(current)
+                current, room = [], part_bytes
+    if current:
+        parts.append(current)
+    # Empty files need no bytes; they are created when the plan is committed.
+    return PartPlan(files=entries, parts=parts, part_bytes=part_bytes, extra=dict(extra or {}))
+
+
+def read_part(folder: str | os.PathLike[str], plan: PartPlan, index: int) -> bytes:
+    if not 0 <= index < len(plan.parts):
+        raise ProtocolError(f"part {index} does not exist (the plan has {len(plan.parts)})")
+    out = bytearray()
+    root = Path(folder)
+    for s in plan.parts[index]:
+        with open(root / s.file, "rb") as fh:
+            fh.seek(s.offset)
+            data = fh.read(s.length)
+        if len(data) != s.length:
+            raise ProtocolError(f"{root / s.file}: shorter than its plan says (part {index})")
+        out += data
+    return bytes(out)
+
+
+def part_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_part(folder: str | os.PathLike[str], plan: PartPlan, index: int, data: bytes, fsync: bool = True) -> None:
+    """Write one part's bytes at their offsets (idempotent: a part written twice is the same)."""
+    if not 0 <= index < len(plan.parts):
+        raise ProtocolError(f"part {index} does not exist (the plan has {len(plan.parts)})")
+    expected = plan.part_size(index)
+    if len(data) != expected:
+        raise ProtocolError(f"part {index} carries {len(data)} bytes, the plan says {expected}")
+    root = Path(folder)
+    pos = 0
+    for s in plan.parts[index]:
+        target = root / s.file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, data[pos : pos + s.length], s.offset)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        pos += s.length
+
+
+def check_complete(folder: str | os.PathLike[str], plan: PartPlan) -> None:
+    """Every file of the plan is present with its size and SHA-256; raise naming the first that is not."""
+    root = Path(folder)
+    for f in plan.files:
+        p = root / f.path
+        if f.size == 0 and not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.touch()
+        if not p.exists():
+            raise ProtocolError(f"{p}: missing after transfer")
+        if p.stat().st_size != f.size:
+            raise ProtocolError(f"{p}: {p.stat().st_size} bytes after transfer, expected {f.size}")
+        if file_sha256(p) != f.sha256:
+            raise ProtocolError(f"{p}: SHA-256 differs from the part plan after transfer")
+
+
+# -- record layouts ---------------------------------------------------------------------------
+
+
+def make_content(meta: dict[str, Any], payload: bytes | None = None):
+    """A RecordDict with the message's small fields and, optionally, one part's bytes."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    records: dict[str, Any] = {META: ConfigRecord({k: v for k, v in meta.items() if v is not None})}
+    if payload is not None:
+        # ArrayRecord, not a ConfigRecord bytes value: Flower chunks arrays when it moves them.
+        records[PAYLOAD] = ArrayRecord({PAYLOAD_KEY: Array(np.frombuffer(payload, dtype=np.uint8))})
+    return RecordDict(records)
+
+
+def read_meta(content) -> dict[str, Any]:
+    if META not in content.config_records:
+        raise ProtocolError("message carries no fedmerge record; is the other side running fedmerge?")
+    return dict(content.config_records[META])
+
+
+def read_payload(content) -> bytes:
+    if PAYLOAD not in content.array_records:
+        raise ProtocolError("message carries no payload")
+    arr = content.array_records[PAYLOAD][PAYLOAD_KEY]
+    return arr.numpy().tobytes()

@@ -1,0 +1,84 @@
+"""The coordinator's config (``federation.yaml``): who merges what, how, and where Flower listens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedmerge.protocol import DEFAULT_PART_BYTES
+
+
+class StrategyConfig(BaseModel):
+    """Handed to the engine's ``MergeSpec`` as is (method, parameters, per-model parameters...)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str = "task_arithmetic"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+    def spec_fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class SuperLinkConfig(BaseModel):
+    """A SuperLink the coordinator starts (``start: true``) or one already running."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: bool = True
+    # Fleet is the only port hospitals reach; Control and Runtime stay on the loopback.
+    fleet_address: str = "0.0.0.0:9092"
+    control_address: str = "127.0.0.1:9093"
+    runtime_port: int = 9091
+    ca_cert: str
+    server_cert: str | None = None
+    server_key: str | None = None
+    database_path: str | None = None  # default: <state_dir>/superlink.db
+    # OpenSSH public keys of the SuperNodes allowed to connect (one file each).
+    supernode_public_keys: list[str] = Field(default_factory=list)
+
+
+class EvaluatorHook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config_path: str  # an eval config (YAML) for fedmerge.eval
+    gate_metric: str | None = None
+
+
+class FederationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "fedmerge"
+    state_dir: str
+    base_model: str
+    coordinator_key: str  # the coordinator's private identity file (signs published models)
+    coordinator_key_passphrase_file: str | None = None
+    trust_store: str
+    rounds: int = Field(1, ge=1)
+    min_clients: int = Field(2, ge=1, description="quorum: fewest verified contributions that make a round")
+    clients_per_round: int | None = Field(None, ge=1, description="sample size; default every connected client")
+    wait_for_clients_s: float = Field(120.0, gt=0)
+    round_timeout_s: float = Field(600.0, gt=0)
+    part_bytes: int = Field(DEFAULT_PART_BYTES, gt=0)
+    parts_in_flight: int = Field(2, ge=1, description="outstanding part requests per client")
+    reference: Literal["base", "global"] = "base"
+    seal: bool = False
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    evaluator: EvaluatorHook | None = None
+    sample_seed: int = 0
+    superlink: SuperLinkConfig | None = None
+
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> "FederationConfig":
+        if self.clients_per_round is not None and self.clients_per_round < self.min_clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) is below min_clients ({self.min_clients})")
+        return self
+
+    @property
+    def state(self) -> Path:
+        return Path(self.state_dir)
+
+
+def load_federation_config(path) -> FederationConfig:
+    from fedmerge.federation.yamlconfig import load_yaml_config
+
+    return load_yaml_config(path, FederationConfig)

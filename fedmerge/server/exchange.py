@@ -1,0 +1,110 @@
+"""Many small requests to many nodes, a bounded number outstanding, replies pulled one at a time.
+
+Flower's ``send_and_receive`` waits for every reply and sleeps seconds between polls; a round
+moves dozens of parts per client, so the coordinator keeps its own window: at most ``window``
+requests outstanding per node, each reply pulled (and handled, i.e. spooled) alone, so memory
+holds one part at a time whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeQueue:
+    node_id: int
+    pending: deque = field(default_factory=deque)  # (message_type, meta, payload, tag)
+    in_flight: dict[str, Any] = field(default_factory=dict)  # message id -> tag
+    failed: str | None = None
+
+
+def run_exchange(
+    grid,
+    requests: dict[int, list[tuple[str, dict, bytes | None, Any]]],
+    on_reply: Callable[[int, Any, Any], None],
+    *,
+    group_id: str,
+    deadline: float,
+    window: int,
+    make_content: Callable[[dict, bytes | None], Any],
+    ttl: float | None = None,
+    poll_s: float = 0.05,
+) -> dict[int, str]:
+    """Send every node its requests (in order, ``window`` at a time) and hand each reply to ``on_reply``.
+
+    ``on_reply(node_id, tag, message)`` may raise ``NodeFailed`` to stop talking to that node.
+    Returns {node_id: reason} for the nodes that did not finish (error, gone, timeout).
+    """
+    queues = {n: NodeQueue(n, deque(reqs)) for n, reqs in requests.items()}
+    failures: dict[int, str] = {}
+    last_alive_check = 0.0
+
+    def fail(q: NodeQueue, reason: str) -> None:
+        q.failed = reason
+        q.pending.clear()
+        q.in_flight.clear()
+        failures[q.node_id] = reason
+        log.warning("node %s: %s", q.node_id, reason)
+
+    while True:
+        active = [q for q in queues.values() if q.failed is None and (q.pending or q.in_flight)]
+        if not active:
+            return failures
+        now = time.monotonic()
+        if now > deadline:
+            for q in active:
+                fail(q, "timed out before finishing the round's exchange")
+            return failures
+        if now - last_alive_check > 1.0:
+            last_alive_check = now
+            alive = set(grid.get_node_ids())
+            for q in active:
+                if q.node_id not in alive:
+                    fail(q, "node disconnected from the SuperLink")
+            active = [q for q in active if q.failed is None]
+        # Top up each node's window.
+        out = []
+        for q in active:
+            while q.pending and len(q.in_flight) < window:
+                kind, meta, payload, tag = q.pending.popleft()
+                msg = grid.create_message(make_content(meta, payload), kind, q.node_id, group_id, ttl)
+                out.append((q, tag, msg))
+        if out:
+            ids = list(grid.push_messages([m for _, _, m in out]))
+            for (q, tag, _), mid in zip(out, ids):
+                if mid:
+                    q.in_flight[mid] = tag
+                else:
+                    fail(q, "the SuperLink refused a message for this node")
+        progressed = False
+        for q in active:
+            for mid in list(q.in_flight):
+                if q.failed is not None:
+                    break
+                replies = list(grid.pull_messages([mid]))
+                if not replies:
+                    continue
+                progressed = True
+                reply = replies[0]
+                tag = q.in_flight.pop(mid)
+                if reply.has_error():
+                    fail(q, f"client error: {reply.error.reason}")
+                    break
+                try:
+                    on_reply(q.node_id, tag, reply)
+                except NodeFailed as exc:
+                    fail(q, str(exc))
+                del reply
+        if not progressed:
+            time.sleep(poll_s)
+
+
+class NodeFailed(Exception):
+    """Raised by a reply handler: stop the exchange with this node, for the reason given."""
