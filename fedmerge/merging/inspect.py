@@ -1,0 +1,305 @@
+"""Will these models merge well? Compatibility and per-layer mergeability figures, before merging.
+
+``inspect_models(base, models)`` streams every tensor once (in row chunks, so memory stays
+small) and reports:
+
+- **compatibility** per input: architecture (config keys that must agree), tensor names,
+  shapes, dtypes and tokenizer, each with the first offending tensor or key;
+- **per layer** (``model.layers.N`` and the embedding / final norm / head): each input's
+  task-vector norm, the pairwise cosine similarity of the task vectors, and the sign-conflict
+  rate — among elements that at least two inputs change, the share where some push up and
+  others down (what TIES' sign election has to resolve);
+- **head alignment**: for each attention block, how far the head permutation that best aligns
+  each input's heads to the first input's is from the identity (share of heads moved), using
+  the same alignment as the hierarchical merge. Near 0 means heads already correspond.
+
+Low cosine with high sign conflict predicts interference; large head movement predicts that a
+plain average will blur attention heads that hierarchical alignment would keep apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from fedmerge.merging.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader
+from fedmerge.merging.engine import ARCH_KEYS, tokenizer_fingerprint
+from fedmerge.merging.taskvector import TaskVector, open_delta_source
+
+log = logging.getLogger(__name__)
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """The report row a tensor belongs to: ``layer N``, ``embed``, ``head``, ``norm`` or ``other``."""
+    m = _LAYER.search(name)
+    if m:
+        return f"layer {int(m.group(1))}"
+    if "embed" in name:
+        return "embed"
+    if "lm_head" in name or name.endswith("head.weight"):
+        return "head"
+    if "norm" in name:
+        return "norm"
+    return "other"
+
+
+def _row_key(row: str) -> tuple[int, int]:
+    order = {"embed": (0, 0), "norm": (2, 0), "head": (3, 0), "other": (4, 0)}
+    if row.startswith("layer "):
+        return (1, int(row.split()[1]))
+    return order.get(row, (5, 0))
+
+
+@dataclass
+class _Acc:
+    numel: int = 0
+    sq: list[float] = field(default_factory=list)
+    dots: dict[tuple[int, int], float] = field(default_factory=dict)
+    multi: int = 0  # elements changed by at least two inputs
+    conflict: int = 0  # of those, elements with both signs
+
+
+def check_inputs(base: CheckpointReader, sources: Sequence[Any]) -> list[dict[str, Any]]:
+    """One compatibility record per input (no exception: the report shows every problem)."""
+    base_cfg = base.config
+    base_tok = tokenizer_fingerprint(base.folder)
+    out = []
+    for src in sources:
+        rec: dict[str, Any] = {"label": src.label, "kind": getattr(src, "kind", "?"), "path": str(getattr(src, "folder", "")), "problems": []}
+        cfg = getattr(src, "config", None) or {}
+        arch = [k for k in ARCH_KEYS if cfg and (k in cfg or k in base_cfg) and cfg.get(k) != base_cfg.get(k)]
+        rec["architecture"] = "same" if cfg and not arch else ("unknown" if not cfg else "different")
+        for k in arch:
+            rec["problems"].append(f"config {k}={cfg.get(k)!r}, base has {base_cfg.get(k)!r}")
+        names = src.names()
+        base_names = set(base.names())
+        extra = [n for n in names if n not in base_names]
+        missing = [n for n in base.names() if n not in set(names)] if isinstance(src, TaskVector) else []
+        rec["names"] = "same" if not extra and not missing else "different"
+        if missing:
+            rec["problems"].append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+        if extra:
+            rec["problems"].append(f"{len(extra)} tensor(s) not in the base, e.g. {extra[0]!r}")
+        shape_bad = [n for n in names if n in base_names and tuple(src.info(n).shape) != tuple(base.info(n).shape)]
+        rec["shapes"] = "same" if not shape_bad else "different"
+        if shape_bad:
+            n = shape_bad[0]
+            rec["problems"].append(f"{len(shape_bad)} shape mismatch(es), e.g. {n!r} {list(src.info(n).shape)} vs {list(base.info(n).shape)}")
+        dtypes = sorted({src.info(n).dtype for n in names}) if isinstance(src, TaskVector) else []
+        rec["dtypes"] = dtypes
+        if isinstance(src, TaskVector):
+            tok = tokenizer_fingerprint(src.folder)
+            rec["tokenizer"] = "missing" if tok is None or base_tok is None else ("same" if tok == base_tok else "different")
+            if rec["tokenizer"] == "different":
+                rec["problems"].append("tokenizer.json differs from the base's")
+        else:
+            rec["tokenizer"] = "n/a"
+        rec["compatible"] = not rec["problems"]
+        out.append(rec)
+    return out
+
+
+def inspect_models(
+    base_dir: str | Path,
+    model_dirs: Sequence[str | Path],
+    progress: bool = True,
+    chunk_elements: int = 1 << 22,
+    alignment: bool = True,
+) -> dict[str, Any]:
+    """The inspect report as a JSON-ready dict (see the module docstring)."""
+    import torch
+
+    base = CheckpointReader(base_dir)
+    sources = [open_delta_source(p, base) for p in model_dirs]
+    n = len(sources)
+    compat = check_inputs(base, sources)
+    report: dict[str, Any] = {
+        "base": str(base.folder),
+        "inputs": compat,
+        "compatible": all(r["compatible"] for r in compat),
+        "layers": [],
+        "alignment": None,
+    }
+    if not report["compatible"]:
+        return report
+    names = [nm for nm in base.names() if base.info(nm).dtype in FLOAT_DTYPES]
+    accs: dict[str, _Acc] = {}
+    src_names = [set(s.names()) for s in sources]
+    it: Any = names
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(names, desc="inspect", unit="tensor")
+    with torch.no_grad():
+        for nm in it:
+            info = base.info(nm)
+            acc = accs.setdefault(layer_of(nm), _Acc(sq=[0.0] * n))
+            rows_total = info.shape[0] if info.shape else 1
+            step = max(1, chunk_elements // max(1, info.numel // max(1, rows_total))) if info.shape else 1
+            for a in range(0, rows_total, step):
+                rows = (a, min(rows_total, a + step)) if info.shape else None
+                b32 = base.get(nm, rows=rows).float()
+                ds = []
+                for s, sn in zip(sources, src_names):
+                    d = s.get_delta(nm, rows=rows, base=b32) if nm in sn else None
+                    ds.append(torch.zeros_like(b32).reshape(-1) if d is None else d.reshape(-1))
+                acc.numel += b32.numel()
+                for i in range(n):
+                    acc.sq[i] += float(torch.dot(ds[i], ds[i]))
+                    for j in range(i + 1, n):
+                        acc.dots[(i, j)] = acc.dots.get((i, j), 0.0) + float(torch.dot(ds[i], ds[j]))
+                signs = torch.stack([d.sign() for d in ds])
+                nonzero = (signs != 0).sum(0) >= 2
+                both = (signs > 0).any(0) & (signs < 0).any(0)
+                acc.multi += int(nonzero.sum())
+                acc.conflict += int((both & nonzero).sum())
+    labels = [s.label for s in sources]
+    for row in sorted(accs, key=_row_key):
+        acc = accs[row]
+        norms = [math.sqrt(x) for x in acc.sq]
+        cos = {}
+        for (i, j), dot in acc.dots.items():
+            denom = norms[i] * norms[j]
+            cos[f"{labels[i]}~{labels[j]}"] = dot / denom if denom > 0 else None
+        report["layers"].append(
+            {
+                "layer": row,
+                "params": acc.numel,
+                "delta_norm": dict(zip(labels, norms)),
+                "cosine": cos,
+                "sign_conflict": acc.conflict / acc.multi if acc.multi else None,
+            }
+        )
+    if alignment and n >= 2:
+        report["alignment"] = _alignment_report(base, sources)
+    return report
+
+
+def _alignment_report(base: CheckpointReader, sources: Sequence[Any]) -> dict[str, Any] | None:
+    """Share of heads that the function-preserving alignment moves, per attention block and input."""
+    try:
+        from fedmerge.merging import align
+    except ImportError:
+        return {"available": False, "reason": "head alignment module not available"}
+    try:
+        return align.alignment_summary(base, sources) if hasattr(align, "alignment_summary") else _alignment_via_blocks(align, base, sources)
+    except Exception as exc:  # the report stays useful without this column
+        log.warning("head alignment figures unavailable: %s", exc)
+        return {"available": False, "reason": str(exc)}
+
+
+def _alignment_via_blocks(align: Any, base: CheckpointReader, sources: Sequence[Any]) -> dict[str, Any]:
+    import torch
+
+    config = base.config
+    blocks = align.attention_blocks(base.names(), config)
+    out: dict[str, Any] = {"available": True, "reference": sources[0].label, "blocks": []}
+    with torch.no_grad():
+        for block in blocks:
+            names = _block_names(block)
+            b = {nm: base.get(nm).float() for nm in names}
+            ref = {nm: b[nm] + _delta(sources[0], nm, b[nm]) for nm in names}
+            moved: dict[str, float] = {}
+            for src in sources[1:]:
+                other = {nm: b[nm] + _delta(src, nm, b[nm]) for nm in names}
+                perm = align.block_permutation(block, ref, other, config)
+                moved[src.label] = _moved_share(perm)
+            out["blocks"].append({"block": _block_label(block, names), "moved": moved})
+    return out
+
+
+def _delta(src, nm, b32):
+    d = src.get_delta(nm, base=b32) if nm in set(src.names()) else None
+    import torch
+
+    return torch.zeros_like(b32) if d is None else d
+
+
+def _block_names(block: Any) -> list[str]:
+    if isinstance(block, dict):
+        return [v for v in block.values() if isinstance(v, str)]
+    for attr in ("names", "tensor_names"):
+        if hasattr(block, attr):
+            v = getattr(block, attr)
+            return list(v() if callable(v) else v)
+    fields = [getattr(block, f) for f in ("q", "k", "v", "o") if hasattr(block, f)]
+    if fields:
+        return fields
+    return list(block)
+
+
+def _block_label(block: Any, names: Sequence[str]) -> str:
+    for attr in ("prefix", "name", "label"):
+        if hasattr(block, attr) and isinstance(getattr(block, attr), str):
+            return getattr(block, attr)
+    return layer_of(names[0]) if names else "?"
+
+
+def _moved_share(perm: Any) -> float:
+    """Share of positions a permutation moves (0 = identity); averaged over several permutations."""
+    import torch
+
+    if isinstance(perm, dict):
+        vals = [_moved_share(p) for p in perm.values() if p is not None]
+        return sum(vals) / len(vals) if vals else 0.0
+    if isinstance(perm, (list, tuple)) and perm and not isinstance(perm[0], int):
+        vals = [_moved_share(p) for p in perm]
+        return sum(vals) / len(vals)
+    for attr in ("heads", "perm", "permutation", "query", "kv"):
+        if hasattr(perm, attr) and not isinstance(perm, (list, tuple)) and not torch.is_tensor(perm):
+            return _moved_share(getattr(perm, attr))
+    t = torch.as_tensor(perm).reshape(-1)
+    if t.numel() == 0:
+        return 0.0
+    return float((t != torch.arange(t.numel())).float().mean())
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a human-readable table."""
+    lines = [f"base: {report['base']}"]
+    for r in report["inputs"]:
+        status = "ok" if r["compatible"] else "INCOMPATIBLE"
+        lines.append(
+            f"  {r['label']} [{r['kind']}] {status}: architecture {r['architecture']}, names {r['names']}, shapes {r['shapes']}, "
+            f"dtypes {','.join(r['dtypes']) or '-'}, tokenizer {r['tokenizer']}"
+        )
+        for p in r["problems"]:
+            lines.append(f"    - {p}")
+    if not report["compatible"]:
+        lines.append("not mergeable: fix the problems above")
+        return "\n".join(lines)
+    labels = [r["label"] for r in report["inputs"]]
+    pairs = list(report["layers"][0]["cosine"]) if report["layers"] else []
+    head = f"{'layer':10s} {'params':>11s} " + " ".join(f"{'|d ' + l + '|':>14s}" for l in labels) + " " + " ".join(f"{'cos ' + p:>16s}" for p in pairs) + f" {'sign-conflict':>13s}"
+    lines += ["", head, "-" * len(head)]
+    for row in report["layers"]:
+        norms = " ".join(f"{row['delta_norm'][l]:14.4g}" for l in labels)
+        cos = " ".join(f"{_fmt(row['cosine'][p]):>16s}" for p in pairs)
+        lines.append(f"{row['layer']:10s} {row['params']:11d} {norms} {cos} {_fmt(row['sign_conflict']):>13s}")
+    al = report.get("alignment")
+    if al:
+        lines.append("")
+        if not al.get("available", True):
+            lines.append(f"head alignment: unavailable ({al.get('reason')})")
+        else:
+            lines.append(f"head alignment against {al['reference']} (share of heads moved):")
+            for b in al["blocks"]:
+                lines.append(f"  {b['block']:28s} " + " ".join(f"{k}: {v:.3f}" for k, v in b["moved"].items()))
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=False, default=str)
+
+
+__all__ = ["inspect_models", "format_report", "report_json", "check_inputs", "layer_of", "CheckpointError"]
