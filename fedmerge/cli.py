@@ -16,6 +16,7 @@ from fedmerge.errors import FedmergeError
 
 COMMAND_MODULES = [
     "fedmerge.merging.commands",
+    "fedmerge.eval.commands",
     "fedmerge.security.commands",
 ]
 
