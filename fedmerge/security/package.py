@@ -192,16 +192,41 @@ class _FolderDelta:
         return self.model.get(name).float() - self.reference.get(name).float()
 
 
-def _source_blocks(source: Any, name: str, out_dtype, target_bytes: int) -> Iterator[memoryview]:
-    if isinstance(source, _FolderDelta):
-        yield from source.blocks(name, out_dtype, target_bytes)
-        return
-    import torch
+def _source_blocks(source: Any, name: str, out_dtype, target_bytes: int) -> Iterator[memoryview] | None:
+    """The delta of one tensor as byte blocks, or None when the source leaves it untouched.
 
+    The first block is computed here, eagerly, so a ``None`` delta is known before the tensor
+    is planned into the package (receivers treat a tensor a package lacks as a zero delta, as
+    ``DeltaCheckpoint`` does).
+    """
+    if isinstance(source, _FolderDelta):
+        return source.blocks(name, out_dtype, target_bytes)
+    shape = tuple(int(d) for d in source.info(name).shape)
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    step = max(1, target_bytes // max(1, row * 4))
+    if len(shape) >= 2 and shape[0] > step:
+        # Sources of the merge engine take ``rows=``: read a few rows at a time, not the tensor.
+        try:
+            first = source.get_delta(name, rows=(0, step))
+        except TypeError:
+            first = None
+            step = 0
+        if step:
+            if first is None:
+                return None
+
+            def rows() -> Iterator[memoryview]:
+                yield _bytes_of(first.detach().cpu().to(out_dtype))
+                for r0 in range(step, shape[0], step):
+                    yield _bytes_of(source.get_delta(name, rows=(r0, min(shape[0], r0 + step))).detach().cpu().to(out_dtype))
+
+            return rows()
     d = source.get_delta(name)
     if d is None:
-        d = torch.zeros(tuple(source.info(name).shape), dtype=out_dtype)
-    yield _bytes_of(d.detach().cpu().to(out_dtype))
+        return None
+    return iter([_bytes_of(d.detach().cpu().to(out_dtype))])
 
 
 def _fingerprint_of(reference: Any) -> str:
@@ -277,7 +302,12 @@ def pack_delta(
 
     def plan() -> Iterator[tuple]:
         # Runs in the caller's thread: decides where every tensor goes, yields its chunks.
-        for ti, name in enumerate(names):
+        ti = -1
+        for name in names:
+            blocks = _source_blocks(source, name, tdtype, chunk_bytes)
+            if blocks is None:
+                continue
+            ti += 1
             info = source.info(name)
             shape = tuple(int(d) for d in info.shape)
             numel = 1
@@ -291,7 +321,7 @@ def pack_delta(
             files[-1][1] += entry["stored"]
             entries.append(entry)
             got = 0
-            for ci, chunk in enumerate(_rechunk(_source_blocks(source, name, tdtype, chunk_bytes), chunk_bytes)):
+            for ci, chunk in enumerate(_rechunk(blocks, chunk_bytes)):
                 got += len(chunk)
                 yield (ti, name, ci, n, chunk, entry)
             if got != nbytes:
@@ -322,6 +352,8 @@ def pack_delta(
     bar = tqdm(total=None, unit="B", unit_scale=True, desc=f"pack {out.name}", disable=not progress, leave=False)
     try:
         run_ordered(plan(), work, sink, workers=workers)
+        if not entries:
+            raise PackageError("every delta of the source is zero (None); there is nothing to send")
         if state["fh"] is not None:
             state["fh"].close()
         for fname, _ in files:
@@ -499,16 +531,13 @@ def _check_expected(manifest: DeltaManifest, expected: Any) -> None:
         shapes = {n: tuple(expected.info(n).shape) for n in expected.names()}
     else:
         shapes = {n: tuple(s) for n, s in dict(expected).items()}
-    have = set(manifest.names())
     sender = manifest.sender
     for name in manifest.names():
         if name not in shapes:
             raise TensorMismatch(f"package from {sender!r}: tensor {name!r} is not in the reference model (renamed?)", sender=sender, tensor=name)
         if manifest.tensor(name).shape != shapes[name]:
             raise TensorMismatch(f"package from {sender!r}: tensor {name!r} has shape {list(manifest.tensor(name).shape)}, the reference has {list(shapes[name])}", sender=sender, tensor=name)
-    missing = sorted(set(shapes) - have)
-    if missing:
-        raise TensorMismatch(f"package from {sender!r}: tensor {missing[0]!r} of the reference is missing ({len(missing)} in all)", sender=sender, tensor=missing[0])
+    # Tensors of the reference that the package lacks are zero deltas (e.g. from a LoRA adapter).
 
 
 def _check_files(pkg: Path, manifest: DeltaManifest) -> None:
@@ -547,9 +576,9 @@ def _sealer_for(manifest: DeltaManifest, opener: Identity) -> ChunkSealer:
 def _stream_data(pkg: Path, manifest: DeltaManifest, opener: Identity | None, writer: "_DeltaFolderWriter | None", workers: int) -> None:
     """Read every chunk, open it (sealed), check finiteness, hash per tensor, optionally write."""
     sender = manifest.sender
-    sealer = _sealer_for(manifest, opener) if manifest.sealed is not None else None
-    if manifest.sealed is not None and sealer is None:
+    if manifest.sealed is not None and opener is None:
         raise OpenerRequired(f"package from {sender!r} is sealed; give the coordinator identity to open it", sender=sender)
+    sealer = _sealer_for(manifest, opener) if manifest.sealed is not None else None
     tag = TAG_BYTES if sealer else 0
     cb = manifest.chunk_bytes
     handles: dict[str, Any] = {}
