@@ -92,7 +92,7 @@ def round_curves(all_runs, tasks: list[str], path: Path, metric: str = "acc", ba
     panels = list(tasks) + (["mean"] if len(tasks) > 1 else [])
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     labels = list(dict.fromkeys(r.label for r in all_runs if r.round is not None))
     colours = dict(zip(labels, _palette(len(labels))))
     for k, panel in enumerate(panels):
@@ -117,16 +117,15 @@ def round_curves(all_runs, tasks: list[str], path: Path, metric: str = "acc", ba
                 ax.axhline(100 * ref, color="#7f7f7f", linestyle="--", linewidth=1, label=f"{base.label} (base)")
         ax.set_title(panel, fontsize=10)
         ax.set_ylabel(f"{metric} (%)")
+        ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     for k in range(len(panels), nrows * cols):
         axes[k // cols][k % cols].set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("round")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(5, len(names)), fontsize=8)
     fig.suptitle(f"{metric} per round")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.05 + 0.03 / nrows, 1, 0.96))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
