@@ -244,7 +244,7 @@ class CheckpointReader:
         for name, shard in weight_map.items():
             e = self._entries.get(name)
             if e is None:
-                raise MissingTensor(f"{index}: lists tensor {name!r} in {shard}, which is not in any shard")
+                raise MissingTensor(f"{index}: lists tensor {name!r} in {shard}, which does not hold it (nor does any shard the index names)")
             if e.file.name != Path(shard).name:
                 raise CheckpointError(f"{index}: lists tensor {name!r} in {shard}, but it is stored in {e.file.name}")
         extra = [n for n in self._entries if n not in weight_map]

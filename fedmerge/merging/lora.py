@@ -111,7 +111,9 @@ class LoraDelta:
         for key in self.weights.names():
             m = _LORA_KEY.match(key)
             if m is None:
-                target = self._target_name(key, "")
+                # PEFT also saves the full base layer of an adapted embedding (".base_layer."), in
+                # case the vocabulary was resized: it counts as a full tensor, delta = saved - base.
+                target = self._target_name(key.replace(".base_layer.", "."), "")
                 if target not in self.base:
                     raise LoraError(f"{self.weights.path}: tensor {key!r} matches no base tensor ({target!r} is not in {self.base.path})")
                 self._full[target] = key
@@ -153,8 +155,6 @@ class LoraDelta:
             expected = out_in[::-1] if transpose else out_in
             if base_shape != expected:
                 raise IncompatibleCheckpoint(f"{self.weights.path}: module {module!r} delta {list(expected)} does not fit base tensor {target!r} {list(base_shape)}")
-            if target in self._full:
-                raise LoraError(f"{self.weights.path}: {target!r} is both adapted and saved in full")
             self._modules[target] = _Module(module, target, a_key, b_key, scaling, transpose, embedding)
         for target, key in self._full.items():
             if tuple(self.weights.info(key).shape) != tuple(self.base.info(target).shape):
@@ -193,6 +193,7 @@ class LoraDelta:
             if base is None:
                 base = self.base.get(name, rows=rows)
             return full.sub_(base)
+        full_key = self._full.get(name)
         a = self.weights.get(m.a_key).float()
         b = self.weights.get(m.b_key).float()
         if m.transpose:
@@ -203,7 +204,12 @@ class LoraDelta:
             if rows is not None:
                 b = b[rows[0] : rows[1]]
             delta = b @ a
-        return delta.mul_(m.scaling)
+        delta.mul_(m.scaling)
+        if full_key is not None:  # a saved base layer that differs from the base (resized vocabulary)
+            if base is None:
+                base = self.base.get(name, rows=rows)
+            delta.add_(self.weights.get(full_key, rows=rows).float()).sub_(base)
+        return delta
 
     def fingerprint(self) -> str:
         import hashlib
