@@ -242,7 +242,7 @@ def parse_manifest(raw: bytes, require_canonical: bool = True) -> DeltaManifest:
         if not isinstance(shape, list) or len(shape) > MAX_DIMS or any(type(x) is not int or not 0 <= x <= 1 << 40 for x in shape):
             raise _bad(f"{where}shape must be a list of at most {MAX_DIMS} non-negative integers")
         dtype = t.get("dtype")
-        if dtype not in DELTA_DTYPES:
+        if not isinstance(dtype, str) or dtype not in DELTA_DTYPES:
             raise _bad(f"{where}dtype {dtype!r} is not one of {', '.join(DELTA_DTYPES)}"[:300])
         numel = math.prod(shape)
         nbytes = _int(t, "nbytes", where)
@@ -280,11 +280,12 @@ def signature_payload(kind: str, manifest_bytes: bytes) -> bytes:
 def signature_doc(signer: str, key_id: str, signature: bytes) -> bytes:
     from fedmerge.security.keys import b64
 
-    return json.dumps({"format": SIGNATURE_FORMAT, "signer": signer, "key_id": key_id, "ed25519": b64(signature)}, indent=2, sort_keys=True).encode() + b"\n"
+    return canonical_bytes({"format": SIGNATURE_FORMAT, "signer": signer, "key_id": key_id, "ed25519": b64(signature)})
 
 
-def parse_signature_doc(raw: bytes, where: str) -> tuple[str, bytes]:
-    """(signer, 64 signature bytes) from a signature file; ``SignatureInvalid`` when malformed."""
+def parse_signature_doc(raw: bytes, where: str) -> tuple[str, str, bytes]:
+    """(signer, key id, 64 signature bytes) from a signature file; ``SignatureInvalid`` when
+    malformed. Canonical bytes only, like the manifest: a package has one spelling."""
     import base64
 
     from fedmerge.security.errors import SignatureInvalid
@@ -293,12 +294,16 @@ def parse_signature_doc(raw: bytes, where: str) -> tuple[str, bytes]:
         d = json.loads(raw.decode("ascii"))
         if not isinstance(d, dict) or d.get("format") != SIGNATURE_FORMAT:
             raise ValueError(f"format is not {SIGNATURE_FORMAT!r}")
-        signer, sig_text = d["signer"], d["ed25519"]
-        if not isinstance(signer, str) or not isinstance(sig_text, str):
-            raise ValueError("signer and ed25519 must be strings")
+        if set(d) != {"format", "signer", "key_id", "ed25519"}:
+            raise ValueError("expected exactly format, signer, key_id, ed25519")
+        signer, key_id, sig_text = d["signer"], d["key_id"], d["ed25519"]
+        if not isinstance(signer, str) or not isinstance(sig_text, str) or not isinstance(key_id, str):
+            raise ValueError("signer, key_id and ed25519 must be strings")
+        if canonical_bytes(d) != raw:
+            raise ValueError("not in canonical form")
         sig = base64.b64decode(sig_text.encode("ascii"), validate=True)
         if len(sig) != 64:
             raise ValueError("an Ed25519 signature has 64 bytes")
     except (ValueError, KeyError, UnicodeError, RecursionError) as exc:
         raise SignatureInvalid(f"{where}: not a valid signature file ({str(exc)[:120]})") from None
-    return signer, sig
+    return signer, key_id, sig

@@ -151,13 +151,13 @@ def verify_model(model_dir: str | os.PathLike[str], trust: TrustStore, expected_
     if len(raw) > 16 * 1024 * 1024:
         raise ManifestInvalid(f"{pub_path}: too large", path=pub_path)
     doc = _parse_publication(raw, str(pub_path))
-    signer, sig = parse_signature_doc(sig_path.read_bytes()[:8192], str(sig_path))
+    signer, key_id, sig = parse_signature_doc(sig_path.read_bytes()[:8192], str(sig_path))
     if signer != doc["signer"]:
         from fedmerge.security.errors import SignatureInvalid
 
         raise SignatureInvalid(f"{folder}: publication names {doc['signer']!r} but is signed by {signer!r}", sender=signer, path=folder)
     entry = trust.require(signer, role="coordinator")
-    if not entry.public.verify(sig, signature_payload("model", raw)):
+    if key_id != entry.public.key_id or not entry.public.verify(sig, signature_payload("model", raw)):
         from fedmerge.security.errors import SignatureInvalid
 
         raise SignatureInvalid(f"{folder}: the coordinator signature of {signer!r} does not match the publication (edited, or signed with another key)", sender=signer, path=folder)

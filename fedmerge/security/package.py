@@ -481,9 +481,11 @@ def verify_package(
         raise ManifestInvalid(f"{pkg / MANIFEST_NAME}: {exc}", path=pkg) from None
     sender = manifest.sender
     entry = trust.require(sender)
-    signer, sig = parse_signature_doc(_read_limited(pkg / SIGNATURE_NAME, 4096), str(pkg / SIGNATURE_NAME))
+    signer, key_id, sig = parse_signature_doc(_read_limited(pkg / SIGNATURE_NAME, 4096), str(pkg / SIGNATURE_NAME))
     if signer != sender:
         raise SignatureInvalid(f"package from {sender!r}: signed by {signer!r}, not by its sender", sender=sender, path=pkg)
+    if key_id != entry.public.key_id:
+        raise SignatureInvalid(f"package from {sender!r}: signed with key {key_id}, but the enrolled key is {entry.public.key_id} (rotated keys? update the trust store)", sender=sender, path=pkg)
     if not entry.public.verify(sig, signature_payload("delta", raw)):
         raise SignatureInvalid(f"package from {sender!r}: the signature does not match the manifest and the enrolled key (edited, or signed with another key)", sender=sender, path=pkg)
     if expected_round is not None and manifest.round != expected_round:
