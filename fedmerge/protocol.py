@@ -9,12 +9,15 @@ no process on either side ever holds more than a part in memory.
 A round, as messages (all ``query.<action>``; each message starts a fresh ClientApp process,
 so every handler does one small thing and keeps what it computed on disk):
 
-- ``open_round``   coordinator -> client: round id, reference fingerprint, part size.
-                   reply: the client's institution id and the PartPlan of its package.
-- ``fetch_part``   coordinator -> client: round id, part index. reply: that part's bytes.
-- ``install_part`` coordinator -> client: round id, the model's PartPlan, part index, bytes.
-- ``install_commit`` coordinator -> client: round id, PartPlan. The client checks every file's
-                   digest, verifies the coordinator's signature and installs atomically.
+- ``open_round``   coordinator -> client: round id, reference fingerprint, part size, the
+                   institutions already accepted (after a coordinator restart).
+                   reply: the client's institution id, the PartPlan of its package and, unless
+                   already accepted, the package's first part (one message fewer per round).
+- ``fetch_part``   coordinator -> client: round id, part index. reply: that part's bytes + SHA-256.
+- ``install_part`` coordinator -> client: round id, the model's PartPlan, part index, bytes; the
+                   last part has ``commit``: the client checks every file's digest, verifies the
+                   coordinator's signature and installs atomically.
+- ``install_commit`` commit alone (a model folder with no bytes to send).
 """
 
 from __future__ import annotations

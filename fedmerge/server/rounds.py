@@ -120,16 +120,24 @@ class RoundRunner:
         # 1. open: every sampled node builds (or finds cached) its package and describes it.
         plans: dict[int, tuple[str, protocol.PartPlan]] = {}
 
+        first_parts: dict[int, bytes] = {}
+
         def on_open(node_id: int, _tag, reply) -> None:
             meta = protocol.read_meta(reply.content)
             plan = protocol.PartPlan.from_json(meta["plan"])
             plans[node_id] = (str(meta["institution"]), plan)
+            if "part" in meta and protocol.PAYLOAD in reply.content.array_records:
+                data = protocol.read_payload(reply.content)
+                if int(meta["part"]) != 0 or meta.get("sha256") != protocol.part_digest(data):
+                    raise NodeFailed("the first part arrived damaged")
+                first_parts[node_id] = data
 
         open_meta = {
             "round": r,
             "reference_fingerprint": ref_fp,
             "part_bytes": cfg.part_bytes,
             "accepted": sorted(accepted_before),
+            "with_first_part": True,
         }
         failures = run_exchange(
             self.grid,
@@ -151,6 +159,9 @@ class RoundRunner:
                 record["events"].append({"t": time.time(), "event": "already accepted", "node": node, "institution": inst})
                 continue
             have = spool.start(node, plan, inst)
+            if node in first_parts and 0 not in have and plan.parts:
+                self._spool_part(spool, node, inst, plan, 0, first_parts.pop(node), record)
+                have.add(0)
             todo = [i for i in range(len(plan.parts)) if i not in have]
             requests[node] = [(protocol.FETCH_PART, {"round": r, "part": i}, None, i) for i in todo]
             if not todo:
@@ -162,9 +173,7 @@ class RoundRunner:
             data = protocol.read_payload(reply.content)
             if int(meta.get("part", -1)) != index or meta.get("sha256") != protocol.part_digest(data):
                 raise NodeFailed(f"part {index} arrived damaged or out of place")
-            spool.receive_part(node_id, plan, index, data)
-            record.setdefault("bytes_received", {}).setdefault(inst, 0)
-            record["bytes_received"][inst] += len(data)
+            self._spool_part(spool, node_id, inst, plan, index, data, record)
             if _all_received(spool, node_id, plan):
                 self._finish_package(r, spool, node_id, inst, plan, record, ref_fp)
 
@@ -182,6 +191,12 @@ class RoundRunner:
             record["dropped"].append({"node": node, "institution": plans[node][0], "stage": "parts", "reason": reason})
         record["contributors"] = spool.accepted_institutions()
         self.ledger.save(record)
+
+    @staticmethod
+    def _spool_part(spool: RoundSpool, node_id: int, inst: str, plan, index: int, data: bytes, record) -> None:
+        spool.receive_part(node_id, plan, index, data)
+        record.setdefault("bytes_received", {}).setdefault(inst, 0)
+        record["bytes_received"][inst] += len(data)
 
     def _finish_package(self, r, spool: RoundSpool, node_id: int, inst: str, plan, record, ref_fp) -> None:
         """All parts are on disk: verify the package, then accept (durably) or reject with the reason."""
@@ -271,9 +286,12 @@ class RoundRunner:
 
         def payload_requests():
             reqs = []
+            last = len(plan.parts) - 1
             for i in range(len(plan.parts)):
-                reqs.append((protocol.INSTALL_PART, {"round": r, "plan": plan_json, "part": i}, _Lazy(model_dir, plan, i), ("part", i)))
-            reqs.append((protocol.INSTALL_COMMIT, {"round": r, "plan": plan_json}, None, ("commit", None)))
+                meta = {"round": r, "plan": plan_json, "part": i, "commit": i == last}
+                reqs.append((protocol.INSTALL_PART, meta, _Lazy(model_dir, plan, i), ("commit" if i == last else "part", i)))
+            if not plan.parts:
+                reqs.append((protocol.INSTALL_COMMIT, {"round": r, "plan": plan_json}, None, ("commit", None)))
             return reqs
 
         def on_reply(node_id: int, tag, reply) -> None:
