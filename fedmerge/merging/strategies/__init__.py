@@ -17,3 +17,4 @@ from fedmerge.merging.strategies.base import (  # noqa: F401
 
 # Built-in method families; each module registers its strategies on import.
 from fedmerge.merging.strategies import linear  # noqa: F401,E402
+from fedmerge.merging.strategies import sparsify  # noqa: F401,E402
