@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from eval_helpers import make_items  # noqa: E402
 
 KINDS = ("medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag")
-ITEMS_PER_TASK = 8
+ITEMS_PER_TASK = 6
 
 
 @pytest.fixture(scope="session")
