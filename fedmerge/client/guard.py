@@ -103,7 +103,11 @@ class LaunchServer:
         self.path = Path(socket_path)
 
     def serve_forever(self) -> None:
-        # Import everything a ClientApp needs once; each fork inherits it.
+        # Import everything a ClientApp needs once; each fork inherits it (torch alone takes
+        # seconds to import on a busy machine, and every message is a new ClientApp).
+        import numpy  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
         import flwr.supernode.cli.flwr_clientapp  # noqa: F401
         import flwr.supernode.runtime.run_clientapp  # noqa: F401
 

@@ -23,20 +23,27 @@ class StrategyConfig(BaseModel):
 
 
 class SuperLinkConfig(BaseModel):
-    """A SuperLink the coordinator starts (``start: true``) or one already running."""
+    """The SuperLink the coordinator starts (``start: true``) or one already running.
+
+    Flower 1.41 serves Fleet (SuperNodes), Control (run submission) and Runtime (the ServerApp)
+    on this one HTTPS port. Hospitals must reach it; see docs/deployment.md for what to expose.
+    """
 
     model_config = ConfigDict(extra="forbid")
     start: bool = True
-    # Fleet is the only port hospitals reach; Control and Runtime stay on the loopback.
-    fleet_address: str = "0.0.0.0:9092"
-    control_address: str = "127.0.0.1:9093"
-    runtime_port: int = 9091
+    address: str = "0.0.0.0:9092"
     ca_cert: str
     server_cert: str | None = None
     server_key: str | None = None
     database_path: str | None = None  # default: <state_dir>/superlink.db
-    # OpenSSH public keys of the SuperNodes allowed to connect (one file each).
+    # OpenSSH public keys of the SuperNodes allowed to connect (one file each), registered at start.
     supernode_public_keys: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _certs_to_start(self) -> "SuperLinkConfig":
+        if self.start and not (self.server_cert and self.server_key):
+            raise ValueError("start: true needs server_cert and server_key (TLS is not optional)")
+        return self
 
 
 class EvaluatorHook(BaseModel):
@@ -60,6 +67,7 @@ class FederationConfig(BaseModel):
     round_timeout_s: float = Field(600.0, gt=0)
     part_bytes: int = Field(DEFAULT_PART_BYTES, gt=0)
     parts_in_flight: int = Field(2, ge=1, description="outstanding part requests per client")
+    straggler_grace_s: float | None = Field(None, ge=0, description="once quorum is verified, wait at most this long for the rest")
     reference: Literal["base", "global"] = "base"
     seal: bool = False
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)

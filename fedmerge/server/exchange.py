@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class NodeQueue:
     node_id: int
     pending: deque = field(default_factory=deque)  # (message_type, meta, payload, tag)
-    in_flight: dict[str, Any] = field(default_factory=dict)  # message id -> tag
+    in_flight: dict[str, Any] = field(default_factory=dict)  # message id -> (tag, time sent)
     failed: str | None = None
 
 
@@ -31,7 +31,7 @@ def run_exchange(
     on_reply: Callable[[int, Any, Any], None],
     *,
     group_id: str,
-    deadline: float,
+    deadline: float | Callable[[], float],
     window: int,
     make_content: Callable[[dict, bytes | None], Any],
     ttl: float | None = None,
@@ -58,7 +58,7 @@ def run_exchange(
         if not active:
             return failures
         now = time.monotonic()
-        if now > deadline:
+        if now > (deadline() if callable(deadline) else deadline):
             for q in active:
                 fail(q, "timed out before finishing the round's exchange")
             return failures
@@ -80,7 +80,7 @@ def run_exchange(
             ids = list(grid.push_messages([m for _, _, m in out]))
             for (q, tag, _), mid in zip(out, ids):
                 if mid:
-                    q.in_flight[mid] = tag
+                    q.in_flight[mid] = (tag, time.monotonic())
                 else:
                     fail(q, "the SuperLink refused a message for this node")
         progressed = False
@@ -93,7 +93,8 @@ def run_exchange(
                     continue
                 progressed = True
                 reply = replies[0]
-                tag = q.in_flight.pop(mid)
+                tag, sent_at = q.in_flight.pop(mid)
+                log.debug("node %s: reply to %s after %.2f s", q.node_id, tag, time.monotonic() - sent_at)
                 if reply.has_error():
                     fail(q, f"client error: {reply.error.reason}")
                     break

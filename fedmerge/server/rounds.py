@@ -177,12 +177,21 @@ class RoundRunner:
             if _all_received(spool, node_id, plan):
                 self._finish_package(r, spool, node_id, inst, plan, record, ref_fp)
 
+        def parts_deadline() -> float:
+            # With quorum verified, stragglers get a grace period rather than the whole timeout.
+            if cfg.straggler_grace_s is not None and len(spool.accepted_institutions()) >= cfg.min_clients:
+                if "quorum_at" not in grace:
+                    grace["quorum_at"] = time.monotonic()
+                return min(deadline, grace["quorum_at"] + cfg.straggler_grace_s)
+            return deadline
+
+        grace: dict[str, float] = {}
         failures = run_exchange(
             self.grid,
             {n: reqs for n, reqs in requests.items() if reqs},
             on_part,
             group_id=group,
-            deadline=deadline,
+            deadline=parts_deadline,
             window=cfg.parts_in_flight,
             make_content=protocol.make_content,
             ttl=ttl,
