@@ -178,86 +178,50 @@ def inspect_models(
         )
     if alignment and n >= 2:
         report["alignment"] = _alignment_report(base, sources)
+    elif alignment:
+        report["alignment"] = {"available": False, "reason": "head alignment needs at least two inputs"}
     return report
 
 
-def _alignment_report(base: CheckpointReader, sources: Sequence[Any]) -> dict[str, Any] | None:
-    """Share of heads that the function-preserving alignment moves, per attention block and input."""
-    try:
-        from fedmerge.merging import align
-    except ImportError:
-        return {"available": False, "reason": "head alignment module not available"}
-    try:
-        return align.alignment_summary(base, sources) if hasattr(align, "alignment_summary") else _alignment_via_blocks(align, base, sources)
-    except Exception as exc:  # the report stays useful without this column
-        log.warning("head alignment figures unavailable: %s", exc)
-        return {"available": False, "reason": str(exc)}
-
-
-def _alignment_via_blocks(align: Any, base: CheckpointReader, sources: Sequence[Any]) -> dict[str, Any]:
+def _alignment_report(base: CheckpointReader, sources: Sequence[Any]) -> dict[str, Any]:
+    """Per attention block: how far the function-preserving head alignment of each input to the
+    first input moves from the identity (share of query heads and of KV heads moved), and the mean
+    head cosine distance before and after alignment."""
     import torch
+
+    from fedmerge.merging import align
 
     config = base.config
-    blocks = align.attention_blocks(base.names(), config)
+    try:
+        blocks = align.attention_blocks(base.names(), config)
+    except Exception as exc:  # an architecture without head geometry: the report stays useful
+        return {"available": False, "reason": str(exc)}
     out: dict[str, Any] = {"available": True, "reference": sources[0].label, "blocks": []}
+    src_names = [set(s.names()) for s in sources]
     with torch.no_grad():
         for block in blocks:
-            names = _block_names(block)
-            b = {nm: base.get(nm).float() for nm in names}
-            ref = {nm: b[nm] + _delta(sources[0], nm, b[nm]) for nm in names}
-            moved: dict[str, float] = {}
-            for src in sources[1:]:
-                other = {nm: b[nm] + _delta(src, nm, b[nm]) for nm in names}
-                perm = align.block_permutation(block, ref, other, config)
-                moved[src.label] = _moved_share(perm)
-            out["blocks"].append({"block": _block_label(block, names), "moved": moved})
+            weights = (block.q, block.k, block.v, block.o)
+            b = {nm: base.get(nm).float() for nm in weights}
+
+            def full(i: int) -> dict[str, Any]:
+                res = {}
+                for nm in weights:
+                    d = sources[i].get_delta(nm, base=b[nm]) if nm in src_names[i] else None
+                    res[nm] = b[nm] if d is None else d.add_(b[nm])
+                return res
+
+            ref = full(0)
+            row: dict[str, Any] = {"block": block.prefix.rstrip("."), "layer": block.layer, "inputs": {}}
+            for i in range(1, len(sources)):
+                al = align.block_permutation(ref, full(i), block)
+                row["inputs"][sources[i].label] = {
+                    "heads_moved": al.heads_moved / block.n_heads,
+                    "kv_heads_moved": al.kv_heads_moved / block.n_kv_heads,
+                    "cost_identity": al.cost_identity,
+                    "cost_aligned": al.cost_aligned,
+                }
+            out["blocks"].append(row)
     return out
-
-
-def _delta(src, nm, b32):
-    d = src.get_delta(nm, base=b32) if nm in set(src.names()) else None
-    import torch
-
-    return torch.zeros_like(b32) if d is None else d
-
-
-def _block_names(block: Any) -> list[str]:
-    if isinstance(block, dict):
-        return [v for v in block.values() if isinstance(v, str)]
-    for attr in ("names", "tensor_names"):
-        if hasattr(block, attr):
-            v = getattr(block, attr)
-            return list(v() if callable(v) else v)
-    fields = [getattr(block, f) for f in ("q", "k", "v", "o") if hasattr(block, f)]
-    if fields:
-        return fields
-    return list(block)
-
-
-def _block_label(block: Any, names: Sequence[str]) -> str:
-    for attr in ("prefix", "name", "label"):
-        if hasattr(block, attr) and isinstance(getattr(block, attr), str):
-            return getattr(block, attr)
-    return layer_of(names[0]) if names else "?"
-
-
-def _moved_share(perm: Any) -> float:
-    """Share of positions a permutation moves (0 = identity); averaged over several permutations."""
-    import torch
-
-    if isinstance(perm, dict):
-        vals = [_moved_share(p) for p in perm.values() if p is not None]
-        return sum(vals) / len(vals) if vals else 0.0
-    if isinstance(perm, (list, tuple)) and perm and not isinstance(perm[0], int):
-        vals = [_moved_share(p) for p in perm]
-        return sum(vals) / len(vals)
-    for attr in ("heads", "perm", "permutation", "query", "kv"):
-        if hasattr(perm, attr) and not isinstance(perm, (list, tuple)) and not torch.is_tensor(perm):
-            return _moved_share(getattr(perm, attr))
-    t = torch.as_tensor(perm).reshape(-1)
-    if t.numel() == 0:
-        return 0.0
-    return float((t != torch.arange(t.numel())).float().mean())
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -288,9 +252,10 @@ def format_report(report: dict[str, Any]) -> str:
         if not al.get("available", True):
             lines.append(f"head alignment: unavailable ({al.get('reason')})")
         else:
-            lines.append(f"head alignment against {al['reference']} (share of heads moved):")
+            lines.append(f"head alignment to {al['reference']}: share of query / KV heads moved, mean head cosine distance before -> after")
             for b in al["blocks"]:
-                lines.append(f"  {b['block']:28s} " + " ".join(f"{k}: {v:.3f}" for k, v in b["moved"].items()))
+                cells = [f"{k}: {v['heads_moved']:.2f} / {v['kv_heads_moved']:.2f}, {v['cost_identity']:.3f} -> {v['cost_aligned']:.3f}" for k, v in b["inputs"].items()]
+                lines.append(f"  {b['block']:28s} " + "; ".join(cells))
     return "\n".join(lines)
 
 

@@ -130,3 +130,19 @@ def test_adapter_for_another_model_is_refused(tiny, tmp_path):
         w.commit()
     with pytest.raises(LoraError, match="no tensor 'model.layers.1.self_attn.q_proj.weight' in the base"):
         LoraDelta(adapter, CheckpointReader(tmp_path / "other2"))
+
+
+def test_lora_and_full_finetune_merge_together(tiny, tmp_path):
+    """What the paper could not do: a LoRA hospital and a full fine-tune hospital in one merge."""
+    from fedmerge.merging.engine import MergeSpec, merge
+
+    base, (ft1, *_) = tiny
+    adapter, merged = _peft_lora(base, tmp_path, r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"])
+    spec = MergeSpec(method="task_arithmetic", model_parameters=[{"weight": 0.5}, {"weight": 0.5}], device="cpu")
+    merge(base, [ft1, adapter], tmp_path / "out", spec, progress=False)
+    got, b, f, m = tensors(tmp_path / "out"), tensors(base), tensors(ft1), tensors(merged)
+    for n in got:
+        exp = b[n] + 0.5 * (f[n] - b[n]) + 0.5 * (m[n] - b[n])
+        torch.testing.assert_close(got[n], exp, rtol=1e-5, atol=1e-6)
+    meta = json.loads((tmp_path / "out" / "fedmerge.json").read_text())
+    assert [i["kind"] for i in meta["inputs"]] == ["model", "lora"]

@@ -1,0 +1,199 @@
+"""The streaming engine: same numbers as a plain in-memory merge, reproducible, atomic, checked first."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from engine_helpers import tensors, tiny_set
+
+from fedmerge.merging.checkpoint import CheckpointReader, IncompatibleCheckpoint
+from fedmerge.merging.engine import MergeSpec, MissingBase, NonFiniteTensor, merge
+from fedmerge.merging.strategies import StrategyError, TensorContext, available, build_strategy
+from fedmerge.merging.taskvector import TaskVector, write_delta_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_set(tmp_path_factory, n=3)
+
+
+def _digest(folder) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _in_memory(method, params, base_dir, model_dirs, seed=0):
+    """The merge done the obvious way: whole tensors in memory, one strategy call per group."""
+    strategy = build_strategy(method, params, [{}] * len(model_dirs))
+    b = tensors(base_dir)
+    ms = [tensors(m) for m in model_dirs]
+    cfg = CheckpointReader(base_dir).config
+    out = {}
+    for group in strategy.groups(list(b), cfg):
+        ctxs = [TensorContext(name=n, model_params=strategy.model_params, seed=seed, device="cpu", config=cfg) for n in group]
+        bases = [b[n].float() for n in group]
+        deltas = [[m[n].float() - b[n].float() for m in ms] for n in group]
+        merged = strategy.merge_group(ctxs, bases, deltas) if len(group) > 1 else [strategy.merge_tensor(ctxs[0], bases[0], deltas[0])]
+        out.update({n: t.to(b[n].dtype) for n, t in zip(group, merged)})
+    return out
+
+
+def test_task_arithmetic_n3_equals_in_memory_with_and_without_chunks(tiny, tmp_path):
+    base, fts = tiny
+    params = {"lambda": 0.8}
+    spec = MergeSpec(method="task_arithmetic", parameters=params, model_parameters=[{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], device="cpu")
+    whole = merge(base, fts, tmp_path / "whole", spec, progress=False)
+    chunked = merge(base, fts, tmp_path / "chunked", spec.model_copy(update={"chunk_elements": 1024, "max_shard_bytes": 50_000}), progress=False)
+    assert whole.tensors == len(CheckpointReader(base).names())
+    assert len(list((tmp_path / "chunked").glob("model-*.safetensors"))) > 2
+    b, ms = tensors(base), [tensors(f) for f in fts]
+    got_w, got_c = tensors(tmp_path / "whole"), tensors(tmp_path / "chunked")
+    for n, bt in b.items():
+        exp = bt.float().clone()
+        for w, m in zip((0.5, 0.3, 0.2), ms):
+            exp.add_(m[n].float() - bt.float(), alpha=w * 0.8)
+        assert torch.equal(got_w[n], exp) and torch.equal(got_c[n], exp), n
+
+
+def test_every_strategy_streams_to_the_same_bytes_as_whole_tensors(tiny, tmp_path):
+    base, fts = tiny
+    for name, entry in available().items():
+        cls = entry.cls
+        n = min(3, cls.max_models or 3)
+        fields = set(cls.Params.model_fields) | set(cls.PerModel.model_fields)
+        params = {k: v for k, v in {"density": 0.6, "t": 0.3}.items() if k in fields}
+        spec = MergeSpec(method=name, parameters=params, seed=11, device="cpu", chunk_elements=1024)
+        out = tmp_path / name
+        merge(base, fts[:n], out, spec, progress=False)
+        expected = _in_memory(name, params, base, fts[:n], seed=11)
+        got = tensors(out)
+        assert set(got) == set(expected), name
+        for t in got:
+            assert torch.equal(got[t], expected[t]), f"{name}: {t}"
+        meta = json.loads((out / "fedmerge.json").read_text())
+        assert meta["method"] == name and meta["seed"] == 11 and len(meta["inputs"]) == n
+
+
+def test_same_seed_same_bytes_and_delta_folders_match_model_folders(tiny, tmp_path):
+    base, fts = tiny
+    spec = MergeSpec(method="dare_ties", parameters={"density": 0.5}, seed=3, device="cpu")
+    a = merge(base, fts, tmp_path / "a", spec, progress=False)
+    b = merge(base, fts, tmp_path / "b", spec.model_copy(update={"chunk_elements": 1024}), progress=False)
+    c = merge(base, fts, tmp_path / "c", spec.model_copy(update={"seed": 4}), progress=False)
+    assert _digest(a.out_dir) == _digest(b.out_dir) != _digest(c.out_dir)
+    # the federation path: deltas spooled as float32 delta folders give the very same bytes
+    deltas = [write_delta_checkpoint(TaskVector(f, base), tmp_path / f"delta{i}") for i, f in enumerate(fts)]
+    d = merge(base, deltas, tmp_path / "d", spec, progress=False)
+    assert _digest(d.out_dir) == _digest(a.out_dir)
+    meta = json.loads((a.out_dir / "fedmerge.json").read_text())
+    from fedmerge.merging.checkpoint import model_fingerprint
+
+    assert meta["base"]["fingerprint"] == model_fingerprint(CheckpointReader(base))
+    assert [i["fingerprint"] for i in meta["inputs"]] == [model_fingerprint(CheckpointReader(f)) for f in fts]
+    assert meta["parameters"] == {"density": 0.5} and meta["fedmerge_version"]
+
+
+def test_linear_without_base_is_the_mean(tiny, tmp_path):
+    base, fts = tiny
+    merge(None, fts, tmp_path / "soup", MergeSpec(method="linear", device="cpu"), progress=False)
+    got = tensors(tmp_path / "soup")
+    ms = [tensors(f) for f in fts]
+    for n in got:
+        torch.testing.assert_close(got[n], (ms[0][n] + ms[1][n] + ms[2][n]) / 3, rtol=0, atol=1e-6)
+    with pytest.raises(MissingBase, match="'ties' is defined relative to a base model"):
+        merge(None, fts, tmp_path / "x", MergeSpec(method="ties"), progress=False)
+
+
+def test_out_dtype(tiny, tmp_path):
+    base, fts = tiny
+    merge(base, fts[:2], tmp_path / "bf16", MergeSpec(method="task_arithmetic", out_dtype="bf16", device="cpu"), progress=False)
+    r = CheckpointReader(tmp_path / "bf16")
+    assert {r.info(n).dtype for n in r.names()} == {"BF16"}
+    assert (tmp_path / "bf16" / "tokenizer.json").exists() and (tmp_path / "bf16" / "config.json").exists()
+
+
+def test_failure_mid_merge_leaves_nothing(tiny, tmp_path, monkeypatch):
+    base, fts = tiny
+    from fedmerge.merging.strategies.linear import TaskArithmetic
+
+    calls = {"n": 0}
+    real = TaskArithmetic.merge_tensor
+
+    def flaky(self, ctx, b, deltas):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("strategy exploded")
+        return real(self, ctx, b, deltas)
+
+    monkeypatch.setattr(TaskArithmetic, "merge_tensor", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="strategy exploded"):
+        merge(base, fts, out, MergeSpec(method="task_arithmetic", max_shard_bytes=20_000, device="cpu"), progress=False)
+    assert calls["n"] == 6
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_input_is_named(tiny, tmp_path):
+    base, fts = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(fts[1], bad)
+    from fedmerge.merging.checkpoint import CheckpointWriter
+
+    t = tensors(fts[1])
+    t["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    with CheckpointWriter(bad, overwrite=True) as w:
+        for n, v in t.items():
+            w.add(n, v)
+        w.commit(sidecars_from=fts[1])
+    with pytest.raises(NonFiniteTensor, match="input bad .*tensor 'model.layers.1.mlp.up_proj.weight' holds NaN"):
+        merge(base, [fts[0], bad], tmp_path / "out", MergeSpec(method="task_arithmetic", device="cpu"), progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def _variant(src, dst, edit_config=None, edit_tensors=None, edit_tokenizer=None):
+    shutil.copytree(src, dst)
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if edit_tokenizer:
+        tok = json.loads((dst / "tokenizer.json").read_text())
+        edit_tokenizer(tok)
+        (dst / "tokenizer.json").write_text(json.dumps(tok))
+    if edit_tensors:
+        from fedmerge.merging.checkpoint import CheckpointWriter
+
+        t = tensors(src)
+        edit_tensors(t)
+        with CheckpointWriter(dst, overwrite=True) as w:
+            for n, v in t.items():
+                w.add(n, v)
+            w.commit(sidecars_from=dst if (dst / "config.json").exists() else src)
+    return dst
+
+
+def test_preflight_refuses_incompatible_inputs_before_writing(tiny, tmp_path):
+    base, fts = tiny
+    spec = MergeSpec(method="task_arithmetic", device="cpu")
+    cases = [
+        (_variant(fts[0], tmp_path / "heads", edit_config=lambda c: c.update(num_attention_heads=8)), "config.json num_attention_heads=8 but the base .* has 4"),
+        (_variant(fts[0], tmp_path / "shape", edit_tensors=lambda t: t.update({"model.norm.weight": torch.ones(33)})), "tensor 'model.norm.weight' has shape \\[33\\], the base has \\[32\\]"),
+        (_variant(fts[0], tmp_path / "missing", edit_tensors=lambda t: t.pop("lm_head.weight")), "has no tensor 'lm_head.weight' that the base has"),
+        (_variant(fts[0], tmp_path / "extra", edit_tensors=lambda t: t.update({"extra.weight": torch.ones(2)})), "tensor 'extra.weight' is not in the base"),
+        (_variant(fts[0], tmp_path / "tok", edit_tokenizer=lambda t: t["model"]["vocab"].update({"zzz-new": 9999})), "tokenizer.json differs from the base's"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(IncompatibleCheckpoint, match=message):
+            merge(base, [fts[1], bad], tmp_path / "out", spec, progress=False)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(StrategyError, match="slerp is defined for at most 2 models, got 3"):
+        merge(base, fts, tmp_path / "out", MergeSpec(method="slerp"), progress=False)
+    with pytest.raises(StrategyError, match="models\\[1\\].parameters.density"):
+        merge(base, fts[:2], tmp_path / "out", MergeSpec(method="ties", model_parameters=[{}, {"density": 2}]), progress=False)
+    assert list(tmp_path.glob(".out*")) == []
