@@ -222,6 +222,7 @@ class Evaluator:
             folder = Path(model)
             if not (folder / "config.json").is_file():
                 raise EvalError(f"{folder}: not a model folder (no config.json)")
+            folder = folder.resolve()
             lm = HFLM(
                 pretrained=str(folder), tokenizer=tokenizer, device=self.device, dtype=self.dtype,
                 batch_size=self.batch_size, max_batch_size=self.config.max_batch_size,
@@ -266,7 +267,7 @@ class Evaluator:
         t0 = time.perf_counter()
         lm, source, fp = self._make_lm(model, tokenizer)
         fingerprint = fingerprint or fp
-        label = label or (strategy or (Path(source).name if source.startswith("/") else role))
+        label = label or strategy or (Path(source).name if not source.startswith("<") else role)
         for task in tasks.values():
             # The sampler's generator advances as prompts are built: without a reset each round
             # would draw different few-shot examples and identical weights would score differently.
