@@ -18,3 +18,5 @@ from fedmerge.merging.strategies.base import (  # noqa: F401
 # Built-in method families; each module registers its strategies on import.
 from fedmerge.merging.strategies import linear  # noqa: F401,E402
 from fedmerge.merging.strategies import sparsify  # noqa: F401,E402
+from fedmerge.merging.strategies import slerp  # noqa: F401,E402
+from fedmerge.merging.strategies import hierarchical  # noqa: F401,E402
