@@ -104,7 +104,12 @@ def _first_non_finite(buf, dtype: str) -> bool:
     if not len(buf):
         return False
     if dtype == "F32":
-        return not bool(np.isfinite(np.frombuffer(buf, dtype="<f4")).all())
+        a = np.frombuffer(buf, dtype="<f4")
+        # Fast path: a finite float32 sum means every value is finite (NaN and inf propagate);
+        # only a non-finite sum (or an overflow of huge values) needs the exact, slower check.
+        if np.isfinite(np.add.reduce(a, dtype=np.float32)):
+            return False
+        return not bool(np.isfinite(a).all())
     if dtype == "F16":
         return not bool(np.isfinite(np.frombuffer(buf, dtype="<f2")).all())
     # bfloat16: exponent bits all ones means inf or NaN.
@@ -156,7 +161,6 @@ class _FolderDelta:
         extra = sorted(set(self.reference.names()) - set(self.model.names()))
         if extra:
             raise PackageError(f"{self.model.path}: lacks tensor {extra[0]!r} of the reference ({len(extra)} in all)", tensor=extra[0])
-        self._handles: dict[Path, Any] = {}
 
     def names(self) -> list[str]:
         return self.model.names()
@@ -164,32 +168,30 @@ class _FolderDelta:
     def info(self, name: str):
         return self.model.info(name)
 
-    def _slice(self, reader, name: str):
-        from safetensors import safe_open
-
-        f = reader.file_of(name)
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-        return h.get_slice(name)
-
     def blocks(self, name: str, out_dtype, target_bytes: int) -> Iterator[memoryview]:
-        info = self.model.info(name)
-        shape = info.shape
+        shape = self.model.info(name).shape
         if len(shape) < 2:
-            yield _bytes_of((self.model.get(name).float() - self.reference.get(name).float()).to(out_dtype))
+            yield _bytes_of(_sub(self.model.get(name), self.reference.get(name)).to(out_dtype))
             return
         row = 1
         for d in shape[1:]:
             row *= d
         rows = max(1, target_bytes // max(1, row * 4))
-        ms, rs = self._slice(self.model, name), self._slice(self.reference, name)
         for r0 in range(0, shape[0], rows):
-            r1 = min(shape[0], r0 + rows)
-            yield _bytes_of((ms[r0:r1].float() - rs[r0:r1].float()).to(out_dtype))
+            r = (r0, min(shape[0], r0 + rows))
+            yield _bytes_of(_sub(self.model.get(name, rows=r), self.reference.get(name, rows=r)).to(out_dtype))
 
     def get_delta(self, name: str):
-        return self.model.get(name).float() - self.reference.get(name).float()
+        return _sub(self.model.get(name), self.reference.get(name))
+
+
+def _sub(model_t, reference_t):
+    """``model.float() - reference.float()``, bit for bit, with one float32 buffer instead of three
+    (widening bf16/fp16 to float32 is exact, and the subtraction runs in float32 either way)."""
+    import torch
+
+    d = model_t.to(torch.float32, copy=True)
+    return d.sub_(reference_t if reference_t.dtype in (torch.float32, torch.bfloat16, torch.float16) else reference_t.float())
 
 
 def _source_blocks(source: Any, name: str, out_dtype, target_bytes: int) -> Iterator[memoryview] | None:
@@ -252,6 +254,7 @@ def pack_delta(
     workers: int = DEFAULT_WORKERS,
     overwrite: bool = False,
     progress: bool = False,
+    torch_threads: int | None = 1,
 ) -> Path:
     """Compute, sign and (optionally) seal a delta package; returns the package directory.
 
@@ -259,7 +262,21 @@ def pack_delta(
     ``info``, ``get_delta``) and ``reference`` is None. ``reference_fingerprint`` names the
     reference weights the deltas are relative to; computed from a reference folder when None.
     The directory appears only when complete (written in a temporary folder, then renamed).
+    ``torch_threads``: torch's intra-op threads while packing (restored after). One is fastest:
+    the other cores hash and seal, and a second torch thread only contends with them.
     """
+    import torch
+
+    saved_threads = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        return _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, seal_to, dtype, chunk_bytes, max_file_bytes, label, workers, overwrite, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, seal_to, dtype, chunk_bytes, max_file_bytes, label, workers, overwrite, progress) -> Path:
     if isinstance(model, (str, os.PathLike)):
         if reference is None:
             raise PackageError("a model folder needs a reference folder (base or current global model) to compute the delta")
