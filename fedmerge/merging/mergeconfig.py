@@ -103,7 +103,7 @@ class FedmergeMergeConfig(BaseModel):
     out_dtype: str | None = None
     seed: int = 0
     device: str = "auto"
-    shard_size: int | str = "2GB"
+    shard_size: int | str = 2 * 1024**3
 
     @field_validator("parameters")
     @classmethod
