@@ -571,9 +571,9 @@ def _check_files(pkg: Path, manifest: DeltaManifest) -> None:
             raise TruncatedData(f"package from {sender!r}: data file {name} is missing", sender=sender, path=p)
         actual = p.stat().st_size
         if actual != size:
-            first = next(t.name for t in manifest.tensors if t.file == name and t.offset + t.stored >= min(actual, size))
+            first = next((t.name for t in manifest.tensors if t.file == name and t.offset + t.stored >= min(actual, size)), None)
             cls = TruncatedData if actual < size else OversizedData
-            raise cls(f"package from {sender!r}: {name} has {actual} bytes, the manifest says {size} (from tensor {first!r} on)", sender=sender, tensor=first, path=p)
+            raise cls(f"package from {sender!r}: {name} has {actual} bytes, the manifest says {size}" + (f" (from tensor {first!r} on)" if first else ""), sender=sender, tensor=first, path=p)
 
 
 def _sealer_for(manifest: DeltaManifest, opener: Identity) -> ChunkSealer:

@@ -441,3 +441,26 @@ def test_pack_refuses_mismatched_reference(models, ids, tmp_path):
         pack_delta(ft, other, tmp_path / "pkg", ids["hosp-a"], 1, "sha256:x")
     with pytest.raises(E.PackageError, match="exists"):
         pack_delta(ft, base, tmp_path / "other", ids["hosp-a"], 1, "sha256:x")
+
+
+def test_packing_asks_the_source_for_row_slices_no_bigger_than_a_chunk(models, ids, fingerprint, trust, tmp_path):
+    """Memory is bounded by a chunk: an engine delta source is only ever asked for a few rows."""
+    from fedmerge.merging.taskvector import TaskVector
+
+    base, ft = models
+    tv = TaskVector(ft, base)
+    asked: list[tuple[str, int]] = []
+
+    class Recording:
+        label = "recording"
+        names, info = tv.names, tv.info
+
+        def get_delta(self, name, *, rows=None, base=None):
+            d = tv.get_delta(name, rows=rows)
+            asked.append((name, d.numel() * 4))
+            return d
+
+    pkg = pack_delta(Recording(), None, tmp_path / "pkg", ids["hosp-a"], 3, fingerprint, chunk_bytes=CHUNK)
+    big = {t.name for t in verify_package(pkg, trust).manifest.tensors if t.nbytes > CHUNK and len(t.shape) == 2}
+    assert big and all(n <= CHUNK for name, n in asked if name in big)
+    assert {name for name, _ in asked} >= big
