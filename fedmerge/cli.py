@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "fedmerge.merging.commands",
     "fedmerge.eval.commands",
     "fedmerge.security.commands",
+    "fedmerge.demo.commands",
     "fedmerge.client.commands",
     "fedmerge.server.commands",
     "fedmerge.federation.commands",

@@ -1,0 +1,104 @@
+"""The world's text and exams: every fact is taught, no exam item is ever seen in training."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmerge.demo.config import DemoConfig, WorldConfig, load_demo_config
+from fedmerge.demo.corpus import STATEMENT_TEMPLATES
+from fedmerge.demo.knowledge import GENERAL, RELATIONS
+from fedmerge.demo.questions import exam_items, fewshot_items, prompt
+from fedmerge.demo.world import corpora_of, knowledge_of
+from fedmerge.eval.tasks import check_item
+
+CONFIGS = {"default": DemoConfig().world, "small": load_demo_config("configs/demo-small.yaml").world}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def world_text(request):
+    cfg: WorldConfig = CONFIGS[request.param]
+    kb = knowledge_of(cfg)
+    corpora = corpora_of(cfg, kb)
+    items = {d.name: exam_items(d, cfg.n_choices, seed=7) for d in kb.domains}
+    shots = {d.name: fewshot_items(d, cfg.n_choices, seed=8) for d in kb.domains}
+    return cfg, kb, corpora, items, shots
+
+
+def test_no_exam_item_appears_in_any_training_text(world_text):
+    _, kb, corpora, items, _ = world_text
+    text = "\n".join(doc for docs in corpora.values() for doc in docs)
+    n = 0
+    for domain_items in items.values():
+        for it in domain_items:
+            answer = it["choices"][it["answer"]]
+            assert it["question"] not in text
+            assert f"{it['question']} {answer}" not in text
+            # not even the question without its "Question:" frame
+            assert it["question"].removeprefix("Question: ").split("\n")[0] not in text
+            n += 1
+    assert n == sum(len(d.examined) for d in kb.domains) * len(RELATIONS)
+
+
+def test_every_exam_fact_is_taught_in_its_own_domain_only(world_text):
+    _, kb, corpora, _, _ = world_text
+    for domain in kb.domains:
+        own = "\n".join(corpora[domain.name])
+        others = "\n".join(doc for name, docs in corpora.items() if name != domain.name for doc in docs)
+        for cond in domain.examined:
+            for relation in RELATIONS:
+                for template in STATEMENT_TEMPLATES[relation]:
+                    sentence = template.format(condition=cond.name, value=cond.value(relation))
+                    assert sentence in own
+                assert cond.name not in others and cond.value(relation) not in others
+
+
+def test_drills_teach_the_format_on_other_conditions(world_text):
+    _, kb, corpora, items, shots = world_text
+    for domain in kb.domains:
+        own = "\n".join(corpora[domain.name])
+        drilled = {c.name for c in domain.drilled}
+        assert own.count("Question: ") > 0
+        for it in shots[domain.name]:
+            assert any(name in it["question"] for name in drilled)
+            assert f"{it['question']} {it['choices'][it['answer']]}" in own  # shots are drilled Q&A
+        for it in items[domain.name]:
+            assert not any(name in it["question"] for name in drilled)
+
+
+def test_items_fit_the_evaluator_and_have_one_right_answer(world_text):
+    cfg, kb, _, items, _ = world_text
+    for domain in kb.domains:
+        for relation in RELATIONS:
+            values = domain.values(relation)
+            assert len(set(values)) == len(values)
+        pool = {v for r in RELATIONS for v in domain.values(r)}
+        for i, it in enumerate(items[domain.name]):
+            check_item(it, "hellaswag", "demo", i)
+            assert len(it["choices"]) == cfg.n_choices == len(set(it["choices"]))
+            assert set(it["choices"]) <= pool  # distractors come from the same domain
+            assert it["question"].startswith("Question: ") and it["question"].endswith("\nAnswer:")
+
+
+def test_answer_positions_are_spread():
+    cfg = CONFIGS["default"]
+    kb = knowledge_of(cfg)
+    answers = [it["answer"] for d in kb.domains for it in exam_items(d, cfg.n_choices, seed=3)]
+    counts = [answers.count(k) for k in range(cfg.n_choices)]
+    assert min(counts) >= len(answers) / cfg.n_choices / 2, counts
+
+
+def test_seeds_reproduce_and_differ():
+    cfg = CONFIGS["small"]
+    a, b = knowledge_of(cfg), knowledge_of(cfg)
+    assert a == b
+    assert corpora_of(cfg, a) == corpora_of(cfg, b)
+    other = knowledge_of(cfg.model_copy(update={"seed": cfg.seed + 1}))
+    assert other != a
+    names_a = {c.name for d in a.domains for c in d.conditions}
+    names_other = {c.name for d in other.domains for c in d.conditions}
+    assert len(names_a & names_other) < len(names_a) / 2
+    assert [d.name for d in a.domains] == [GENERAL, *cfg.specialties]
+
+
+def test_prompt_frame():
+    assert prompt("Why?") == "Question: Why?\nAnswer:"
