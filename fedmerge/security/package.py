@@ -181,6 +181,26 @@ class _FolderDelta:
             r = (r0, min(shape[0], r0 + rows))
             yield _bytes_of(_sub(self.model.get(name, rows=r), self.reference.get(name, rows=r)).to(out_dtype))
 
+    def chunkable(self, name: str, chunk_elements: int) -> bool:
+        """Whether chunks of this tensor can be computed from row slices with little over-read."""
+        shape = self.model.info(name).shape
+        if len(shape) < 2:
+            return False
+        row = 1
+        for d in shape[1:]:
+            row *= d
+        return 0 < row and (chunk_elements % row == 0 or row * 8 <= chunk_elements)
+
+    def elements(self, name: str, a: int, b: int, out_dtype) -> memoryview:
+        """Bytes of elements a..b-1 of the flattened delta (read from the rows that hold them)."""
+        shape = self.model.info(name).shape
+        row = 1
+        for d in shape[1:]:
+            row *= d
+        r0, r1 = a // row, -(-b // row)
+        d = _sub(self.model.get(name, rows=(r0, r1)), self.reference.get(name, rows=(r0, r1))).to(out_dtype).reshape(-1)
+        return _bytes_of(d[a - r0 * row : b - r0 * row])
+
     def get_delta(self, name: str):
         return _sub(self.model.get(name), self.reference.get(name))
 
@@ -318,11 +338,14 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
     started = time.perf_counter()
 
     def plan() -> Iterator[tuple]:
-        # Runs in the caller's thread: decides where every tensor goes, yields its chunks.
+        # Runs in the caller's thread: decides where every tensor goes, yields its chunks. From
+        # model folders a chunk is yielded as a recipe (rows to read and subtract), computed by
+        # the pool in parallel; from other sources the bytes are computed here.
         ti = -1
         for name in names:
-            blocks = _source_blocks(source, name, tdtype, chunk_bytes)
-            if blocks is None:
+            direct = isinstance(source, _FolderDelta) and source.chunkable(name, chunk_bytes // elsize)
+            blocks = None if direct else _source_blocks(source, name, tdtype, chunk_bytes)
+            if blocks is None and not direct:
                 continue
             ti += 1
             info = source.info(name)
@@ -337,6 +360,11 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
             entry = {"name": name, "shape": list(shape), "dtype": code, "file": files[-1][0], "offset": files[-1][1], "nbytes": nbytes, "stored": nbytes + n * tag, "chunks": n}
             files[-1][1] += entry["stored"]
             entries.append(entry)
+            if direct:
+                per = chunk_bytes // elsize
+                for ci in range(n):
+                    yield (ti, name, ci, n, (name, ci * per, min(numel, (ci + 1) * per)), entry)
+                continue
             got = 0
             for ci, chunk in enumerate(_rechunk(blocks, chunk_bytes)):
                 got += len(chunk)
@@ -346,12 +374,15 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
 
     def work(item: tuple):
         ti, name, ci, n, chunk, _ = item
+        if isinstance(chunk, tuple):
+            chunk = source.elements(*chunk, tdtype)
         if _first_non_finite(chunk, code):
             raise NonFiniteValues(f"tensor {name!r}: the delta holds NaN or infinite values (chunk {ci + 1}/{n}); check the fine-tuned weights", sender=sender, tensor=name)
-        return sealer.seal(ti, name, ci, n, chunk) if sealer else chunk
+        return chunk, (sealer.seal(ti, name, ci, n, chunk) if sealer else chunk)
 
-    def sink(item: tuple, stored) -> None:
-        ti, name, ci, n, chunk, entry = item
+    def sink(item: tuple, result) -> None:
+        ti, name, ci, n, _, entry = item
+        chunk, stored = result
         if ci == 0:
             if state["fh"] is None or state["fh"].name != str(tmp / entry["file"]):
                 if state["fh"] is not None:

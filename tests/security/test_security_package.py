@@ -464,3 +464,12 @@ def test_packing_asks_the_source_for_row_slices_no_bigger_than_a_chunk(models, i
     big = {t.name for t in verify_package(pkg, trust).manifest.tensors if t.nbytes > CHUNK and len(t.shape) == 2}
     assert big and all(n <= CHUNK for name, n in asked if name in big)
     assert {name for name, _ in asked} >= big
+
+
+@pytest.mark.parametrize("chunk_bytes,dtype,torch_dtype", [(2056, "float32", torch.float32), (1000, "float32", torch.float32), (2056, "bfloat16", torch.bfloat16)])
+def test_chunks_that_do_not_align_with_rows(chunk_bytes, dtype, torch_dtype, models, ids, fingerprint, trust, tmp_path):
+    """Chunks cutting rows in the middle (computed from row slices) or rows wider than a chunk."""
+    base, ft = models
+    pkg = pack_delta(ft, base, tmp_path / "pkg", ids["hosp-a"], 3, fingerprint, seal_to=ids["coord"].public, dtype=dtype, chunk_bytes=chunk_bytes)
+    verify_package(pkg, trust, opener=ids["coord"], unpack_to=tmp_path / "delta")
+    _assert_folder_equals(tmp_path / "delta", _expected_deltas(models, torch_dtype))
