@@ -311,12 +311,24 @@ class RoundRunner:
         def make(meta, payload):
             return protocol.make_content(meta, payload.read() if isinstance(payload, _Lazy) else payload)
 
+        contributor_nodes = {int(v["node"]) for v in record.get("inputs", {}).values()} & set(nodes)
+        hard_deadline = time.monotonic() + cfg.round_timeout_s
+        grace: dict[str, float] = {}
+
+        def push_deadline() -> float:
+            # Nodes that did not contribute (dropped, maybe dead) get a grace period once every
+            # contributor has installed, not the whole round timeout.
+            if cfg.straggler_grace_s is not None and contributor_nodes <= set(installed):
+                grace.setdefault("at", time.monotonic())
+                return min(hard_deadline, grace["at"] + cfg.straggler_grace_s)
+            return hard_deadline
+
         failures = run_exchange(
             self.grid,
             {n: payload_requests() for n in nodes},
             on_reply,
             group_id=f"{r}-install",
-            deadline=time.monotonic() + cfg.round_timeout_s,
+            deadline=push_deadline,
             window=cfg.parts_in_flight,
             make_content=make,
             ttl=cfg.round_timeout_s + 60,
