@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--sizes", default="1m,10m,50m")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared, loaded machine more threads spin against each other)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -92,7 +94,9 @@ def main(argv=None) -> int:
     from fedmerge.eval.tasks import write_local_task
     from fedmerge.toymodels import TinyMistralSpec, build_tiny_mistral
 
-    figures: dict = {"items": args.items, "shots": args.shots, "batch_size": args.batch_size, "cpus": os.cpu_count(),
+    torch.set_num_threads(args.threads)
+
+    figures: dict = {"items": args.items, "shots": args.shots, "batch_size": args.batch_size, "cpus": os.cpu_count(), "threads": args.threads,
                      "load_avg_start": os.getloadavg()[0], "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="fedmerge-evalcost-") as tmp:
         tmp = Path(tmp)
@@ -162,7 +166,8 @@ def main(argv=None) -> int:
                   + (f"; round with rebuilt tasks {rebuilt:.2f} s vs reused {steady['total_s']:.2f} s" if rebuilt else ""), flush=True)
             del model
     figures["load_avg_end"] = os.getloadavg()[0]
-    print(f"load average: {figures['load_avg_start']:.1f} at start, {figures['load_avg_end']:.1f} at end, on {figures['cpus']} CPUs")
+    print(f"load average: {figures['load_avg_start']:.1f} at start, {figures['load_avg_end']:.1f} at end, "
+          f"on {figures['cpus']} CPUs; torch threads {args.threads}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", help="an integer or 'auto' (default: auto on CUDA, 4 on CPU)")
+    p.add_argument("--threads", type=int, help="torch CPU threads while scoring on CPU (default: torch's own)")
     p.add_argument("--seed", type=int, help="seed of few-shot sampling and of lm-eval's other generators (default 1234)")
     p.add_argument("--store", help="results store (SQLite) to append to (default results.db); 'none' to skip")
     p.add_argument("--round", type=int, help="round number to record with the scores")
@@ -52,7 +53,8 @@ def _config_from_args(args: argparse.Namespace):
                 raise EvalConfigError(f"--dataset {item!r}: expected TASK=PATH")
             ds[name] = path
         raw["builtin_datasets"] = ds
-    for key, value in (("num_fewshot", args.num_fewshot), ("device", args.device), ("dtype", args.dtype), ("seed", args.seed)):
+    for key, value in (("num_fewshot", args.num_fewshot), ("device", args.device), ("dtype", args.dtype), ("seed", args.seed),
+                       ("cpu_threads", args.threads)):
         if value is not None:
             raw[key] = value
     if args.limit is not None:

@@ -32,6 +32,7 @@ class EvalConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: Union[int, Literal["auto"], None] = Field(None, description="None: 'auto' on CUDA, a small fixed batch on CPU")
     max_batch_size: int = Field(64, ge=1)
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads while scoring on CPU; None = torch's default")
     seed: int = Field(1234, description="few-shot sampling and every other random seed lm-eval uses")
     bootstrap_iters: int = Field(1000, ge=0, description="only for metrics without a closed-form stderr")
     store: Path | None = Path("results.db")

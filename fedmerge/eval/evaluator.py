@@ -272,19 +272,23 @@ class Evaluator:
             # The sampler's generator advances as prompts are built: without a reset each round
             # would draw different few-shot examples and identical weights would score differently.
             task.set_fewshot_seed(seed=cfg.seed)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks.values()),
-            num_fewshot=cfg.num_fewshot,
-            limit=cfg.limit,
-            task_manager=self._task_manager,
-            log_samples=False,
-            bootstrap_iters=cfg.bootstrap_iters,
-            random_seed=cfg.seed,
-            numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-        )
+        threads = _cpu_threads(cfg.cpu_threads if self.device == "cpu" else None)
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks.values()),
+                num_fewshot=cfg.num_fewshot,
+                limit=cfg.limit,
+                task_manager=self._task_manager,
+                log_samples=False,
+                bootstrap_iters=cfg.bootstrap_iters,
+                random_seed=cfg.seed,
+                numpy_random_seed=cfg.seed,
+                torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed,
+            )
+        finally:
+            threads.restore()
         scores = _scores_from(out, list(tasks))
         seconds = time.perf_counter() - t0
         run_id = uuid.uuid4().hex
@@ -304,6 +308,28 @@ class Evaluator:
                 for s in scores
             )
         return result
+
+
+class _cpu_threads:
+    """Set torch's CPU thread count for one evaluation and put the old value back afterwards.
+
+    On a shared or oversubscribed CPU, torch's threads spin against each other: one thread can be
+    many times faster than two. The setting is process-wide, hence restored.
+    """
+
+    def __init__(self, n: int | None):
+        import torch
+
+        self._old = torch.get_num_threads()
+        self._set = n is not None and n != self._old
+        if self._set:
+            torch.set_num_threads(n)
+
+    def restore(self) -> None:
+        if self._set:
+            import torch
+
+            torch.set_num_threads(self._old)
 
 
 def _scores_from(out: dict[str, Any] | None, task_names: list[str]) -> list[TaskScore]:

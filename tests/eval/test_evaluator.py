@@ -23,50 +23,36 @@ SHOTS = 2
 SEED = 1234
 
 
+@pytest.fixture(scope="module", autouse=True)
+def lm_eval_cli(tiny_model, local_tasks, tmp_path_factory):
+    """lm-eval's own command line on the local tasks, started first and left running in the
+    background while the other tests of this module run (its start-up indexes all of lm-eval's
+    built-in tasks, which is slow); ``test_fedmerge_eval_equals_lm_eval_command_line`` reads it."""
+    folder, names = local_tasks
+    work = tmp_path_factory.mktemp("lm_eval_cli")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    log = (work / "lm_eval.log").open("w")  # a file, not a pipe: nobody reads while it runs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model},dtype=float32",
+         "--device", "cpu", "--batch_size", "4", "--include_path", str(folder), "--tasks", ",".join(names),
+         "--num_fewshot", str(SHOTS), "--seed", str(SEED), "--output_path", str(work / "out")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
+    )
+    yield proc, work
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
 @pytest.fixture(scope="module")
 def evaluator(local_tasks, tmp_path_factory):
     folder, names = local_tasks
     # Three of the kinds are enough to show repeatability; the lm-eval comparison covers all five.
-    cfg = EvalConfig(tasks=names[:3], task_dirs=[folder], num_fewshot=SHOTS, seed=SEED, device="cpu", batch_size=4,
+    cfg = EvalConfig(tasks=names[:3], task_dirs=[folder], num_fewshot=SHOTS, seed=SEED, device="cpu", batch_size=4, cpu_threads=1,
                      store=tmp_path_factory.mktemp("eval_store") / "results.db")
     return Evaluator(cfg)
-
-
-def test_fedmerge_eval_equals_lm_eval_command_line(tiny_model, local_tasks, tmp_path):
-    folder, names = local_tasks
-    out = tmp_path / "lm_eval_out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # lm-eval's own CLI, started first and run alongside ours (it is the slower of the two).
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model},dtype=float32",
-         "--device", "cpu", "--batch_size", "4", "--include_path", str(folder), "--tasks", ",".join(names),
-         "--num_fewshot", str(SHOTS), "--seed", str(SEED), "--output_path", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
-    )
-    db, js = tmp_path / "r.db", tmp_path / "scores.json"
-    rc = main(["eval", str(tiny_model), "--tasks", ",".join(names), "--task-dir", str(folder), "--num-fewshot", str(SHOTS),
-               "--seed", str(SEED), "--device", "cpu", "--batch-size", "4", "--store", str(db), "--json", str(js),
-               "--round", "0", "--label", "tiny"])
-    assert rc == 0
-    log, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, log[-3000:]
-    [results_file] = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
-    with open(results_file) as fh:
-        theirs = json.load(fh)["results"]
-
-    ours = json.loads(js.read_text())
-    stored = ResultsStore(db).scores(run_id=ours["run_id"])
-    assert len(stored) == len(ours["scores"]) > 0
-    compared = 0
-    for s in ours["scores"]:
-        t = theirs[s["task"]]
-        assert s["value"] == pytest.approx(t[f"{s['metric']},none"], abs=1e-12), (s["task"], s["metric"])
-        assert s["stderr"] == pytest.approx(t[f"{s['metric']}_stderr,none"], abs=1e-12)
-        compared += 1
-    assert compared == len(names) + 3  # acc everywhere; acc_norm for medqa, medmcqa, hellaswag
-    assert {r.task for r in stored} == set(names) and all(r.round == 0 and r.label == "tiny" for r in stored)
-    assert all(r.num_fewshot == SHOTS and r.seed == SEED and r.n == 6 for r in stored)
-    assert stored[0].fingerprint == folder_fingerprint(tiny_model)
 
 
 def test_same_weights_twice_score_equal_and_in_memory_matches_folder(evaluator, tiny_model):
@@ -107,10 +93,38 @@ def test_builtin_tasks_from_local_copies_score_like_local_tasks(tiny_model, loca
     medqa_copy.write_text("".join(json.dumps({"sent1": i["question"], **{f"ending{k}": c for k, c in enumerate(i["choices"])}, "label": i["answer"]}) + "\n" for i in medqa))
     pubmed_copy.write_text("".join(json.dumps({"QUESTION": i["question"], "CONTEXTS": [i["context"]], "final_decision": i["choices"][i["answer"]]}) + "\n" for i in pubmed))
     cfg = EvalConfig(tasks=["toy_medqa", "medqa_4options", "toy_pubmedqa", "pubmedqa"], task_dirs=[folder], num_fewshot=0,
-                     device="cpu", batch_size=4, store=None,
+                     device="cpu", batch_size=4, cpu_threads=1, store=None,
                      builtin_datasets={"medqa_4options": str(medqa_copy), "pubmedqa": {"test": str(pubmed_copy)}})
     res = Evaluator(cfg).evaluate(tiny_model, label="tiny")
     assert res.value("medqa_4options") == res.value("toy_medqa")
     assert res.value("medqa_4options", "acc_norm") == res.value("toy_medqa", "acc_norm")
     assert res.value("pubmedqa") == res.value("toy_pubmedqa")
     assert {s.n for s in res.scores} == {6}
+
+
+def test_fedmerge_eval_equals_lm_eval_command_line(tiny_model, local_tasks, lm_eval_cli, tmp_path):
+    folder, names = local_tasks
+    proc, work = lm_eval_cli
+    db, js = tmp_path / "r.db", tmp_path / "scores.json"
+    rc = main(["eval", str(tiny_model), "--tasks", ",".join(names), "--task-dir", str(folder), "--num-fewshot", str(SHOTS),
+               "--seed", str(SEED), "--device", "cpu", "--batch-size", "4", "--threads", "1", "--store", str(db), "--json", str(js),
+               "--round", "0", "--label", "tiny"])
+    assert rc == 0
+    assert proc.wait(timeout=400) == 0, (work / "lm_eval.log").read_text()[-3000:]
+    [results_file] = glob.glob(str(work / "out" / "**" / "results_*.json"), recursive=True)
+    with open(results_file) as fh:
+        theirs = json.load(fh)["results"]
+
+    ours = json.loads(js.read_text())
+    stored = ResultsStore(db).scores(run_id=ours["run_id"])
+    assert len(stored) == len(ours["scores"]) > 0
+    compared = 0
+    for s in ours["scores"]:
+        t = theirs[s["task"]]
+        assert s["value"] == pytest.approx(t[f"{s['metric']},none"], abs=1e-12), (s["task"], s["metric"])
+        assert s["stderr"] == pytest.approx(t[f"{s['metric']}_stderr,none"], abs=1e-12)
+        compared += 1
+    assert compared == len(names) + 3  # acc everywhere; acc_norm for medqa, medmcqa, hellaswag
+    assert {r.task for r in stored} == set(names) and all(r.round == 0 and r.label == "tiny" for r in stored)
+    assert all(r.num_fewshot == SHOTS and r.seed == SEED and r.n == 6 for r in stored)
+    assert stored[0].fingerprint == folder_fingerprint(tiny_model)

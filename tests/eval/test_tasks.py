@@ -186,3 +186,24 @@ def test_builtin_config_points_at_local_copy(tmp_path):
     folder_cfg = builtin_config("hellaswag", tmp_path)
     assert folder_cfg["dataset_path"] == str(tmp_path.resolve())
     assert set(BUILTIN_TASKS) == {"medqa_4options", "pubmedqa", "mmlu_professional_medicine", "medmcqa", "hellaswag"}
+
+
+def test_eval_config_yaml_and_offline(tmp_path):
+    from fedmerge.eval.errors import EvalConfigError
+
+    (tmp_path / "eval.yaml").write_text("eval:\n  tasks: [cardio]\n  task_dirs: [tasks]\n  num_fewshot: 3\n  batch_size: 8\n")
+    cfg = EvalConfig.from_yaml(tmp_path / "eval.yaml")
+    assert cfg.task_dirs == [tmp_path / "tasks"] and cfg.num_fewshot == 3 and cfg.seed == 1234
+    assert (cfg.resolved_dtype("cpu"), cfg.resolved_dtype("cuda:0")) == ("float32", "bfloat16")
+    assert cfg.resolved_batch_size("cpu") == 8
+    assert EvalConfig(tasks=["x"]).resolved_batch_size("cpu") == 4 and EvalConfig(tasks=["x"]).resolved_batch_size("cuda:0") == "auto"
+    (tmp_path / "bad.yaml").write_text("tasks: [cardio]\nnum_fewshot: -1\nlimt: 5\n")
+    with pytest.raises(EvalConfigError, match=r"bad.yaml: num_fewshot: .*greater than or equal to 0.*limt: Extra inputs"):
+        EvalConfig.from_yaml(tmp_path / "bad.yaml")
+    Evaluator(EvalConfig(tasks=["x"]), store=None)
+    import os
+
+    import datasets.config
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert datasets.config.HF_DATASETS_OFFLINE and datasets.config.HF_HUB_OFFLINE
