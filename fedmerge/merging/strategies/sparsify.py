@@ -147,7 +147,7 @@ def _abs_into(x, buf):
 _SAMPLE = 1 << 17  # magnitudes sampled to bracket a rank before the exact pass
 
 
-def _rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf) -> list[_Boundary]:
+def _rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf, sample: int = _SAMPLE) -> list[_Boundary]:
     """For each 0-based ascending rank r of |flat|, the exact magnitude found there.
 
     A seeded random sample brackets each rank between two magnitudes (a wide margin of order
@@ -161,7 +161,7 @@ def _rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf) -> list[_Boundary]:
     dev = flat.device
     if not ranks:
         return []
-    if n <= _SAMPLE:
+    if n <= sample:
         ordered = flat.abs().float()
         values, order = torch.sort(ordered, stable=True)
         out = []
@@ -174,15 +174,15 @@ def _rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf) -> list[_Boundary]:
         return out
 
     gen = torch.Generator(device=dev).manual_seed(n)
-    idx = torch.randint(n, (_SAMPLE,), generator=gen, device=dev)
-    sample = flat[idx].abs().float().sort().values
+    idx = torch.randint(n, (sample,), generator=gen, device=dev)
+    drawn = flat[idx].abs().float().sort().values
     brackets = []
     for r in ranks:
         q = (r + 0.5) / n
-        margin = 6.0 * math.sqrt(q * (1.0 - q) / _SAMPLE) + 4.0 / _SAMPLE
-        i_lo, i_hi = math.floor((q - margin) * _SAMPLE), math.ceil((q + margin) * _SAMPLE)
-        lo = float(sample[i_lo]) if i_lo > 0 else -1.0
-        hi = float(sample[i_hi]) if i_hi < _SAMPLE - 1 else math.inf
+        margin = 6.0 * math.sqrt(q * (1.0 - q) / sample) + 4.0 / sample
+        i_lo, i_hi = math.floor((q - margin) * sample), math.ceil((q + margin) * sample)
+        lo = float(drawn[i_lo]) if i_lo > 0 else -1.0
+        hi = float(drawn[i_hi]) if i_hi < sample - 1 else math.inf
         brackets.append((lo, hi))
 
     # Quantized (e.g. bf16) deltas tie heavily: a bracket often holds one value, then counts suffice.
@@ -272,7 +272,7 @@ class _RankBand:
     must be called on the same consecutive chunks as the boundaries were computed on, in order.
     """
 
-    def __init__(self, flat, lo: int, hi: int, fbuf, ibuf):
+    def __init__(self, flat, lo: int, hi: int, fbuf, ibuf, sample: int = _SAMPLE):
         n = flat.numel()
         self.lo, self.hi, self.n = max(lo, 0), min(hi, n), n
         wanted = []
@@ -281,7 +281,7 @@ class _RankBand:
                 wanted.append(self.lo)
             if self.hi < n:
                 wanted.append(self.hi - 1)
-        found = dict(zip(wanted, _rank_boundaries(flat, wanted, fbuf, ibuf))) if wanted else {}
+        found = dict(zip(wanted, _rank_boundaries(flat, wanted, fbuf, ibuf, sample))) if wanted else {}
         self.lower = found.get(self.lo) if self.lo > 0 else None
         self.upper = found.get(self.hi - 1) if self.hi < n else None
         self._ties = {b.value: b for b in (self.lower, self.upper) if b is not None}

@@ -1,0 +1,99 @@
+"""Properties every registered strategy must have, and parameter validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmerge.merging.strategies import StrategyError, available, build_strategy
+from strategy_helpers import merge_states
+
+ALL = sorted(available())
+TWO_ONLY = {"slerp"}
+
+
+def _state(seed: int, scale: float = 1.0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    # Multiples of 1/64 keep the sums below exact in float32.
+    return {
+        "model.embed_tokens.weight": (torch.randn(16, 8, generator=g) * 64).round() / 64 * scale,
+        "model.layers.0.mlp.up_proj.weight": (torch.randn(12, 8, generator=g) * 64).round() / 64 * scale,
+        "model.norm.weight": (torch.randn(8, generator=g) * 64).round() / 64 * scale,
+    }
+
+
+def _weights(method: str, n: int) -> list[dict]:
+    fields = build_strategy(method, {}, [{}] * min(n, 2)).PerModel.model_fields
+    return [{"weight": 1.0 / n} if "weight" in fields else {} for _ in range(n)]
+
+
+def test_every_method_of_the_brief_is_registered():
+    assert set(ALL) >= {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "slerp", "hierarchical"}
+    for name, entry in available().items():
+        assert entry.cls.paper, name  # every method names its paper
+        assert entry.summary, name
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("n", [2, 3])
+def test_identical_inputs_give_the_input_back(method, n):
+    if method in TWO_ONLY and n > 2:
+        pytest.raises(StrategyError, build_strategy, method, {}, [{}] * n)
+        return
+    base = _state(0)
+    model = {k: v + d for (k, v), d in zip(base.items(), _state(1, scale=0.25).values())}
+    out = merge_states(method, base, [model] * n, model_params=_weights(method, n))
+    for k in base:
+        assert torch.allclose(out[k], model[k], rtol=0, atol=1e-6), (method, k)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_three_different_models_merge_within_the_inputs_reach(method):
+    # N = 3 for every method (slerp refuses it, above). Every method's merged delta is a
+    # combination of the inputs' (possibly pruned) deltas with coefficients at most 1 after
+    # normalization, rescaled by at most 1/p for the random methods (p = the smallest keep
+    # probability: density for DARE, density - epsilon for DELLA): so per entry it never exceeds
+    # sum_i |delta_i| / p. And with different inputs it is not the base.
+    if method in TWO_ONLY:
+        return
+    base = _state(0)
+    deltas = [_state(10 + i, scale=0.1) for i in range(3)]
+    models = [{k: base[k] + d[k] for k in base} for d in deltas]
+    fields = build_strategy(method, {}, [{}] * 3).PerModel.model_fields
+    params = {"density": 0.7} if "density" in fields else {}
+    p_min = {"dare_ties": 0.7, "dare_linear": 0.7, "della": 0.55, "della_linear": 0.55}.get(method, 1.0)
+    out = merge_states(method, base, models, params=params, model_params=_weights(method, 3))
+    for k in base:
+        reach = sum(d[k].abs() for d in deltas) / p_min
+        assert torch.isfinite(out[k]).all()
+        assert ((out[k] - base[k]).abs() <= reach + 1e-5).all(), (method, k)
+        assert not torch.equal(out[k], base[k]), (method, k)
+
+
+def test_linear_half_half_is_the_mean():
+    a, b = _state(1), _state(2)
+    out = merge_states("linear", _state(0), [a, b], model_params=[{"weight": 0.5}, {"weight": 0.5}])
+    for k in a:
+        assert torch.allclose(out[k], (a[k] + b[k]) / 2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method, params, model_params, field",
+    [
+        ("ties", {"density": 1.5}, None, "density"),
+        ("ties", {"consensus": "max"}, None, "consensus"),
+        ("ties", {"densty": 0.5}, None, "densty"),
+        ("dare_ties", {"rescale_mode": "l2"}, None, "rescale_mode"),
+        ("della", {"density": 0.1, "epsilon": 0.2}, None, "epsilon"),
+        ("breadcrumbs", {}, [{"gamma": -0.1}, {}], "gamma"),
+        ("dare_linear", {}, [{}, {"density": "high"}], "models[1].parameters.density"),
+        ("slerp", {"t": -0.1}, None, "parameters.t"),
+        ("hierarchical", {"reference": 2}, None, "reference"),
+        ("hierarchical", {"alignment": "ot"}, None, "alignment"),
+        ("hierarchical", {}, [{"weight": -1.0}, {}], "weight"),
+    ],
+)
+def test_bad_parameters_raise_strategy_error_naming_the_field(method, params, model_params, field):
+    with pytest.raises(StrategyError) as err:
+        build_strategy(method, params, model_params or [{}, {}])
+    assert field in str(err.value)
