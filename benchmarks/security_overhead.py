@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="pipeline workers (default: fedmerge's)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--keep", action="store_true", help="keep the packages (in a temporary folder)")
+    ap.add_argument("--no-extras", action="store_true", help="only read, pack_seal and verify_open")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--reference", help=argparse.SUPPRESS)
@@ -120,7 +121,8 @@ def main() -> None:
         trust.add(coord.public, role="coordinator")
         trust.save()
         results: dict[str, dict] = {}
-        for i, phase in enumerate(PHASES):
+        phases = PHASES[:4] if args.no_extras else PHASES
+        for i, phase in enumerate(phases):
             key = "read_cold" if phase == "read" and i == 0 else phase
             results[key] = _run_child(phase, args, model, base, work)
             print(f"  {key:13s} {results[key]['seconds']:7.2f} s", flush=True)

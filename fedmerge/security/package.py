@@ -641,24 +641,25 @@ def _stream_data(pkg: Path, manifest: DeltaManifest, opener: Identity | None, wr
                 fh = handles[t.file] = open(pkg / t.file, "rb", buffering=0)
             pos = t.offset
             for ci in range(t.chunks):
-                plain = min(cb, t.nbytes - ci * cb)
-                want = plain + tag
-                buf = bytearray(want)
-                got = os.preadv(fh.fileno(), [buf], pos) if want else 0
-                if got != want:
-                    raise TruncatedData(f"package from {sender!r}: tensor {t.name!r} is cut short in {t.file} (chunk {ci + 1}/{t.chunks})", sender=sender, tensor=t.name)
+                want = min(cb, t.nbytes - ci * cb) + tag
+                yield (ti, t, ci, fh.fileno(), pos, want)
                 pos += want
-                yield (ti, t, ci, buf)
 
     def work(item: tuple):
-        ti, t, ci, buf = item
+        # Reading happens here too, so reads, AES-GCM and finiteness checks of several chunks
+        # run in parallel; only hashing (per tensor, in order) is left to the consumer.
+        ti, t, ci, fd, pos, want = item
+        buf = bytearray(want)
+        got = os.preadv(fd, [buf], pos) if want else 0
+        if got != want:
+            raise TruncatedData(f"package from {sender!r}: tensor {t.name!r} is cut short in {t.file} (chunk {ci + 1}/{t.chunks})", sender=sender, tensor=t.name)
         plain = sealer.open(ti, t.name, ci, t.chunks, buf) if sealer else buf
         if _first_non_finite(plain, t.dtype):
             raise NonFiniteValues(f"package from {sender!r}: tensor {t.name!r} holds NaN or infinite values (chunk {ci + 1}/{t.chunks})", sender=sender, tensor=t.name)
         return plain
 
     def sink(item: tuple, plain) -> None:
-        ti, t, ci, _ = item
+        ti, t, ci = item[:3]
         if ci == 0:
             state["hash"] = hashlib.sha256()
         state["hash"].update(plain)
