@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     ap.add_argument("--only", default=None, help="comma-separated strategies (default: every registered one)")
     ap.add_argument("--half", action="store_true", help="also run the half-size set (same widths, half the layers)")
+    ap.add_argument("--half-only", default=None, help="comma-separated strategies to run on the half-size set (default: the same as on the 1B set)")
+    ap.add_argument("--sets", default="1b", help="which sets: 1b, half or 1b,half")
     ap.add_argument("--json", default=None, help="write the results here (default: benchmarks/results/merge_throughput.json)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
@@ -153,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         methods.insert(0, "task_arithmetic")
     out_root = cache_root(args.cache_dir) / "throughput-out"
     out_root.mkdir(parents=True, exist_ok=True)
-    sets = [("1b", *ensure_1b_set(args.cache_dir))]
-    if args.half:
-        sets.append(("half", *ensure_half_set(args.cache_dir)))
+    wanted = set(args.sets.split(",")) | ({"half"} if args.half else set())
+    sets = []
+    if "1b" in wanted:
+        sets.append(("1b", *ensure_1b_set(args.cache_dir), methods))
+    if "half" in wanted:
+        half_methods = args.half_only.split(",") if args.half_only else methods
+        sets.append(("half", *ensure_half_set(args.cache_dir), half_methods))
     results = {"machine": {"cpus": os.cpu_count(), "device": args.device}, "targets": TARGETS, "sets": []}
     print(f"{'set':5s} {'run':18s} {'wall':>10s} {'GB/s':>12s} {'peak RSS':>11s}")
-    for label, base, fts in sets:
-        results["sets"].append(run_set(label, base, fts, methods, args.device, out_root))
+    for label, base, fts, ms in sets:
+        results["sets"].append(run_set(label, base, fts, ms, args.device, out_root))
     print()
     print(f"{'set':5s} {'run':18s} {'x I/O floor':>12s} {'x task_arith':>13s} {'target':>22s}")
     for s in results["sets"]:
