@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from fedmerge.security.errors import (
-    DataError,
     DigestMismatch,
     ManifestInvalid,
     NonFiniteValues,
@@ -594,6 +593,8 @@ def _check_files(pkg: Path, manifest: DeltaManifest) -> None:
     sender = manifest.sender
     listed = {name: size for name, size in manifest.files}
     for p in pkg.iterdir():
+        if p.is_symlink():
+            raise PackageError(f"package from {sender!r}: {p.name} is a symbolic link; a package holds only plain files", sender=sender, path=p)
         if p.name not in listed and p.name not in (MANIFEST_NAME, SIGNATURE_NAME):
             raise OversizedData(f"package from {sender!r}: unlisted file {p.name!r} in {pkg}", sender=sender, path=p)
     for name, size in manifest.files:
