@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -316,8 +317,6 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise PackageError(f"{out}: already exists; choose another package folder", path=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     sender = identity.name
     nonce = secrets.token_hex(16)
     sealer: ChunkSealer | None = None
@@ -396,7 +395,10 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
 
     from tqdm import tqdm
 
-    bar = tqdm(total=None, unit="B", unit_scale=True, desc=f"pack {out.name}", disable=not progress, leave=False)
+    total = sum(math.prod(source.info(n).shape) for n in names) * elsize
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"pack {out.name}", disable=not progress, leave=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         run_ordered(plan(), work, sink, workers=workers)
         if not entries:
