@@ -652,9 +652,8 @@ def _stream_data(pkg: Path, manifest: DeltaManifest, opener: Identity | None, wr
         # Reading happens here too, so reads, AES-GCM and finiteness checks of several chunks
         # run in parallel; only hashing (per tensor, in order) is left to the consumer.
         ti, t, ci, fd, pos, want = item
-        buf = bytearray(want)
-        got = os.preadv(fd, [buf], pos) if want else 0
-        if got != want:
+        buf = os.pread(fd, want, pos) if want else b""  # one copy, no zero-filled buffer first
+        if len(buf) != want:
             raise TruncatedData(f"package from {sender!r}: tensor {t.name!r} is cut short in {t.file} (chunk {ci + 1}/{t.chunks})", sender=sender, tensor=t.name)
         plain = sealer.open(ti, t.name, ci, t.chunks, buf) if sealer else buf
         if _first_non_finite(plain, t.dtype):
