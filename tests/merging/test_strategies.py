@@ -97,3 +97,22 @@ def test_bad_parameters_raise_strategy_error_naming_the_field(method, params, mo
     with pytest.raises(StrategyError) as err:
         build_strategy(method, params, model_params or [{}, {}])
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_bfloat16_compute_matches_float32(method):
+    # The engine may compute in bf16 (MergeSpec.dtype): same result, up to bf16 rounding.
+    base = _state(0)
+    # Inputs exactly representable in bf16, so both runs rank the same magnitudes.
+    models = [{k: base[k] + d[k] for k in base} for d in (_state(20, 0.125), _state(21, 0.125))]
+    params = {"density": 0.6} if "density" in build_strategy(method, {}, [{}, {}]).PerModel.model_fields else {}
+    full = merge_states(method, base, models, params=params)
+    strategy = build_strategy(method, params, [{}, {}])
+    from fedmerge.merging.strategies import TensorContext
+
+    for k in base:
+        b16 = base[k].bfloat16()
+        ds = [(m[k] - base[k]).bfloat16() for m in models]
+        out = strategy.merge_tensor(TensorContext(k, strategy.model_params, 0), b16, ds)
+        assert out.dtype == torch.bfloat16 and out.shape == base[k].shape
+        assert torch.allclose(out.float(), full[k], atol=0.05), (method, k)

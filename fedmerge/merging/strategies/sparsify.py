@@ -140,7 +140,10 @@ def _abs_into(x, buf):
     import torch
 
     out = buf[: x.numel()]
-    torch.abs(x, out=out)
+    if x.dtype == out.dtype:
+        torch.abs(x, out=out)
+    else:  # magnitudes are ranked in float32 (exact for bf16/fp16; float64 is rounded)
+        out.copy_(x).abs_()
     return out
 
 
@@ -619,6 +622,12 @@ class _GeneralizedTaskArithmetic(Strategy):
 
     sparsification: ClassVar[Sparsification] = "none"
     uses_consensus: ClassVar[bool] = False
+
+    def __init__(self, params, model_params):
+        super().__init__(params, model_params)
+        # With nothing pruned (every density 1) no statistic over the tensor and no random draw
+        # is involved: the engine may then stream large tensors in row chunks.
+        self.elementwise = all(mp.density >= 1.0 for mp in self.model_params)
 
     def _plan(self, mp) -> ModelPlan:
         return ModelPlan(
