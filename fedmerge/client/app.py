@@ -34,7 +34,7 @@ def _reply(message: Message, meta: dict, payload: bytes | None = None) -> Messag
 def open_round(message: Message, context: Context) -> Message:
     meta = protocol.read_meta(message.content)
     node = _node(context)
-    out = node.open_round(int(meta["round"]), str(meta["reference_fingerprint"]), int(meta["part_bytes"]))
+    out = node.open_round(int(meta["round"]), str(meta["reference_fingerprint"]), int(meta["part_bytes"]), str(meta.get("delta_dtype", "float32")))
     if meta.get("with_first_part") and str(out["institution"]) not in list(meta.get("accepted", [])):
         # The first part rides on the reply: one message fewer per client and round.
         part_meta, data = node.fetch_part(int(meta["round"]), 0)

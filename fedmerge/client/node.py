@@ -88,13 +88,13 @@ class HospitalNode:
         )
 
     # -- contributing -------------------------------------------------------------------------------
-    def open_round(self, r: int, reference_fingerprint: str, part_bytes: int) -> dict[str, Any]:
+    def open_round(self, r: int, reference_fingerprint: str, part_bytes: int, delta_dtype: str = "float32") -> dict[str, Any]:
         """Build (once) this round's signed package against the named reference; describe its parts."""
         rdir = self.round_dir(r)
         plan_file = rdir / "plan.json"
         if plan_file.exists():
             cached = json.loads(plan_file.read_text())
-            if cached["reference_fingerprint"] == reference_fingerprint and cached["part_bytes"] == part_bytes:
+            if (cached["reference_fingerprint"], cached["part_bytes"], cached.get("delta_dtype", "float32")) == (reference_fingerprint, part_bytes, delta_dtype):
                 return {"institution": self.cfg.institution, "plan": cached["plan"]}
             shutil.rmtree(rdir)
         reference = self.find_reference(reference_fingerprint)
@@ -112,14 +112,14 @@ class HospitalNode:
                 model: Any = open_delta_source(source, self.cfg.base_model, kind="lora")
             else:
                 model = source
-            pkg = deps.pack_delta(model, reference, tmp / "package", identity, r, reference_fingerprint, seal_to=seal_to)
+            pkg = deps.pack_delta(model, reference, tmp / "package", identity, r, reference_fingerprint, seal_to=seal_to, dtype=delta_dtype)
             final = rdir / "package"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(pkg, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         plan = protocol.plan_folder(final, part_bytes)
-        _write_json(plan_file, {"reference_fingerprint": reference_fingerprint, "part_bytes": part_bytes, "plan": plan.to_json()})
+        _write_json(plan_file, {"reference_fingerprint": reference_fingerprint, "part_bytes": part_bytes, "delta_dtype": delta_dtype, "plan": plan.to_json()})
         log.info("%s: round %d package ready (%d bytes, %d part(s))", self.cfg.institution, r, plan.total_bytes, len(plan.parts))
         return {"institution": self.cfg.institution, "plan": plan.to_json()}
 

@@ -29,10 +29,12 @@ def load_trust(path: str | os.PathLike[str]):
     return TrustStore.load(path)
 
 
-def pack_delta(model, reference, out_dir, identity, round_id: int, reference_fingerprint: str, seal_to=None) -> Path:
+def pack_delta(model, reference, out_dir, identity, round_id: int, reference_fingerprint: str, seal_to=None, dtype: str = "float32") -> Path:
     from fedmerge.security.package import pack_delta as _pack
 
-    return Path(_pack(model, reference, out_dir, identity, round_id, reference_fingerprint, seal_to=seal_to))
+    if not isinstance(model, (str, os.PathLike)):
+        reference = None  # a delta source is already relative to its base
+    return Path(_pack(model, reference, out_dir, identity, round_id, reference_fingerprint, seal_to=seal_to, dtype=dtype))
 
 
 def verify_package(pkg_dir, trust, expected_round: int, expected_reference: str, opener=None, unpack_to=None):

@@ -127,6 +127,7 @@ def run_simulation(
     *,
     hooks: list[DeliveryHook] | None = None,
     crash_after_accepts: int | None = None,
+    crash_hard: bool = False,
 ) -> SimulationReport:
     """Run the coordinator's rounds over ``len(client_configs)`` in-process hospitals.
 
@@ -141,7 +142,7 @@ def run_simulation(
     cfg = federation_config if isinstance(federation_config, FederationConfig) else load_federation_config(federation_config)
     grid = LocalGrid({i + 1: str(p) for i, p in enumerate(client_configs)})
     grid.hooks.extend(hooks or [])
-    runner = RoundRunner(grid, cfg, crash_after_accepts=crash_after_accepts)
+    runner = RoundRunner(grid, cfg, crash_after_accepts=crash_after_accepts, crash_hard=crash_hard)
     records = runner.run()
     report = SimulationReport(state_dir=cfg.state_dir, base_dir=cfg.base_model)
     for rec in records:

@@ -69,6 +69,8 @@ class FederationConfig(BaseModel):
     parts_in_flight: int = Field(2, ge=1, description="outstanding part requests per client")
     straggler_grace_s: float | None = Field(None, ge=0, description="once quorum is verified, wait at most this long for the rest")
     reference: Literal["base", "global"] = "base"
+    # float32 deltas make a federated round byte-identical to the offline merge; bfloat16 halves the bytes.
+    delta_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seal: bool = False
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     evaluator: EvaluatorHook | None = None

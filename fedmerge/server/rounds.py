@@ -32,7 +32,7 @@ class RoundFailed(FedmergeError):
 
 
 class RoundRunner:
-    def __init__(self, grid, config: FederationConfig, *, crash_after_accepts: int | None = None):
+    def __init__(self, grid, config: FederationConfig, *, crash_after_accepts: int | None = None, crash_hard: bool = False):
         self.grid = grid
         self.cfg = config
         self.ledger = RoundLedger(config.state_dir)
@@ -41,6 +41,7 @@ class RoundRunner:
         self._fingerprints: dict[str, str] = {}
         # Test hook: stop the process abruptly after this many contributions were accepted.
         self._crash_after_accepts = crash_after_accepts
+        self._crash_hard = crash_hard
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -138,6 +139,7 @@ class RoundRunner:
             "part_bytes": cfg.part_bytes,
             "accepted": sorted(accepted_before),
             "with_first_part": True,
+            "delta_dtype": cfg.delta_dtype,
         }
         failures = run_exchange(
             self.grid,
@@ -237,6 +239,11 @@ class RoundRunner:
         self.ledger.save(record)
         log.info("round %d: accepted the contribution of %s (node %s)", r, inst, node_id)
         if self._crash_after_accepts is not None and len(record["contributors"]) >= self._crash_after_accepts:
+            if self._crash_hard:  # as if the machine lost power: no cleanup, no flush of anything
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             raise SimulatedCrash(f"stopping after {len(record['contributors'])} accepted contribution(s)")
 
     # -- merge --------------------------------------------------------------------------------------

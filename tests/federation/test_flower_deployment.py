@@ -72,7 +72,9 @@ class Deployment:
             supernode_public_keys=[str(self.node_keys[n][1]) for n in NAMES],
         )
         first.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        coord = Coordinator(first).start()
+        coord = Coordinator(first)
+        coord.superlink.in_process_cli = True  # `flwr` commands without a new interpreter each
+        coord.start()
         self.coordinators.append(coord)
         self.superlink = coord.superlink
         pins = [flower.app_hash()]
@@ -188,7 +190,7 @@ def test_unpinned_app_bundle_is_refused_before_it_runs(deployment):
 
 def test_client_killed_mid_round_round_completes_on_quorum(deployment, tmp_path):
     d = deployment
-    config = d.federation_config("kill", rounds=1, min_clients=2, part_bytes=48 * 1024, straggler_grace_s=5.0, round_timeout_s=90.0)
+    config = d.federation_config("kill", rounds=1, min_clients=2, part_bytes=192 * 1024, straggler_grace_s=5.0, round_timeout_s=90.0)
     coord = Coordinator(config)
     coord.superlink = d.superlink
     coord.submit()

@@ -6,13 +6,16 @@ Same ServerApp logic and same ClientApp as under Flower; faults are injected at 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 from fedtest_helpers import assert_same_tensors, offline_merge
 
 from fedmerge.federation.inprocess import LocalGrid, run_simulation
 from fedmerge.protocol import FETCH_PART, OPEN_ROUND, plan_folder
-from fedmerge.server.rounds import RoundFailed, SimulatedCrash
+from fedmerge.server.rounds import RoundFailed
 
 
 def _installed(tf, name):
@@ -110,8 +113,13 @@ def test_tampered_contribution_is_rejected_and_the_others_merged(make_federation
 def test_coordinator_crash_after_accepting_resumes_without_losing_contributions(make_federation, tmp_path):
     tf = make_federation(3, rounds=1)
     clients = list(tf.client_configs.values())
-    with pytest.raises(SimulatedCrash):
-        run_simulation(tf.federation_config, clients, crash_after_accepts=2)
+    # The coordinator process is SIGKILLed right after its second acceptance was recorded.
+    code = (
+        "from fedmerge.federation.inprocess import run_simulation\n"
+        f"run_simulation({str(tf.federation_config)!r}, {[str(c) for c in clients]!r}, crash_after_accepts=2, crash_hard=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     spool = tf.root / "coordinator" / "rounds" / "round-0001"
     accepted = sorted(p.name for p in (spool / "accepted").iterdir())
     assert accepted == ["hospital-a", "hospital-b"]

@@ -1,0 +1,176 @@
+"""What a federation round costs on real Flower processes, beside what it cannot avoid.
+
+For the ~1B set (``benchmarks/common.py::ensure_1b_set``) and N clients (default 3), on loopback
+with TLS and SuperNode authentication:
+
+- the round's wall time, bytes sent per client (its delta package) and received (the model),
+  peak RSS of the coordinator's ServerApp, of the SuperLink and of the hospitals' ClientApps;
+- in the same run, a bare Flower app moving the same bytes in the same parts (no packing,
+  verification, spool, merge or install) and the merge engine alone on the round's verified
+  deltas. Target: round <= 1.5 x (bare transfer + engine); coordinator peak RSS < 3 GB.
+
+``--clients 2,3,4`` repeats the round for each N (peak RSS against N). The fine-tunes of the set
+are reused round-robin when N exceeds them (cost does not depend on the values).
+
+    .venv/bin/python benchmarks/round_cost.py --clients 3 --delta-dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ensure_1b_set  # noqa: E402
+
+
+class PeakRss:
+    """Samples /proc for the peak RSS (VmHWM) of processes whose command line matches a label."""
+
+    def __init__(self, labels: dict[str, str], interval: float = 0.5):
+        self.labels, self.interval = labels, interval
+        self.peak_kb = {k: 0 for k in labels}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for pid_dir in Path("/proc").glob("[0-9]*"):
+                try:
+                    cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    label = next((k for k, pat in self.labels.items() if pat in cmd), None)
+                    if label is None:
+                        continue
+                    for line in (pid_dir / "status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_kb[label] = max(self.peak_kb[label], int(line.split()[1]))
+                except (OSError, ValueError):
+                    continue
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def gb(self) -> dict[str, float]:
+        return {k: round(v / 1024**2, 3) for k, v in self.peak_kb.items()}
+
+
+def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str) -> dict:
+    import yaml
+
+    from fedmerge.federation import flower
+    from fedmerge.federation.credentials import make_node_key, make_tls
+    from fedmerge.federation.toy import ToyFederation, build_toy_federation, institution_names
+    from fedmerge.merging.engine import MergeSpec, merge
+    from fedmerge.merging.taskvector import DeltaCheckpoint
+    from fedmerge.server.coordinator import Coordinator
+
+    names = institution_names(n)
+    models = ToyFederation(work, base, {nm: finetunes[i % len(finetunes)] for i, nm in enumerate(names)}, None, {}, None, None, None)
+    tf = build_toy_federation(
+        work / "fed", n, models_from=models, part_bytes=part_bytes, round_timeout_s=3600.0,
+        federation_overrides={"delta_dtype": delta_dtype, "wait_for_clients_s": 600.0},
+    )  # fmt: skip
+    tls = make_tls(work / "tls", ["127.0.0.1"])
+    (work / "nodekeys").mkdir()
+    keys = {nm: make_node_key(work / "nodekeys", nm) for nm in names}
+    address = f"127.0.0.1:{flower.free_port()}"
+    fed = yaml.safe_load(tf.federation_config.read_text())
+    fed["superlink"] = {
+        "start": True, "address": address, "ca_cert": str(tls.ca_cert), "server_cert": str(tls.server_cert),
+        "server_key": str(tls.server_key), "supernode_public_keys": [str(keys[nm][1]) for nm in names],
+    }  # fmt: skip
+    tf.federation_config.write_text(yaml.safe_dump(fed))
+    bare_app = Path(__file__).resolve().parent / "bare_flower_app"
+    pins = [flower.app_hash(), flower.app_hash(bare_app)]
+    coord = Coordinator(tf.federation_config).start()
+    nodes = []
+    result: dict = {"clients": n}
+    try:
+        for nm in names:
+            cfg = tf.client_configs[nm]
+            nodes.append(flower.SuperNode(work / "nodes" / nm, address, str(tls.ca_cert), str(keys[nm][0]), str(cfg), flower.free_port(), pins).start())
+        labels = {"coordinator_serverapp": "flwr-serverapp", "superlink": "flower-superlink", "client_apps": "fedmerge.client.guard"}
+        with PeakRss(labels) as rss:
+            coord.submit()
+            records = coord.wait(timeout=7200, poll_s=2.0)
+        rec = records[0]
+        assert rec["status"] == "completed", rec
+        pkg_bytes = {k: v["bytes"] for k, v in rec["inputs"].items()}
+        result.update(
+            round_seconds=round(rec["finished_at"] - rec["started_at"], 1),
+            merge_seconds_in_round=round(rec["merge_seconds"], 1),
+            bytes_sent_per_client=pkg_bytes,
+            model_bytes_received_per_client=rec["model_bytes"],
+            peak_rss_gb=rss.gb(),
+        )
+        # Bare Flower: the same bytes, parts and window, nothing else.
+        plan = work / "bare-plan.json"
+        out = work / "bare-result.json"
+        plan.write_text(json.dumps({"nodes": n, "up_bytes": max(pkg_bytes.values()), "down_bytes": rec["model_bytes"], "part_bytes": part_bytes, "window": 2, "out": str(out)}))
+        with PeakRss({"bare_serverapp": "flwr-serverapp"}) as bare_rss:
+            t0 = time.perf_counter()
+            coord.superlink.flwr("run", str(bare_app), flower.CONNECTION_NAME, "--run-config", f'plan="{plan}"', "--format", "json")
+            while not out.exists():
+                time.sleep(1.0)
+            bare_wall = time.perf_counter() - t0
+        bare = json.loads(out.read_text())
+        result["bare_transfer_seconds"] = round(bare["seconds"], 1)
+        result["bare_run_wall_seconds"] = round(bare_wall, 1)
+        result["bare_serverapp_peak_rss_gb"] = bare_rss.gb()["bare_serverapp"]
+    finally:
+        for node in nodes:
+            node.stop()
+        coord.stop()
+    # The engine alone on the same verified deltas.
+    deltas = [DeltaCheckpoint(Path(v["delta_dir"])) for _, v in sorted(rec["inputs"].items())]
+    t0 = time.perf_counter()
+    merge(base, deltas, work / "engine-only", MergeSpec(**fed["strategy"]), progress=False)
+    result["engine_seconds"] = round(time.perf_counter() - t0, 1)
+    floor = result["bare_transfer_seconds"] + result["engine_seconds"]
+    result["round_over_bare_plus_engine"] = round(result["round_seconds"] / floor, 2)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="3", help="comma-separated N values (default 3)")
+    ap.add_argument("--part-mb", type=int, default=256, help="part size in MiB")
+    ap.add_argument("--delta-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base, finetunes = ensure_1b_set()
+    results = []
+    for n in [int(x) for x in args.clients.split(",")]:
+        work = Path(args.work or tempfile.mkdtemp(prefix="round-cost-")) / f"n{n}"
+        try:
+            r = one_round(work, n, Path(base), [Path(f) for f in finetunes], args.part_mb * 1024**2, args.delta_dtype)
+            r["delta_dtype"], r["part_mb"] = args.delta_dtype, args.part_mb
+            results.append(r)
+            print(json.dumps(r, indent=2), flush=True)
+        finally:
+            if args.work is None:
+                shutil.rmtree(work.parent, ignore_errors=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
