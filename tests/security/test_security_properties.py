@@ -138,3 +138,33 @@ def test_the_untouched_package_is_accepted(packages, trust, ids):
     for kind in ("plain", "sealed"):
         assert verify_package(packages[kind], trust, expected_round=3, opener=ids["coord"]).data_checked
     assert {p.name for p in packages["plain"].iterdir()} >= {MANIFEST_NAME, SIGNATURE_NAME}
+
+
+@SETTINGS
+@given(data=st.data())
+def test_mutated_published_models_are_never_installed(models, trust, ids, tmp_path_factory, data):
+    from fedmerge.security.model_sign import sign_model, verify_model
+
+    root = tmp_path_factory.mktemp("pub")
+    folder = root / "model"
+    shutil.copytree(models[1], folder)
+    sign_model(folder, ids["coord"], round_id=1, fingerprint="sha256:test")
+    verify_model(folder, trust)  # the control: accepted untouched
+    name = data.draw(st.sampled_from(sorted(p.name for p in folder.iterdir())))
+    blob = bytearray((folder / name).read_bytes())
+    original = bytes(blob)
+    if data.draw(st.booleans()) and blob:
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        blob[pos] ^= data.draw(st.integers(1, 255))
+    else:
+        pos = data.draw(st.integers(0, len(blob)))
+        blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+    assume(bytes(blob) != original)
+    (folder / name).write_bytes(bytes(blob))
+    try:
+        verify_model(folder, trust)
+    except SecurityError:
+        return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    raise AssertionError(f"a change to {name} went unnoticed")
