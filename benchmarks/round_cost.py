@@ -95,14 +95,17 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
     tf.federation_config.write_text(yaml.safe_dump(fed))
     bare_app = Path(__file__).resolve().parent / "bare_flower_app"
     pins = [flower.app_hash(), flower.app_hash(bare_app)]
-    coord = Coordinator(tf.federation_config).start()
+    coord = Coordinator(tf.federation_config)
+    coord.superlink.in_process_cli = True
+    coord.superlink.extra_pins = [flower.app_hash(bare_app)]
+    coord.start()
     nodes = []
     result: dict = {"clients": n}
     try:
         for nm in names:
             cfg = tf.client_configs[nm]
             nodes.append(flower.SuperNode(work / "nodes" / nm, address, str(tls.ca_cert), str(keys[nm][0]), str(cfg), flower.free_port(), pins).start())
-        labels = {"coordinator_serverapp": "flwr-serverapp", "superlink": "flower-superlink", "client_apps": "fedmerge.client.guard"}
+        labels = {"coordinator_serverapp": "guard --serve serverapp", "superlink": "flower-superlink", "client_apps": "guard --serve clientapp"}
         with PeakRss(labels) as rss:
             coord.submit()
             records = coord.wait(timeout=7200, poll_s=2.0)
@@ -120,7 +123,7 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
         plan = work / "bare-plan.json"
         out = work / "bare-result.json"
         plan.write_text(json.dumps({"nodes": n, "up_bytes": max(pkg_bytes.values()), "down_bytes": rec["model_bytes"], "part_bytes": part_bytes, "window": 2, "out": str(out)}))
-        with PeakRss({"bare_serverapp": "flwr-serverapp"}) as bare_rss:
+        with PeakRss({"bare_serverapp": "guard --serve serverapp"}) as bare_rss:
             t0 = time.perf_counter()
             coord.superlink.flwr("run", str(bare_app), flower.CONNECTION_NAME, "--run-config", f'plan="{plan}"', "--format", "json")
             while not out.exists():

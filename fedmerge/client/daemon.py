@@ -2,7 +2,7 @@
 
 The daemon checks its config and keys, then runs ``flower-supernode`` (TLS to the SuperLink,
 authenticated with the node key the consortium registered) with ClientApps started through
-``fedmerge.client.guard``. The work of each round happens in those ClientApps; what they build
+``fedmerge.federation.guard``. The work of each round happens in those ClientApps; what they build
 and install is under ``state_dir`` (see ``fedmerge.client.node``).
 """
 

@@ -4,7 +4,8 @@ Flower 1.41 serves the Fleet, Control and Runtime APIs of a SuperLink on one HTT
 certificates are given). Control has no authentication in the open-source build, so anyone who
 reaches that port can submit an app to the SuperNodes; a hospital therefore runs only the app
 bundle (FAB) whose SHA-256 it pinned: its SuperNode launches ClientApps through
-``fedmerge.client.guard``, which refuses any other bundle before installing or loading it.
+``fedmerge.federation.guard``, which refuses any other bundle before installing or loading it;
+the coordinator's SuperLink starts ServerApps through the same guard.
 
 The app bundle holds a single ``pyproject.toml`` naming the fedmerge ServerApp and ClientApp,
 which are imported from the installed fedmerge package. It is built deterministically (Flower
@@ -13,6 +14,7 @@ fixes the archive's timestamps), so every party can compute the same hash from t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -75,14 +77,21 @@ def write_app_dir(dest: str | os.PathLike[str]) -> Path:
 
 def app_hash(app_dir: str | os.PathLike[str] | None = None) -> str:
     """SHA-256 of the app bundle Flower builds from ``app_dir`` (default: this fedmerge's bundle)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    if app_dir is None:
+        return _own_app_hash()
+    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _own_app_hash() -> str:
     import tempfile
 
     from flwr.cli.build import build_fab_from_disk
 
-    if app_dir is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            return hashlib.sha256(build_fab_from_disk(write_app_dir(Path(tmp) / "app"))).hexdigest()
-    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+    with tempfile.TemporaryDirectory() as tmp:
+        return hashlib.sha256(build_fab_from_disk(write_app_dir(Path(tmp) / "app"))).hexdigest()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -147,6 +156,8 @@ class SuperLink:
         self.database = database
         self.log_file = log_file or self.home / "superlink.log"
         self.proc: subprocess.Popen | None = None
+        self.launcher: subprocess.Popen | None = None
+        self.extra_pins: list[str] = []  # app bundles besides fedmerge's own allowed to run here
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -159,9 +170,17 @@ class SuperLink:
         return f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
     def env(self) -> dict[str, str]:
+        from fedmerge.federation.guard import write_guard_bin
+
         env = dict(os.environ)
         env["FLWR_HOME"] = str(self.home / "flwr-home")
-        env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+        # ServerApps start through the pinning guard too: an app submitted by anyone else
+        # through the unauthenticated Control API does not run on the coordinator.
+        guard_bin = write_guard_bin(self.home / "bin", ("serverapp",))
+        env["PATH"] = f"{guard_bin}{os.pathsep}{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+        env[PINNED_ENV] = ",".join([app_hash(), *self.extra_pins])
+        env["FEDMERGE_LAUNCH_SOCKET"] = str(self.home / "launch.sock")
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         return env
 
@@ -190,7 +209,12 @@ class SuperLink:
         ]  # fmt: skip
         log.info("starting SuperLink on %s (state %s)", self.address, self.database)
         self._log = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = self.env()
+        self.launcher = subprocess.Popen(
+            [sys.executable, "-m", "fedmerge.federation.guard", "--serve", "serverapp", env["FEDMERGE_LAUNCH_SOCKET"]],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for_port(*self.host_port_local(), timeout=timeout, proc=self.proc, what=f"flower-superlink (log: {self.log_file})")
         return self
 
@@ -247,6 +271,7 @@ class SuperLink:
 
     def stop(self) -> None:
         stop_process(self.proc)
+        stop_process(self.launcher)
         if getattr(self, "_log", None):
             self._log.close()
 
@@ -265,10 +290,10 @@ class SuperNode:
         self.log_file = self.home / "supernode.log"
 
     def env(self) -> dict[str, str]:
-        from fedmerge.client.guard import write_guard_bin
+        from fedmerge.federation.guard import write_guard_bin
 
         env = dict(os.environ)
-        guard_bin = write_guard_bin(self.home / "bin")
+        guard_bin = write_guard_bin(self.home / "bin", ("clientapp",))
         # The guard's directory comes first: Flower looks ClientApp launchers up on PATH.
         env["PATH"] = f"{guard_bin}{os.pathsep}{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
         env["FLWR_HOME"] = str(self.home / "flwr-home")
@@ -291,9 +316,9 @@ class SuperNode:
         ]  # fmt: skip
         self._log = open(self.log_file, "ab")
         env = self.env()
-        # The launcher forks ClientApps with their imports done (see fedmerge.client.guard).
+        # The launcher forks ClientApps with their imports done (see fedmerge.federation.guard).
         self.launcher = subprocess.Popen(
-            [sys.executable, "-m", "fedmerge.client.guard", "--serve", env["FEDMERGE_LAUNCH_SOCKET"]],
+            [sys.executable, "-m", "fedmerge.federation.guard", "--serve", "clientapp", env["FEDMERGE_LAUNCH_SOCKET"]],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -325,7 +350,13 @@ def _flwr_in_process(args: list[str], env: dict[str, str]) -> str:
 
     saved = {k: os.environ.get(k) for k in ("FLWR_HOME",)}
     os.environ["FLWR_HOME"] = env["FLWR_HOME"]
+    from flwr.supercore.logger import console_handler
+
     out = io.StringIO()
+    real_stdout = sys.__stdout__
+    streams = (sys.stdout, sys.stderr, console_handler.stream)
+    # `--format json` output bypasses redirection and writes to sys.__stdout__ directly.
+    sys.__stdout__ = out  # type: ignore[misc]
     try:
         with contextlib.redirect_stdout(out):
             try:
@@ -338,6 +369,9 @@ def _flwr_in_process(args: list[str], env: dict[str, str]) -> str:
             except Exception as exc:
                 raise FlowerLaunchError(f"`flwr {' '.join(args)}` failed: {exc}: {out.getvalue().strip()[-800:]}") from None
     finally:
+        sys.__stdout__ = real_stdout  # type: ignore[misc]
+        # Flower's JSON mode swaps stdout/stderr and its log stream; put every one back.
+        sys.stdout, sys.stderr, console_handler.stream = streams
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -91,6 +91,10 @@ class RoundRunner:
             self.ledger.save(record)
         if record["status"] == "completed":
             return record
+        if record["status"] == "failed":  # a restart retries a round that missed its quorum
+            record["status"] = "open"
+            record["events"].append({"t": time.time(), "event": "retry", "after": record.pop("failure", "")})
+            record["dropped"], record["rejections"] = [], []
         if record["status"] != "merged":
             self._collect(r, record)
             self._merge(r, record)
@@ -121,17 +125,18 @@ class RoundRunner:
         # 1. open: every sampled node builds (or finds cached) its package and describes it.
         plans: dict[int, tuple[str, protocol.PartPlan]] = {}
 
-        first_parts: dict[int, bytes] = {}
-
         def on_open(node_id: int, _tag, reply) -> None:
             meta = protocol.read_meta(reply.content)
             plan = protocol.PartPlan.from_json(meta["plan"])
-            plans[node_id] = (str(meta["institution"]), plan)
-            if "part" in meta and protocol.PAYLOAD in reply.content.array_records:
+            inst = str(meta["institution"])
+            plans[node_id] = (inst, plan)
+            if "part" in meta and protocol.PAYLOAD in reply.content.array_records and inst not in accepted_before:
                 data = protocol.read_payload(reply.content)
                 if int(meta["part"]) != 0 or meta.get("sha256") != protocol.part_digest(data):
                     raise NodeFailed("the first part arrived damaged")
-                first_parts[node_id] = data
+                # Spooled at once: memory holds one part, not one per client.
+                if 0 not in spool.start(node_id, plan, inst):
+                    self._spool_part(spool, node_id, inst, plan, 0, data, record)
 
         open_meta = {
             "round": r,
@@ -161,9 +166,6 @@ class RoundRunner:
                 record["events"].append({"t": time.time(), "event": "already accepted", "node": node, "institution": inst})
                 continue
             have = spool.start(node, plan, inst)
-            if node in first_parts and 0 not in have and plan.parts:
-                self._spool_part(spool, node, inst, plan, 0, first_parts.pop(node), record)
-                have.add(0)
             todo = [i for i in range(len(plan.parts)) if i not in have]
             requests[node] = [(protocol.FETCH_PART, {"round": r, "part": i}, None, i) for i in todo]
             if not todo:
@@ -278,15 +280,19 @@ class RoundRunner:
         log.info("round %d: merged %d contribution(s) with %s in %.1f s", r, len(contributors), cfg.strategy.method, record["merge_seconds"])
 
     def _evaluate(self, r: int, model_dir: Path) -> dict[str, Any]:
+        """Score the round's model with the configured evaluator (optional); never loses the round."""
         if self.cfg.evaluator is None:
             return {}
         try:
-            from fedmerge.eval.evaluator import EvalConfig, Evaluator
-            from fedmerge.federation.yamlconfig import load_yaml_config
+            from fedmerge.eval.config import EvalConfig
+            from fedmerge.eval.evaluator import Evaluator
 
-            ev = Evaluator(load_yaml_config(self.cfg.evaluator.config_path, EvalConfig))
-            scores = ev.evaluate(str(model_dir), round=r, label=f"round-{r}")
-            return scores if isinstance(scores, dict) else {"scores": scores}
+            ev = Evaluator(EvalConfig.from_yaml(self.cfg.evaluator.config_path))
+            result = ev.evaluate(
+                str(model_dir), round=r, label=f"round-{r}", role="merge",
+                strategy=self.cfg.strategy.method, params=self.cfg.strategy.parameters,
+            )  # fmt: skip
+            return {"scores": result.accuracies(), "fingerprint": result.fingerprint, "seconds": result.seconds}
         except Exception as exc:  # the evaluator must not lose a merged round
             log.error("round %d: evaluator failed: %s", r, exc)
             return {"error": f"{type(exc).__name__}: {exc}"}

@@ -179,3 +179,37 @@ def test_local_grid_is_a_flower_grid(make_federation):
     tf = make_federation(2)
     grid = LocalGrid({1: str(tf.client_configs["hospital-a"])})
     assert isinstance(grid, Grid) and list(grid.get_node_ids()) == [1]
+
+
+def test_train_hook_output_is_what_the_hospital_contributes(make_federation, tmp_path):
+    import yaml
+
+    tf = make_federation(2, rounds=1)
+    # hospital-a fine-tunes further before the round: its hook writes a new checkpoint.
+    hook = [
+        sys.executable, "-c",
+        "import os; from fedmerge.toymodels import perturb_checkpoint; "
+        "perturb_checkpoint(os.environ['FEDMERGE_FINETUNED'], os.environ['FEDMERGE_OUTPUT'], seed=7, scale=0.05)",
+    ]  # fmt: skip
+    cfg_path = tf.client_configs["hospital-a"]
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["train_hook"] = hook
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run_simulation(tf.federation_config, list(tf.client_configs.values()))
+    trained = tf.root / "clients" / "hospital-a" / "trained" / "round-0001"
+    assert trained.is_dir()
+    offline = offline_merge(tf.base, [trained, tf.finetunes["hospital-b"]], tmp_path / "offline", {"method": "task_arithmetic"})
+    assert_same_tensors(_installed(tf, "hospital-b"), offline)
+    # ...and it differs from merging the untrained fine-tune (the hook's output really was used)
+    stale = offline_merge(tf.base, [tf.finetunes["hospital-a"], tf.finetunes["hospital-b"]], tmp_path / "stale", {"method": "task_arithmetic"})
+    with pytest.raises(AssertionError):
+        assert_same_tensors(_installed(tf, "hospital-b"), stale)
+
+
+def test_evaluator_failure_is_recorded_and_does_not_lose_the_round(make_federation, tmp_path):
+    tf = make_federation(2, rounds=1, federation_overrides={"evaluator": {"config_path": str(tmp_path / "missing-eval.yaml")}})
+    report = run_simulation(tf.federation_config, list(tf.client_configs.values()))
+    rec = report.rounds[0].record
+    assert rec["status"] == "completed"
+    assert "missing-eval.yaml" in rec["metrics"]["error"]
+    assert report.installed["hospital-a"] == [1]

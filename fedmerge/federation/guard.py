@@ -1,0 +1,190 @@
+"""Run a Flower app process only if its app bundle is pinned, and start it warm.
+
+Flower launches each ClientApp (at a hospital, one process per message) as ``flwr-clientapp ...``
+and each ServerApp (at the coordinator, one per run) as ``flwr-serverapp ...``, looked up on
+PATH. fedmerge starts its SuperNodes and its SuperLink with a PATH whose first entry holds
+launchers written by ``write_guard_bin``:
+
+- the bundle's SHA-256 is checked against ``FEDMERGE_PINNED_APP_HASHES`` *before* Flower installs
+  the bundle or imports any of its code; a bundle that is not pinned ends the task with an error
+  and nothing of it runs (Control is unauthenticated in open-source Flower: anyone reaching the
+  SuperLink can submit an app, which would otherwise run at every hospital and at the coordinator);
+- the launcher asks a ``LaunchServer`` (a process with Flower, torch and fedmerge already
+  imported) to fork the app process, so a message costs a fork instead of seconds of imports.
+  Without a launch server the same guarded code runs in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+PINNED_ENV = "FEDMERGE_PINNED_APP_HASHES"
+SOCKET_ENV = "FEDMERGE_LAUNCH_SOCKET"
+KINDS = ("clientapp", "serverapp")
+
+log = logging.getLogger(__name__)
+
+
+class UnpinnedApp(Exception):
+    """The SuperLink sent an app bundle this hospital did not pin."""
+
+
+def pinned_hashes(env=None) -> set[str]:
+    env = os.environ if env is None else env
+    return {h.strip().lower() for h in env.get(PINNED_ENV, "").split(",") if h.strip()}
+
+
+def check_bundle(content: bytes) -> str:
+    digest = hashlib.sha256(content).hexdigest()
+    allowed = pinned_hashes()
+    if digest not in allowed:
+        raise UnpinnedApp(f"app bundle sha256:{digest} is not pinned by this hospital (pinned: {', '.join(sorted(allowed)) or 'none'}); refusing to run it")
+    return digest
+
+
+_SHIM = """#!/bin/sh
+# fedmerge: Flower app processes start here so that only pinned app bundles run (fedmerge.federation.guard).
+if [ -n "$FEDMERGE_LAUNCH_SOCKET" ] && [ -S "$FEDMERGE_LAUNCH_SOCKET" ]; then
+  "{python}" -S -c '
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["FEDMERGE_LAUNCH_SOCKET"])
+s.sendall(json.dumps(sys.argv[1:]).encode() + b"\\n")
+sys.exit(0 if s.recv(16).startswith(b"ok") else 1)
+' {kind} "$@" && exit 0
+fi
+exec "{python}" -m fedmerge.federation.guard {kind} "$@"
+"""
+
+
+def write_guard_bin(folder: str | os.PathLike[str], kinds: tuple[str, ...] = ("clientapp",)) -> Path:
+    """Write the ``flwr-<kind>`` launchers that route through this module; returns their folder."""
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    for kind in kinds:
+        script = d / f"flwr-{kind}"
+        script.write_text(_SHIM.replace("{python}", sys.executable).replace("{kind}", kind))
+        script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return d
+
+
+def _install_guard(kind: str) -> None:
+    if kind == "clientapp":
+        import flwr.supernode.runtime.run_clientapp as runner
+    else:
+        import flwr.superlink.runtime.run_serverapp as runner
+
+    if getattr(runner.install_from_fab, "_fedmerge_guard", False):
+        return
+    install = runner.install_from_fab
+
+    def install_if_pinned(fab_content, *args, **kwargs):
+        check_bundle(bytes(fab_content))
+        return install(fab_content, *args, **kwargs)
+
+    install_if_pinned._fedmerge_guard = True  # type: ignore[attr-defined]
+    runner.install_from_fab = install_if_pinned
+
+
+def run_guarded(kind: str, argv: list[str]) -> None:
+    """Flower's own entry point for ``kind``, with the bundle check in front of its install step."""
+    if kind not in KINDS:
+        raise SystemExit(f"unknown app kind {kind!r}")
+    _install_guard(kind)
+    sys.argv = [f"flwr-{kind}", *argv]
+    if kind == "clientapp":
+        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+        flwr_clientapp()
+    else:
+        from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
+
+        flwr_serverapp()
+
+
+class LaunchServer:
+    """Forks guarded app processes from a process whose imports are done."""
+
+    def __init__(self, socket_path: str | os.PathLike[str], kind: str):
+        self.path = Path(socket_path)
+        self.kind = kind
+
+    def _preload(self) -> None:
+        # Everything an app process needs, imported once; each fork inherits it (torch alone
+        # takes seconds to import on a busy machine, and every message is a new ClientApp).
+        import numpy  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
+
+        import fedmerge.merging.checkpoint  # noqa: F401
+        import fedmerge.security.package  # noqa: F401
+
+        if self.kind == "clientapp":
+            import flwr.supernode.cli.flwr_clientapp  # noqa: F401
+
+            import fedmerge.client.app  # noqa: F401
+            import fedmerge.client.node  # noqa: F401
+        else:
+            import flwr.superlink.cli.flwr_serverapp  # noqa: F401
+
+            import fedmerge.merging.engine  # noqa: F401
+            import fedmerge.server.app  # noqa: F401
+            import fedmerge.server.rounds  # noqa: F401
+        _install_guard(self.kind)
+
+    def serve_forever(self) -> None:
+        self._preload()
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+        self.path.unlink(missing_ok=True)
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        srv.listen(16)
+        while True:
+            conn, _ = srv.accept()
+            try:
+                argv = json.loads(conn.makefile("rb").readline())
+                if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not argv or argv[0] != self.kind:
+                    conn.sendall(b"bad\n")
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    srv.close()
+                    conn.close()
+                    code = 0
+                    try:
+                        run_guarded(self.kind, argv[1:])
+                    except SystemExit as exc:
+                        code = exc.code if isinstance(exc.code, int) else 1
+                    except BaseException:
+                        code = 1
+                    finally:
+                        os._exit(code)
+                conn.sendall(b"ok\n")
+            except Exception as exc:  # a bad request must not stop the launcher
+                log.warning("launcher: %s", exc)
+            finally:
+                conn.close()
+
+
+def main() -> None:
+    if len(sys.argv) > 3 and sys.argv[1] == "--serve":
+        logging.basicConfig(level=logging.INFO)
+        LaunchServer(sys.argv[3], sys.argv[2]).serve_forever()
+        return
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m fedmerge.federation.guard {clientapp|serverapp} ARGS... | --serve KIND SOCKET")
+    run_guarded(sys.argv[1], sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()
