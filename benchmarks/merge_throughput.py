@@ -72,7 +72,7 @@ def _child(args: argparse.Namespace) -> None:
         cls = get_strategy_class(args.child)
         fields = set(cls.Params.model_fields) | set(cls.PerModel.model_fields)
         params = {k: v for k, v in METHOD_PARAMS.items() if k in fields}
-        spec = MergeSpec(method=args.child, parameters=params, device=args.device)
+        spec = MergeSpec(method=args.child, parameters=params, device=args.device, fingerprints=not args.no_fingerprints)
         base_arg = base if cls.needs_base else None
         ins = [str(p) for p in inputs] if cls.needs_base else [str(base), *map(str, inputs)][: (cls.max_models or 3)]
         result = merge(base_arg, ins, out, spec, progress=False)
@@ -82,10 +82,10 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps({"run": args.child, "seconds": seconds, "read_bytes": read, "written_bytes": written, "peak_rss_mb": _rss_mb()}))
 
 
-def _run_child(kind: str, base: Path, fts: list[Path], out: Path, device: str) -> dict:
+def _run_child(kind: str, base: Path, fts: list[Path], out: Path, device: str, extra: tuple[str, ...] = ()) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, __file__, "--child", kind, "--base", str(base), "--out", str(out), "--device", device, "--inputs", *map(str, fts)]
+    cmd = [sys.executable, __file__, "--child", kind, "--base", str(base), "--out", str(out), "--device", device, *extra, "--inputs", *map(str, fts)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
@@ -102,11 +102,11 @@ def _warm(paths: list[Path]) -> None:
                     pass
 
 
-def run_set(label: str, base: Path, fts: list[Path], methods: list[str], device: str, out_root: Path) -> dict:
+def run_set(label: str, base: Path, fts: list[Path], methods: list[str], device: str, out_root: Path, extra: tuple[str, ...] = ()) -> dict:
     _warm([base, *fts])
     rows = []
     for kind in ["baseline", "io_floor", *methods]:
-        r = _run_child(kind, base, fts, out_root / f"{label}-{kind}", device)
+        r = _run_child(kind, base, fts, out_root / f"{label}-{kind}", device, extra)
         if "seconds" in r and r["seconds"] > 0:
             r["gb_per_s"] = (r["read_bytes"] + r["written_bytes"]) / r["seconds"] / 1e9
         rows.append(r)
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default="1b", help="which sets: 1b, half or 1b,half")
     ap.add_argument("--json", default=None, help="write the results here (default: benchmarks/results/merge_throughput.json)")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--no-fingerprints", action="store_true", help="merge without hashing the inputs (MergeSpec.fingerprints=False)")
     args = ap.parse_args(argv)
     if args.child:
         _child(args)
@@ -162,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if "half" in wanted:
         half_methods = args.half_only.split(",") if args.half_only else methods
         sets.append(("half", *ensure_half_set(args.cache_dir), half_methods))
-    results = {"machine": {"cpus": os.cpu_count(), "device": args.device}, "targets": TARGETS, "sets": []}
+    results = {"machine": {"cpus": os.cpu_count(), "device": args.device, "load_avg_at_start": os.getloadavg()}, "fingerprints": not args.no_fingerprints, "targets": TARGETS, "sets": []}
     print(f"{'set':5s} {'run':18s} {'wall':>10s} {'GB/s':>12s} {'peak RSS':>11s}")
     for label, base, fts, ms in sets:
-        results["sets"].append(run_set(label, base, fts, ms, args.device, out_root))
+        extra = ("--no-fingerprints",) if args.no_fingerprints else ()
+        results["sets"].append(run_set(label, base, fts, ms, args.device, out_root, extra))
     print()
     print(f"{'set':5s} {'run':18s} {'x I/O floor':>12s} {'x task_arith':>13s} {'target':>22s}")
     for s in results["sets"]:

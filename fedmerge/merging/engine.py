@@ -360,7 +360,7 @@ def merge(
                 raise NonFiniteTensor(f"base {base.file_of(nm)}: tensor {nm!r} holds NaN or infinite values")
             per_model = []
             for src in sources:
-                d = src.get_delta(nm, rows=item.rows, base=b32) if nm in _names_of(src) else None
+                d = _get_delta(src, nm, item.rows, b32) if nm in _names_of(src) else None
                 if d is None:
                     d = torch.zeros_like(b32)
                 elif spec.check_finite and not _all_finite(d):
@@ -423,6 +423,9 @@ def merge(
                         outputs = [payload[0]]
                     else:
                         outputs = _compute(strategy, item, payload, spec, device, config, out_torch)
+                    # Drop the inputs now, not when the next item arrives: for the largest tensor
+                    # they are most of the working set.
+                    del got, payload
                     if not _put(written, (item, outputs), budget):
                         break
                     if bar is not None:
@@ -484,6 +487,32 @@ def _tune_malloc() -> None:
         libc.mallopt(-1, 512 * 1024 * 1024)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def _get_delta(src, name: str, rows, b32):
+    """Call a delta source with the engine's extensions (``rows=``, ``base=``) when it takes them;
+    a source that implements only the contract's ``get_delta(name)`` is sliced here instead."""
+    takes = getattr(src, "_engine_kwargs", None)
+    if takes is None:
+        import inspect
+
+        try:
+            params = inspect.signature(src.get_delta).parameters
+            takes = ("rows" in params and "base" in params) or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        except (TypeError, ValueError):
+            takes = False
+        try:
+            src._engine_kwargs = takes
+        except AttributeError:
+            pass
+    if takes:
+        return src.get_delta(name, rows=rows, base=b32)
+    d = src.get_delta(name)
+    if d is not None:
+        d = d.float()
+        if rows is not None:
+            d = d[rows[0] : rows[1]]
+    return d
 
 
 def _names_of(src) -> set[str]:

@@ -197,3 +197,28 @@ def test_preflight_refuses_incompatible_inputs_before_writing(tiny, tmp_path):
     with pytest.raises(StrategyError, match="models\\[1\\].parameters.density"):
         merge(base, fts[:2], tmp_path / "out", MergeSpec(method="ties", model_parameters=[{}, {"density": 2}]), progress=False)
     assert list(tmp_path.glob(".out*")) == []
+
+
+class _ContractOnlySource:
+    """A delta source with only the contract's four members (no rows=/base= extensions)."""
+
+    def __init__(self, model, base):
+        self._tv = TaskVector(model, base)
+        self.label = "plain"
+
+    def names(self):
+        return self._tv.names()
+
+    def info(self, name):
+        return self._tv.info(name)
+
+    def get_delta(self, name):
+        return self._tv.get_delta(name)
+
+
+def test_contract_only_delta_source_is_sliced_by_the_engine(tiny, tmp_path):
+    base, fts = tiny
+    spec = MergeSpec(method="task_arithmetic", device="cpu", chunk_elements=1024)
+    merge(base, fts[:2], tmp_path / "a", spec, progress=False)
+    merge(base, [fts[0], _ContractOnlySource(fts[1], base)], tmp_path / "b", spec, progress=False)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")

@@ -150,3 +150,28 @@ def test_parse_size():
     assert parse_size("4096") == 4096 and parse_size(10) == 10
     with pytest.raises(ValueError):
         parse_size("0MB")
+
+
+def test_example_configs_parse(tiny, tmp_path):
+    """The shipped examples are valid: laid out with the model folders they name, they load."""
+    import shutil
+    from pathlib import Path
+
+    base, fts = tiny
+    repo = Path(__file__).resolve().parents[2]
+    cfg_dir = tmp_path / "configs" / "merge"
+    cfg_dir.mkdir(parents=True)
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, src in [("base", base), ("hospital-a", fts[0]), ("hospital-b", fts[1]), ("hospital-c-lora", fts[2])]:
+        (models / name).symlink_to(src, target_is_directory=True)
+    examples = sorted((repo / "configs" / "merge").glob("*.yaml"))
+    assert len(examples) >= 4
+    for ex in examples:
+        shutil.copy(ex, cfg_dir / ex.name)
+        if ex.name.startswith("slerp"):  # written for a 32-layer model; the tiny one has 2
+            with pytest.raises(MergeConfigError, match="must cover every layer \\[0, 2\\]"):
+                load_merge_config(cfg_dir / ex.name)
+            continue
+        plan = load_merge_config(cfg_dir / ex.name)
+        assert plan.inputs and all(i.path.exists() for i in plan.inputs), ex.name
