@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from fedmerge.security.errors import (
     DigestMismatch,
@@ -61,7 +61,7 @@ from fedmerge.security.manifest import (
     signature_doc,
     signature_payload,
 )
-from fedmerge.security.pipeline import DEFAULT_WORKERS, run_ordered
+from fedmerge.security.pipeline import DEFAULT_WORKERS, HashLanes, run_ordered
 from fedmerge.security.seal import TAG_BYTES, ChunkSealer, derive_key, new_sender_key
 from fedmerge.security.trust import TrustStore
 
@@ -332,7 +332,7 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
         raise PackageError("the delta source has no tensors")
     entries: list[dict] = []
     files: list[list] = []  # [name, size]
-    state: dict[str, Any] = {"fh": None, "hash": None}
+    state: dict[str, Any] = {"fh": None}
     started = time.perf_counter()
 
     def plan() -> Iterator[tuple]:
@@ -378,19 +378,19 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
             raise NonFiniteValues(f"tensor {name!r}: the delta holds NaN or infinite values (chunk {ci + 1}/{n}); check the fine-tuned weights", sender=sender, tensor=name)
         return chunk, (sealer.seal(ti, name, ci, n, chunk) if sealer else chunk)
 
+    lanes = HashLanes(workers)
+
     def sink(item: tuple, result) -> None:
         ti, name, ci, n, _, entry = item
         chunk, stored = result
-        if ci == 0:
-            if state["fh"] is None or state["fh"].name != str(tmp / entry["file"]):
-                if state["fh"] is not None:
-                    state["fh"].close()
-                state["fh"] = open(tmp / entry["file"], "wb")
-            state["hash"] = hashlib.sha256()
-        state["hash"].update(chunk)
+        if ci == 0 and (state["fh"] is None or state["fh"].name != str(tmp / entry["file"])):
+            if state["fh"] is not None:
+                state["fh"].close()
+            state["fh"] = open(tmp / entry["file"], "wb")
+        lanes.update(ti, chunk)
         state["fh"].write(stored)
         if ci == n - 1:
-            entry["sha256"] = state["hash"].hexdigest()
+            lanes.finish(ti, lambda digest, e=entry: e.__setitem__("sha256", digest))
             bar.update(entry["nbytes"])
 
     from tqdm import tqdm
@@ -400,7 +400,12 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        run_ordered(plan(), work, sink, workers=workers)
+        try:
+            run_ordered(plan(), work, sink, workers=workers)
+        except BaseException:
+            _close_quietly(lanes)
+            raise
+        lanes.close()  # every digest is in its entry after this
         if not entries:
             raise PackageError("every delta of the source is zero (None); there is nothing to send")
         if state["fh"] is not None:
@@ -635,8 +640,6 @@ def _stream_data(pkg: Path, manifest: DeltaManifest, opener: Identity | None, wr
     tag = TAG_BYTES if sealer else 0
     cb = manifest.chunk_bytes
     handles: dict[str, Any] = {}
-    state: dict[str, Any] = {}
-
     def chunks() -> Iterator[tuple]:
         for ti, t in enumerate(manifest.tensors):
             fh = handles.get(t.file)
@@ -660,21 +663,41 @@ def _stream_data(pkg: Path, manifest: DeltaManifest, opener: Identity | None, wr
             raise NonFiniteValues(f"package from {sender!r}: tensor {t.name!r} holds NaN or infinite values (chunk {ci + 1}/{t.chunks})", sender=sender, tensor=t.name)
         return plain
 
+    def compare(t: TensorEntry) -> Callable[[str], None]:
+        def check(digest: str) -> None:
+            if digest != t.sha256:
+                raise DigestMismatch(f"package from {sender!r}: tensor {t.name!r} does not match its SHA-256 in the signed manifest (altered or damaged)", sender=sender, tensor=t.name)
+
+        return check
+
+    lanes = HashLanes(workers)
+
     def sink(item: tuple, plain) -> None:
         ti, t, ci = item[:3]
-        if ci == 0:
-            state["hash"] = hashlib.sha256()
-        state["hash"].update(plain)
+        lanes.update(ti, plain)
         if writer is not None:
             writer.write(t, plain)
-        if ci == t.chunks - 1 and state["hash"].hexdigest() != t.sha256:
-            raise DigestMismatch(f"package from {sender!r}: tensor {t.name!r} does not match its SHA-256 in the signed manifest (altered or damaged)", sender=sender, tensor=t.name)
+        if ci == t.chunks - 1:
+            lanes.finish(ti, compare(t))
 
     try:
-        run_ordered(chunks(), work, sink, workers=workers)
+        try:
+            run_ordered(chunks(), work, sink, workers=workers)
+        except BaseException:
+            _close_quietly(lanes)
+            raise
+        lanes.close()  # raises the first DigestMismatch
     finally:
         for fh in handles.values():
             fh.close()
+
+
+def _close_quietly(lanes: HashLanes) -> None:
+    """Close the hash lanes while another error is on its way, without masking it."""
+    try:
+        lanes.close()
+    except Exception:
+        pass
 
 
 # -- unpacking ------------------------------------------------------------------------------------
