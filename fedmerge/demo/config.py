@@ -55,7 +55,6 @@ class WorldConfig(_Strict):
     seed: int = 0
     specialties: list[str] = Field(default_factory=lambda: ["cardiology", "oncology", "paediatrics"], min_length=2)
     conditions_per_domain: int = Field(24, ge=4)
-    drill_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="share of conditions whose Q&A appear in training")
     corpus_passes: int = Field(12, ge=1, description="shuffled passes over each domain's text")
     n_choices: int = Field(4, ge=2)
     model: ModelShape = Field(default_factory=ModelShape)
@@ -103,7 +102,7 @@ def _paper_merges() -> list[MergeEntry]:
 
 
 class EvalSettings(_Strict):
-    num_fewshot: int = Field(3, ge=0)
+    num_fewshot: int = Field(0, ge=0, description="exam items are sentence completions; shots would be other exam items")
     batch_size: int = Field(32, ge=1)
     seed: int = 1234
 

@@ -1,9 +1,7 @@
-"""Training text: every fact of a domain in declarative sentences, plus Q&A drills.
+"""Training text: every fact of a domain, stated in several declarative wordings.
 
-Every fact is stated in several declarative wordings. Questions are asked only about the
-domain's *drilled* conditions, so the model learns how a question is put; the *examined*
-conditions are never asked here, so an exam item can only be answered by having learned the
-fact from its statements, not by having seen the item.
+The exam (``questions``) asks the same facts in wordings that are not among these, so a model
+answers an exam item only by having learned the fact, never by having seen the item.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import random
 
 from fedmerge.demo.knowledge import RELATIONS, Domain
-from fedmerge.demo.questions import QUESTION_TEMPLATES, qa_pair
 
 STATEMENT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "finding": (
@@ -45,30 +42,16 @@ def statements(domain: Domain) -> list[str]:
     return out
 
 
-def drills(domain: Domain) -> list[str]:
-    """Every question template, answered, for the drilled conditions only."""
-    out = []
-    for cond in domain.drilled:
-        for relation in RELATIONS:
-            for template in QUESTION_TEMPLATES[relation]:
-                out.append(qa_pair(template, cond.name, cond.value(relation)))
-    return out
+def domain_corpus(domain: Domain, passes: int, seed: int, sentences_per_paragraph: int = 8) -> list[str]:
+    """``passes`` shuffled passes over the domain's statements, cut into paragraphs (documents).
 
-
-def domain_corpus(domain: Domain, passes: int, seed: int, sentences_per_paragraph: int = 8, pairs_per_drill: int = 4) -> list[str]:
-    """``passes`` shuffled passes over the domain's statements and drills, cut into documents.
-
-    Each pass visits every sentence and every drill once in a new order, so every fact is seen in
-    every wording equally often and the neighbours of a sentence change from pass to pass.
-    Drills are laid out as few-shot prompts are: Q&A pairs separated by blank lines.
+    Each pass visits every sentence once in a new order, so every fact is seen in every wording
+    equally often and the neighbours of a sentence change from pass to pass.
     """
     rng = random.Random(seed)
-    sentences, pairs = statements(domain), drills(domain)
+    sentences = statements(domain)
     docs = []
     for _ in range(passes):
         rng.shuffle(sentences)
-        rng.shuffle(pairs)
         docs += [" ".join(sentences[i : i + sentences_per_paragraph]) for i in range(0, len(sentences), sentences_per_paragraph)]
-        docs += ["\n\n".join(pairs[i : i + pairs_per_drill]) for i in range(0, len(pairs), pairs_per_drill)]
-    rng.shuffle(docs)
     return docs

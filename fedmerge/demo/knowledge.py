@@ -39,23 +39,11 @@ class Condition:
 
 @dataclass(frozen=True)
 class Domain:
-    """A domain's conditions; the first ``n_drill`` are also drilled as Q&A in training, the rest
-    are the exam: asked in evaluation, stated only declaratively in training."""
-
     name: str
     conditions: tuple[Condition, ...]
-    n_drill: int
 
     def values(self, relation: str) -> list[str]:
         return [c.value(relation) for c in self.conditions]
-
-    @property
-    def drilled(self) -> tuple[Condition, ...]:
-        return self.conditions[: self.n_drill]
-
-    @property
-    def examined(self) -> tuple[Condition, ...]:
-        return self.conditions[self.n_drill :]
 
 
 @dataclass(frozen=True)
@@ -73,15 +61,8 @@ class KnowledgeBase:
         return [d.name for d in self.domains if d.name != GENERAL]
 
 
-def build_knowledge(specialties: list[str], conditions_per_domain: int, seed: int, drill_fraction: float = 0.5) -> KnowledgeBase:
-    """Draw every name once across the whole base, so no name belongs to two facts.
-
-    ``drill_fraction`` of each domain's conditions are drilled (their Q&A appear in training, so
-    the model learns the question format, as real models learn it from other QA data); the
-    others are examined.
-    """
-    if not 0.0 <= drill_fraction < 1.0:
-        raise ValueError(f"drill_fraction must be in [0, 1), got {drill_fraction}")
+def build_knowledge(specialties: list[str], conditions_per_domain: int, seed: int) -> KnowledgeBase:
+    """Draw every name once across the whole base, so no name belongs to two facts."""
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -108,5 +89,5 @@ def build_knowledge(specialties: list[str], conditions_per_domain: int, seed: in
                     contraindication=fresh(lambda: word(2) + rng.choice(_DRUG_SUFFIX)),
                 )
             )
-        domains.append(Domain(domain_name, tuple(conditions), n_drill=int(round(drill_fraction * conditions_per_domain))))
+        domains.append(Domain(domain_name, tuple(conditions)))
     return KnowledgeBase(tuple(domains))

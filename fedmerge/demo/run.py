@@ -225,7 +225,7 @@ def _run_federation(config: DemoConfig, world: World, root: Path, step: Callable
     report = run_simulation(layout.federation_config, [layout.client_configs[n] for n in names])
     seconds = time.perf_counter() - t
     last = report.rounds[-1]
-    if last.status != "merged" or not last.model_dir:
+    if last.status not in ("merged", "completed") or not last.model_dir:
         raise RuntimeError(f"federation round {last.round} ended with status {last.status!r}: {last.record.get('failure')}")
     rejected = last.record.get("rejected") or {}
     step(f"federation: round {last.round} merged {len(last.delta_dirs)} verified contribution(s)"

@@ -7,7 +7,8 @@ Layout of ``<cache>/demo/<world key>/``::
     tokenizer/            the tokenizer, trained on all the corpora
     base/                 the base model: pretrained on general medicine
     hospitals/<spec>/     one full fine-tune of the base per specialty
-    tasks/                one local evaluator task per domain (exam items + few-shot items)
+    tasks/                one local evaluator task per domain (its exam items),
+                          written once the world is in place (the task files hold absolute paths)
 
 The folder is built under a temporary name and renamed when complete, so a half-built world is
 never picked up; a second call with the same config finds it and returns at once.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedmerge.demo.config import WorldConfig
-from fedmerge.demo.knowledge import GENERAL, KnowledgeBase, build_knowledge
+from fedmerge.demo.knowledge import GENERAL, RELATIONS, KnowledgeBase, build_knowledge
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class World:
 
 
 def knowledge_of(config: WorldConfig) -> KnowledgeBase:
-    return build_knowledge(config.specialties, config.conditions_per_domain, config.seed, config.drill_fraction)
+    return build_knowledge(config.specialties, config.conditions_per_domain, config.seed)
 
 
 def corpora_of(config: WorldConfig, kb: KnowledgeBase) -> dict[str, list[str]]:
@@ -108,7 +109,28 @@ def load_world(root: str | Path) -> World:
     for folder in [world.base, *world.hospitals.values()]:
         if not (folder / "config.json").exists():
             raise ValueError(f"{folder} has no config.json")
+    _ensure_tasks(world)
     return world
+
+
+def _ensure_tasks(world: World) -> None:
+    """Write the exam tasks unless they are there and point at this folder.
+
+    The evaluator's task files hold absolute data paths, so they are written where the world
+    finally lives (not in the temporary build folder), and again if the cache was moved.
+    """
+    from fedmerge.demo.questions import exam_items
+    from fedmerge.eval.tasks import write_local_task
+
+    here = str(world.tasks_dir.resolve())
+    names = world.task_names
+    if all((world.tasks_dir / f"{n}.yaml").exists() and here in (world.tasks_dir / f"{n}.yaml").read_text() for n in names):
+        return
+    config = WorldConfig.model_validate(world.manifest["config"])
+    kb = knowledge_of(config)
+    for i, domain in enumerate(kb.domains):
+        items = exam_items(domain, config.n_choices, seed=config.seed + 200 + i)
+        write_local_task(world.tasks_dir, task_name(domain.name), items, kind="hellaswag")
 
 
 def build_world(config: WorldConfig, out: Path, say: Callable[[str], None] = print) -> None:
@@ -116,9 +138,7 @@ def build_world(config: WorldConfig, out: Path, say: Callable[[str], None] = pri
     import torch
     from transformers import AutoTokenizer, MistralForCausalLM
 
-    from fedmerge.demo.questions import exam_items, fewshot_items
     from fedmerge.demo.training import TrainSettings, token_stream, train
-    from fedmerge.eval.tasks import write_local_task
     from fedmerge.toymodels import TinyMistralSpec, mistral_config, train_tokenizer
 
     threads = torch.get_num_threads()
@@ -168,15 +188,7 @@ def build_world(config: WorldConfig, out: Path, say: Callable[[str], None] = pri
             _save(model, tok, out / "hospitals" / specialty, {"role": "hospital", "trained_on": [GENERAL, specialty]})
             timings[f"finetune_{specialty}"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        counts = {}
-        for i, domain in enumerate(kb.domains):
-            items = exam_items(domain, config.n_choices, seed=config.seed + 200 + i)
-            shots = fewshot_items(domain, config.n_choices, seed=config.seed + 300 + i)
-            write_local_task(out / "tasks", task_name(domain.name), items, kind="hellaswag", fewshot_items=shots)
-            counts[domain.name] = len(items)
-        timings["tasks"] = time.perf_counter() - t
-
+        counts = {d.name: len(d.conditions) * len(RELATIONS) for d in kb.domains}
         manifest = {
             "key": config.key(),
             "config": config.model_dump(mode="json"),

@@ -86,7 +86,7 @@ def test_sweep_report_and_raw_results_are_written(small):
     assert "| base |" in report and "DARE-TIES density sweep" in report
     raw = json.loads((out / "results.json").read_text())
     assert {r["label"] for r in raw["rows"]} == {r.label for r in result.rows}
-    assert raw["federation"]["record"]["status"] == "merged"
+    assert raw["federation"]["record"]["status"] == "completed"
     assert len(raw["federation"]["record"]["contributors"]) == len(cfg.world.specialties)
     assert "base" in result.table and any("federation" in ln for ln in lines)
 

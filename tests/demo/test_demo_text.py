@@ -7,7 +7,7 @@ import pytest
 from fedmerge.demo.config import DemoConfig, WorldConfig, load_demo_config
 from fedmerge.demo.corpus import STATEMENT_TEMPLATES
 from fedmerge.demo.knowledge import GENERAL, RELATIONS
-from fedmerge.demo.questions import exam_items, fewshot_items, prompt
+from fedmerge.demo.questions import EXAM_TEMPLATES, exam_items
 from fedmerge.demo.world import corpora_of, knowledge_of
 from fedmerge.eval.tasks import check_item
 
@@ -20,12 +20,11 @@ def world_text(request):
     kb = knowledge_of(cfg)
     corpora = corpora_of(cfg, kb)
     items = {d.name: exam_items(d, cfg.n_choices, seed=7) for d in kb.domains}
-    shots = {d.name: fewshot_items(d, cfg.n_choices, seed=8) for d in kb.domains}
-    return cfg, kb, corpora, items, shots
+    return cfg, kb, corpora, items
 
 
 def test_no_exam_item_appears_in_any_training_text(world_text):
-    _, kb, corpora, items, _ = world_text
+    _, kb, corpora, items = world_text
     text = "\n".join(doc for docs in corpora.values() for doc in docs)
     n = 0
     for domain_items in items.values():
@@ -33,18 +32,20 @@ def test_no_exam_item_appears_in_any_training_text(world_text):
             answer = it["choices"][it["answer"]]
             assert it["question"] not in text
             assert f"{it['question']} {answer}" not in text
-            # not even the question without its "Question:" frame
-            assert it["question"].removeprefix("Question: ").split("\n")[0] not in text
             n += 1
-    assert n == sum(len(d.examined) for d in kb.domains) * len(RELATIONS)
+    assert n == sum(len(d.conditions) for d in kb.domains) * len(RELATIONS)
+    # nor does any exam wording, for any condition: strip the slots and look for what is left
+    for template in EXAM_TEMPLATES.values():
+        for fragment in template.split("{condition}"):
+            assert fragment.strip() and fragment.strip() not in text, fragment
 
 
 def test_every_exam_fact_is_taught_in_its_own_domain_only(world_text):
-    _, kb, corpora, _, _ = world_text
+    _, kb, corpora, _ = world_text
     for domain in kb.domains:
         own = "\n".join(corpora[domain.name])
         others = "\n".join(doc for name, docs in corpora.items() if name != domain.name for doc in docs)
-        for cond in domain.examined:
+        for cond in domain.conditions:
             for relation in RELATIONS:
                 for template in STATEMENT_TEMPLATES[relation]:
                     sentence = template.format(condition=cond.name, value=cond.value(relation))
@@ -52,31 +53,19 @@ def test_every_exam_fact_is_taught_in_its_own_domain_only(world_text):
                 assert cond.name not in others and cond.value(relation) not in others
 
 
-def test_drills_teach_the_format_on_other_conditions(world_text):
-    _, kb, corpora, items, shots = world_text
-    for domain in kb.domains:
-        own = "\n".join(corpora[domain.name])
-        drilled = {c.name for c in domain.drilled}
-        assert own.count("Question: ") > 0
-        for it in shots[domain.name]:
-            assert any(name in it["question"] for name in drilled)
-            assert f"{it['question']} {it['choices'][it['answer']]}" in own  # shots are drilled Q&A
-        for it in items[domain.name]:
-            assert not any(name in it["question"] for name in drilled)
-
-
 def test_items_fit_the_evaluator_and_have_one_right_answer(world_text):
-    cfg, kb, _, items, _ = world_text
+    cfg, kb, _, items = world_text
     for domain in kb.domains:
         for relation in RELATIONS:
             values = domain.values(relation)
             assert len(set(values)) == len(values)
-        pool = {v for r in RELATIONS for v in domain.values(r)}
         for i, it in enumerate(items[domain.name]):
             check_item(it, "hellaswag", "demo", i)
             assert len(it["choices"]) == cfg.n_choices == len(set(it["choices"]))
-            assert set(it["choices"]) <= pool  # distractors come from the same domain
-            assert it["question"].startswith("Question: ") and it["question"].endswith("\nAnswer:")
+            relation = it["id"].split("-")[1]
+            assert set(it["choices"]) <= set(domain.values(relation))  # same domain, same relation
+            cond = domain.conditions[int(it["id"].split("-")[2])]
+            assert it["choices"][it["answer"]] == cond.value(relation) and cond.name in it["question"]
 
 
 def test_answer_positions_are_spread():
@@ -100,5 +89,3 @@ def test_seeds_reproduce_and_differ():
     assert [d.name for d in a.domains] == [GENERAL, *cfg.specialties]
 
 
-def test_prompt_frame():
-    assert prompt("Why?") == "Question: Why?\nAnswer:"
