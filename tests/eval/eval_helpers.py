@@ -38,3 +38,9 @@ def make_items(kind: str, n: int, seed: int = 0, prefix: str = "") -> list[dict]
                 "answer": rnd.randrange(4),
             })
     return items
+
+
+KINDS = ("medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag")
+ITEMS_PER_TASK = 6
+SHOTS = 2
+SEED = 1234

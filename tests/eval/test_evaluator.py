@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import glob
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from eval_helpers import ITEMS_PER_TASK, SEED, SHOTS
 from fedmerge.cli import main
 from fedmerge.eval.config import EvalConfig
 from fedmerge.eval.evaluator import Evaluator, folder_fingerprint, module_fingerprint
@@ -18,32 +16,6 @@ from fedmerge.eval.gate import Gate, GateConfig
 from fedmerge.eval.store import ResultsStore
 
 pytestmark = pytest.mark.slow
-
-SHOTS = 2
-SEED = 1234
-
-
-@pytest.fixture(scope="module", autouse=True)
-def lm_eval_cli(tiny_model, local_tasks, tmp_path_factory):
-    """lm-eval's own command line on the local tasks, started first and left running in the
-    background while the other tests of this module run (its start-up indexes all of lm-eval's
-    built-in tasks, which is slow); ``test_fedmerge_eval_equals_lm_eval_command_line`` reads it."""
-    folder, names = local_tasks
-    work = tmp_path_factory.mktemp("lm_eval_cli")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
-    log = (work / "lm_eval.log").open("w")  # a file, not a pipe: nobody reads while it runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model},dtype=float32",
-         "--device", "cpu", "--batch_size", "4", "--include_path", str(folder), "--tasks", ",".join(names),
-         "--num_fewshot", str(SHOTS), "--seed", str(SEED), "--output_path", str(work / "out")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
-    )
-    yield proc, work
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +71,12 @@ def test_builtin_tasks_from_local_copies_score_like_local_tasks(tiny_model, loca
     assert res.value("medqa_4options") == res.value("toy_medqa")
     assert res.value("medqa_4options", "acc_norm") == res.value("toy_medqa", "acc_norm")
     assert res.value("pubmedqa") == res.value("toy_pubmedqa")
-    assert {s.n for s in res.scores} == {6}
+    assert {s.n for s in res.scores} == {ITEMS_PER_TASK}
 
 
 def test_fedmerge_eval_equals_lm_eval_command_line(tiny_model, local_tasks, lm_eval_cli, tmp_path):
+    """Same model, tasks, shots and seed: equal accuracies and stderrs from both (the lm-eval
+    command was started at collection time by conftest and ran in the background)."""
     folder, names = local_tasks
     proc, work = lm_eval_cli
     db, js = tmp_path / "r.db", tmp_path / "scores.json"
@@ -126,5 +100,5 @@ def test_fedmerge_eval_equals_lm_eval_command_line(tiny_model, local_tasks, lm_e
         compared += 1
     assert compared == len(names) + 3  # acc everywhere; acc_norm for medqa, medmcqa, hellaswag
     assert {r.task for r in stored} == set(names) and all(r.round == 0 and r.label == "tiny" for r in stored)
-    assert all(r.num_fewshot == SHOTS and r.seed == SEED and r.n == 6 for r in stored)
+    assert all(r.num_fewshot == SHOTS and r.seed == SEED and r.n == ITEMS_PER_TASK for r in stored)
     assert stored[0].fingerprint == folder_fingerprint(tiny_model)
