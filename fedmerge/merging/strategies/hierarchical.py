@@ -97,13 +97,13 @@ class Hierarchical(Strategy):
         d_ref = deltas[r]
         if d_ref is None:
             return base.clone()  # cos with a zero delta is 0: every w is 0, theta = p_r = base
-        ref_sq = _dot(d_ref, d_ref)
+        others = [m for m, d in enumerate(deltas) if m != r and d is not None and shares[m] > 0.0]
+        ref_sq, dots, sqs = _similarity_sums(d_ref, [deltas[m] for m in others])
         coeffs = {}
-        for m, d in enumerate(deltas):
-            if m != r and d is not None and shares[m] > 0.0:
-                w = _positive_cosine(_dot(d_ref, d), ref_sq, _dot(d, d))
-                if w > 0.0:
-                    coeffs[m] = shares[m] * w
+        for m, dot, sq in zip(others, dots, sqs):
+            w = _positive_cosine(dot, ref_sq, sq)
+            if w > 0.0:
+                coeffs[m] = shares[m] * w
         # theta = p_r + sum c_m w_m (p_m - p_r) = base + (1 - sum c_m w_m) delta_r + sum c_m w_m delta_m
         out = torch.add(base, d_ref, alpha=1.0 - sum(coeffs.values()))
         for m, c in coeffs.items():
@@ -167,6 +167,13 @@ class Hierarchical(Strategy):
 
 def _full(base, delta):
     return base if delta is None else base + delta
+
+
+def _similarity_sums(ref, others) -> tuple[float, list[float], list[float]]:
+    """|ref|^2, ref . other and |other|^2 for each other (whole-tensor BLAS dots: measured faster
+    than chunked in-cache dots here)."""
+    ref_sq = _dot(ref, ref)
+    return ref_sq, [_dot(ref, o) for o in others], [_dot(o, o) for o in others]
 
 
 def _dot(a, b) -> float:

@@ -147,7 +147,7 @@ def _abs_into(x, buf):
     return out
 
 
-_SAMPLE = 1 << 17  # magnitudes sampled to bracket a rank before the exact pass
+_SAMPLE = 1 << 15  # magnitudes sampled to bracket a rank before the exact pass
 
 
 def _rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf, sample: int = _SAMPLE) -> list[_Boundary]:
@@ -335,43 +335,23 @@ class _RankBand:
             keep.mul_(tmp)
         for v, (kind, first) in state.items():
             if kind == "split":
-                # Tied elements of this chunk hold consecutive ranks first, first+1, ... in index
-                # order; those before rank lo or from rank hi on are dropped.
-                for start, stop in ((first, self.lo), (self.hi, None)):
-                    if stop is None:
-                        drop_from = start - first
-                        self._drop_ties(a, keep, v, drop_from, None)
-                    elif stop > start:
-                        self._drop_ties(a, keep, v, 0, stop - start)
+                self._drop_ties(a, keep, v, self.lo - first, self.hi - first, kbuf2)
         return keep
 
     @staticmethod
-    def _drop_ties(a, keep, value: float, start: int, stop: int | None, block: int = 1 << 16) -> None:
-        """Zero ``keep`` at the tied elements (|x| == value) numbered [start, stop) in index order.
-
-        Counting ties per block first confines the position search to the blocks that matter.
-        """
+    def _drop_ties(a, keep, value: float, lo: int, hi: int, scratch) -> None:
+        """Zero ``keep`` at the tied elements (|x| == value) of this chunk whose index among the
+        chunk's tied elements (0, 1, ... in order) falls outside [lo, hi)."""
         import torch
 
         m = a.numel()
-        flags = (a == value).to(torch.float32)
-        n_blocks = -(-m // block)
-        padded = torch.zeros(n_blocks * block, dtype=torch.float32, device=a.device)
-        padded[:m] = flags
-        before = torch.cumsum(padded.view(n_blocks, block).sum(1), 0).tolist()  # ties up to each block end
-        lo_pos = start
-        hi_pos = before[-1] if stop is None else stop
-        prev = 0.0
-        for b, upto in enumerate(before):
-            if upto > lo_pos and prev < hi_pos:
-                s0, e0 = b * block, min(m, (b + 1) * block)
-                pos = flags[s0:e0].nonzero().squeeze(1) + s0
-                local_lo = max(0, lo_pos - int(prev))
-                local_hi = min(pos.numel(), hi_pos - int(prev))
-                keep[pos[local_lo:local_hi]] = 0.0
-            prev = upto
-            if prev >= hi_pos:
-                break
+        flag = scratch[:m]
+        torch.eq(a, value, out=flag)
+        count = torch.cumsum(flag, 0)  # 1, 2, ... at tied elements; exact in float32 (m < 2**24)
+        drop = torch.empty_like(count)
+        torch.le(count, lo, out=drop)  # count - 1 < lo
+        torch.gt(count, hi, out=count)  # count - 1 >= hi
+        keep.sub_(drop.add_(count).mul_(flag))  # those tied elements had keep = 1
 
 
 # -- the generalized merge -------------------------------------------------------------------------
