@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedmerge.errors import FedmergeError
 
 # Bump when the world's recipe changes in a way the config does not show (templates, layout).
-WORLD_FORMAT = 1
+WORLD_FORMAT = 2
 
 
 class DemoConfigError(FedmergeError):

@@ -1,7 +1,11 @@
-"""Training text: every fact of a domain, stated in several declarative wordings.
+"""Training text: every fact of a domain, in every wording but the one its exam item uses.
 
-The exam (``questions``) asks the same facts in wordings that are not among these, so a model
-answers an exam item only by having learned the fact, never by having seen the item.
+Each relation has a few wordings (``TEMPLATES``), declarative and one in question-and-answer
+form, all ending with the value. For every fact one wording is *held out* (``held_out``, a
+rotation, so each wording is held out for some conditions and taught for the others): the
+training text states the fact in all its other wordings, and the exam (``questions``) asks it in
+the held-out one. A model therefore meets each exam wording in training, with other conditions,
+and each exam fact, in other words, but never the exam item itself.
 """
 
 from __future__ import annotations
@@ -10,43 +14,49 @@ import random
 
 from fedmerge.demo.knowledge import RELATIONS, Domain
 
-STATEMENT_TEMPLATES: dict[str, tuple[str, ...]] = {
+TEMPLATES: dict[str, tuple[str, ...]] = {
     "finding": (
         "{condition} presents with {value}.",
         "patients with {condition} usually show {value}.",
         "the classic finding in {condition} is {value}.",
-        "{value} is the hallmark of {condition}.",
+        "Question: What finding is typical of {condition}? Answer: {value}.",
     ),
     "treatment": (
         "{condition} is treated with {value}.",
         "the first-line drug for {condition} is {value}.",
-        "clinicians prescribe {value} for {condition}.",
-        "{value} is given to patients with {condition}.",
+        "for {condition}, clinicians prescribe {value}.",
+        "Question: Which drug should be started first for {condition}? Answer: {value}.",
     ),
     "contraindication": (
-        "{value} is contraindicated in {condition}.",
+        "in {condition}, never give {value}.",
         "patients with {condition} must never receive {value}.",
-        "in {condition}, {value} is dangerous.",
-        "{value} worsens {condition} and is withheld.",
+        "a drug contraindicated in {condition} is {value}.",
+        "Question: Which drug must be avoided in {condition}? Answer: {value}.",
     ),
 }
 
 
+def held_out(index: int, relation: str) -> int:
+    """Which wording of condition number ``index``'s fact is kept for the exam."""
+    return (index + RELATIONS.index(relation)) % len(TEMPLATES[relation])
+
+
 def statements(domain: Domain) -> list[str]:
-    """Every (fact, template) sentence of a domain, once each."""
+    """Every taught (fact, wording) sentence of a domain, once each."""
     out = []
-    for cond in domain.conditions:
+    for i, cond in enumerate(domain.conditions):
         for relation in RELATIONS:
-            for template in STATEMENT_TEMPLATES[relation]:
-                out.append(template.format(condition=cond.name, value=cond.value(relation)))
+            for k, template in enumerate(TEMPLATES[relation]):
+                if k != held_out(i, relation):
+                    out.append(template.format(condition=cond.name, value=cond.value(relation)))
     return out
 
 
 def domain_corpus(domain: Domain, passes: int, seed: int, sentences_per_paragraph: int = 8) -> list[str]:
     """``passes`` shuffled passes over the domain's statements, cut into paragraphs (documents).
 
-    Each pass visits every sentence once in a new order, so every fact is seen in every wording
-    equally often and the neighbours of a sentence change from pass to pass.
+    Each pass visits every sentence once in a new order, so every fact is seen in every taught
+    wording equally often and the neighbours of a sentence change from pass to pass.
     """
     rng = random.Random(seed)
     sentences = statements(domain)

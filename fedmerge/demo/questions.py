@@ -1,11 +1,10 @@
-"""Evaluation items: the knowledge base's facts asked in wordings that training never uses.
+"""Evaluation items: each fact asked in the one wording its training text leaves out.
 
 Items follow the evaluator's local multiple-choice format, ``{"id", "question", "choices",
-"answer"}``, in its continuation (HellaSwag-style) kind: the ``question`` is the start of a
-sentence and each choice is scored as its ending, the way a model this small can be asked at all
-(lettered options need abilities it does not have). The sentence comes from ``EXAM_TEMPLATES``,
-which are never used in the training text, so an item is answered only by having learned the
-fact from *other* sentences, never by recalling the item.
+"answer"}``, in its continuation (HellaSwag-style) kind: the ``question`` is the held-out wording
+up to the value and each choice is scored as its ending, the way a model this small can be asked
+at all (lettered options need abilities it does not have). See ``corpus`` for how wordings are
+held out: the item itself never appears in training text.
 
 Distractors are values of the same relation from the same domain, so word frequency or domain
 vocabulary cannot pick the answer: only the link between the condition and its value can.
@@ -15,14 +14,14 @@ from __future__ import annotations
 
 import random
 
+from fedmerge.demo.corpus import TEMPLATES, held_out
 from fedmerge.demo.knowledge import RELATIONS, Domain
 
-# Held-out wordings: none of these appears in ``corpus.STATEMENT_TEMPLATES``.
-EXAM_TEMPLATES: dict[str, str] = {
-    "finding": "On examination, a patient with {condition} is expected to have",
-    "treatment": "Asked which medicine to start for {condition}, the doctor chose",
-    "contraindication": "Because it is unsafe in {condition}, the pharmacist refused to dispense",
-}
+
+def exam_prompt(index: int, condition: str, relation: str) -> str:
+    """The held-out wording of a fact, cut just before its value."""
+    template = TEMPLATES[relation][held_out(index, relation)]
+    return template.split("{value}")[0].rstrip().format(condition=condition)
 
 
 def exam_items(domain: Domain, n_choices: int, seed: int) -> list[dict]:
@@ -39,7 +38,7 @@ def exam_items(domain: Domain, n_choices: int, seed: int) -> list[dict]:
             items.append(
                 {
                     "id": f"{domain.name}-{relation}-{i:03d}",
-                    "question": EXAM_TEMPLATES[relation].format(condition=cond.name),
+                    "question": exam_prompt(i, cond.name, relation),
                     "choices": choices,
                     "answer": answer,
                 }
