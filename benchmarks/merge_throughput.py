@@ -50,6 +50,8 @@ def _child(args: argparse.Namespace) -> None:
     inputs = [Path(p) for p in args.inputs]
     base = Path(args.base)
     out = Path(args.out)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru0.ru_utime + ru0.ru_stime
     t0 = time.perf_counter()
     read = written = 0
     if args.child == "baseline":
@@ -79,7 +81,10 @@ def _child(args: argparse.Namespace) -> None:
         read = sum(CheckpointReader(p).total_bytes() for p in ([base, *inputs] if cls.needs_base else map(Path, ins)))
         written = result.bytes_written
     seconds = time.perf_counter() - t0
-    print(json.dumps({"run": args.child, "seconds": seconds, "read_bytes": read, "written_bytes": written, "peak_rss_mb": _rss_mb()}))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU seconds of every thread: steadier than wall time when the machine is shared.
+    cpu = ru.ru_utime + ru.ru_stime - cpu0
+    print(json.dumps({"run": args.child, "seconds": seconds, "cpu_seconds": cpu, "read_bytes": read, "written_bytes": written, "peak_rss_mb": _rss_mb()}))
 
 
 def _run_child(kind: str, base: Path, fts: list[Path], out: Path, device: str, extra: tuple[str, ...] = ()) -> dict:
@@ -114,10 +119,14 @@ def run_set(label: str, base: Path, fts: list[Path], methods: list[str], device:
     by = {r["run"]: r for r in rows}
     floor = by.get("io_floor", {}).get("seconds")
     ta = by.get("task_arithmetic", {}).get("seconds")
+    floor_cpu = by.get("io_floor", {}).get("cpu_seconds")
+    ta_cpu = by.get("task_arithmetic", {}).get("cpu_seconds")
     for r in rows:
         if r.get("seconds") and r["run"] not in ("baseline", "io_floor"):
             r["x_io_floor"] = r["seconds"] / floor if floor else None
             r["x_task_arithmetic"] = r["seconds"] / ta if ta else None
+            r["cpu_x_io_floor"] = r["cpu_seconds"] / floor_cpu if floor_cpu else None
+            r["cpu_x_task_arithmetic"] = r["cpu_seconds"] / ta_cpu if ta_cpu else None
     return {"set": label, "base": str(base), "runs": rows}
 
 
@@ -125,7 +134,7 @@ def _fmt_row(label: str, r: dict) -> str:
     if "error" in r:
         return f"{label:5s} {r['run']:18s} ERROR {r['error']}"
     gbs = f"{r['gb_per_s']:.2f}" if "gb_per_s" in r else "-"
-    return f"{label:5s} {r['run']:18s} {r['seconds']:8.1f} s {gbs:>7s} GB/s {r['peak_rss_mb']:8.0f} MB"
+    return f"{label:5s} {r['run']:18s} {r['seconds']:8.1f} s {gbs:>7s} GB/s {r['peak_rss_mb']:8.0f} MB {r.get('cpu_seconds', 0):8.1f} s cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,18 +173,21 @@ def main(argv: list[str] | None = None) -> int:
         half_methods = args.half_only.split(",") if args.half_only else methods
         sets.append(("half", *ensure_half_set(args.cache_dir), half_methods))
     results = {"machine": {"cpus": os.cpu_count(), "device": args.device, "load_avg_at_start": os.getloadavg()}, "fingerprints": not args.no_fingerprints, "targets": TARGETS, "sets": []}
-    print(f"{'set':5s} {'run':18s} {'wall':>10s} {'GB/s':>12s} {'peak RSS':>11s}")
+    print(f"{'set':5s} {'run':18s} {'wall':>10s} {'GB/s':>12s} {'peak RSS':>11s} {'CPU':>12s}")
     for label, base, fts, ms in sets:
         extra = ("--no-fingerprints",) if args.no_fingerprints else ()
         results["sets"].append(run_set(label, base, fts, ms, args.device, out_root, extra))
     print()
-    print(f"{'set':5s} {'run':18s} {'x I/O floor':>12s} {'x task_arith':>13s} {'target':>22s}")
+    print(f"{'set':5s} {'run':18s} {'x I/O floor':>12s} {'x task_arith':>13s} {'cpu x floor':>12s} {'cpu x TA':>9s} {'target':>22s}")
     for s in results["sets"]:
         for r in s["runs"]:
             if "x_io_floor" in r:
                 tgt = TARGETS.get(r["run"])
                 t = f"<= {tgt[1]}x {tgt[0]}" if tgt else ""
-                print(f"{s['set']:5s} {r['run']:18s} {r['x_io_floor'] or 0:12.2f} {r['x_task_arithmetic'] or 0:13.2f} {t:>22s}")
+                print(
+                    f"{s['set']:5s} {r['run']:18s} {r['x_io_floor'] or 0:12.2f} {r['x_task_arithmetic'] or 0:13.2f} "
+                    f"{r.get('cpu_x_io_floor') or 0:12.2f} {r.get('cpu_x_task_arithmetic') or 0:9.2f} {t:>22s}"
+                )
     path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / "merge_throughput.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
