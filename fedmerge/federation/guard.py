@@ -77,10 +77,11 @@ def write_guard_bin(folder: str | os.PathLike[str], kinds: tuple[str, ...] = ("c
 
 
 def _install_guard(kind: str) -> None:
-    if kind == "clientapp":
-        import flwr.supernode.runtime.run_clientapp as runner
-    else:
-        import flwr.superlink.runtime.run_serverapp as runner
+    import importlib
+
+    # The module, not the same-named function its package re-exports.
+    name = "flwr.supernode.runtime.run_clientapp" if kind == "clientapp" else "flwr.superlink.runtime.run_serverapp"
+    runner = importlib.import_module(name)
 
     if getattr(runner.install_from_fab, "_fedmerge_guard", False):
         return

@@ -74,10 +74,26 @@ class Coordinator:
     def progress(self) -> list[dict[str, Any]]:
         return self.ledger.records()
 
-    def wait(self, timeout: float | None = None, poll_s: float = 2.0) -> list[dict[str, Any]]:
-        """Until every round is completed (or one failed); reports each round once as it finishes."""
+    def run_finished(self) -> bool:
+        """Whether Flower ended our run (the ServerApp exited or was stopped)."""
+        if self.run_id is None:
+            return False
+        try:
+            return self.superlink.run_status(self.run_id).startswith("finished")
+        except (flower.FlowerLaunchError, ValueError) as exc:
+            log.debug("run status unavailable: %s", exc)
+            return False
+
+    def wait(self, timeout: float | None = None, poll_s: float = 2.0, max_resubmits: int = 3, status_every_s: float = 15.0) -> list[dict[str, Any]]:
+        """Until every round is completed (or one failed); reports each round once as it finishes.
+
+        If Flower ends the run before the rounds are done (the ServerApp died, e.g. the SuperLink
+        lost its task heartbeat), the app is submitted again: the round loop resumes from disk.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         reported: set[tuple[int, str]] = set()
+        resubmits = 0
+        last_status = time.monotonic()
         while True:
             records = self.ledger.records()
             for r in records:
@@ -92,6 +108,14 @@ class Coordinator:
             done = [r for r in records if r["status"] == "completed"]
             if any(r["status"] == "failed" for r in records) or len(done) >= self.cfg.rounds:
                 return records
+            if time.monotonic() - last_status > status_every_s:
+                last_status = time.monotonic()
+                if self.run_finished():
+                    if resubmits >= max_resubmits:
+                        raise CoordinatorError(f"run {self.run_id} ended before the rounds finished, {resubmits} resubmission(s) already; see {self.cfg.state / 'coordinator.log'}")
+                    resubmits += 1
+                    log.warning("run %s ended before the rounds finished; submitting again (resume from disk)", self.run_id)
+                    self.submit()
             if self.superlink.proc is not None and self.superlink.proc.poll() is not None:
                 raise CoordinatorError(f"the SuperLink exited (code {self.superlink.proc.returncode}); see {self.superlink.log_file}")
             if deadline is not None and time.monotonic() > deadline:

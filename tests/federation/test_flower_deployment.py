@@ -74,6 +74,12 @@ class Deployment:
         first.write_text(yaml.safe_dump(cfg, sort_keys=False))
         coord = Coordinator(first)
         coord.superlink.in_process_cli = True  # `flwr` commands without a new interpreter each
+        # An app the hospitals did not pin: the same app plus one file, so its hash differs. The
+        # coordinator is told to allow it (as a compromised or careless coordinator would) so
+        # that it reaches the hospitals' nodes, which must refuse it themselves.
+        self.unpinned_app = flower.write_app_dir(self.root / "unpinned-app")
+        (self.unpinned_app / "README.md").write_text("not what the hospitals pinned\n")
+        coord.superlink.extra_pins = [flower.app_hash(self.unpinned_app)]
         coord.start()
         self.coordinators.append(coord)
         self.superlink = coord.superlink
@@ -88,7 +94,13 @@ class Deployment:
         coord = Coordinator(config)
         coord.superlink = self.superlink  # the shared one, already running
         coord.submit()
-        return coord.wait(timeout=timeout, poll_s=1.0)
+        records = coord.wait(timeout=timeout, poll_s=1.0)
+        # Flower reports the run finished once the ServerApp returns.
+        deadline = time.monotonic() + 30
+        while not coord.run_finished() and time.monotonic() < deadline:
+            time.sleep(1.0)
+        assert self.superlink.run_status(coord.run_id) == "finished:completed"
+        return records
 
     def stop(self) -> None:
         for node in self.nodes.values():
@@ -172,10 +184,8 @@ def test_unregistered_node_is_refused(deployment):
 def test_unpinned_app_bundle_is_refused_before_it_runs(deployment):
     d = deployment
     config = d.federation_config("unpinned", rounds=1, min_clients=1, wait_for_clients_s=10.0, round_timeout_s=40.0)
-    # Anyone reaching the SuperLink's port can submit an app (Control is unauthenticated):
-    # here the same app with one extra file, so its bundle hash differs from the pinned one.
-    app = flower.write_app_dir(d.root / "unpinned" / "app")
-    (app / "README.md").write_text("not what the hospitals pinned\n")
+    # Anyone reaching the SuperLink's port can submit an app (Control is unauthenticated).
+    app = d.unpinned_app
     assert flower.app_hash(app) != flower.app_hash()
     d.superlink.submit(app, config)
     ledger = RoundLedger(d.root / "unpinned" / "coordinator")
@@ -215,3 +225,22 @@ def test_client_killed_mid_round_round_completes_on_quorum(deployment, tmp_path)
     offline = _offline_fedmerge_merge(d, ["hospital-a", "hospital-c"], tmp_path / "offline")
     current = Path(d.toy.client_configs["hospital-a"]).parent / "hospital-a" / "models" / "current"
     assert_same_tensors(current, offline)
+
+
+def test_guard_refuses_a_bundle_that_is_not_pinned(monkeypatch, tmp_path):
+    """The check the SuperLink's and the SuperNodes' launchers run before installing a bundle."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedmerge.federation.guard import PINNED_ENV, UnpinnedApp, check_bundle
+
+    own = build_fab_from_disk(flower.write_app_dir(tmp_path / "own"))
+    other_dir = flower.write_app_dir(tmp_path / "other")
+    (other_dir / "extra.py").write_text("print('hello')\n")
+    other = build_fab_from_disk(other_dir)
+    monkeypatch.setenv(PINNED_ENV, flower.app_hash())
+    assert check_bundle(own) == flower.app_hash()
+    with pytest.raises(UnpinnedApp, match="is not pinned"):
+        check_bundle(other)
+    monkeypatch.setenv(PINNED_ENV, "")
+    with pytest.raises(UnpinnedApp, match="pinned: none"):
+        check_bundle(own)
