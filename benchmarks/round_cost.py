@@ -28,7 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ensure_1b_set  # noqa: E402
+from benchmarks.common import BenchModelSpec, ensure_1b_set, ensure_bench_set  # noqa: E402
+
+# A ~0.16B set of the same shape family, for runs where the ~1B one does not fit the time.
+SMALL_SPEC = BenchModelSpec(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4)
 
 
 class PeakRss:
@@ -67,7 +70,7 @@ class PeakRss:
         return {k: round(v / 1024**2, 3) for k, v in self.peak_kb.items()}
 
 
-def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str) -> dict:
+def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str, bare: bool = True) -> dict:
     import yaml
 
     from fedmerge.federation import flower
@@ -119,6 +122,8 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
             model_bytes_received_per_client=rec["model_bytes"],
             peak_rss_gb=rss.gb(),
         )
+        if not bare:
+            return result
         # Bare Flower: the same bytes, parts and window, nothing else.
         plan = work / "bare-plan.json"
         out = work / "bare-result.json"
@@ -152,19 +157,23 @@ def main() -> int:
     ap.add_argument("--clients", default="3", help="comma-separated N values (default 3)")
     ap.add_argument("--part-mb", type=int, default=256, help="part size in MiB")
     ap.add_argument("--delta-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--set", default="1b", choices=["1b", "small"], help="the ~1B set, or a ~0.16B one of the same shape family")
+    ap.add_argument("--bare-for", default=None, help="N values that also get the bare-transfer and engine baselines (default: all)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base, finetunes = ensure_1b_set()
+    base, finetunes = ensure_1b_set() if args.set == "1b" else ensure_bench_set(SMALL_SPEC)
     results = []
+    bare_for = None if args.bare_for is None else {int(x) for x in args.bare_for.split(",")}
     for n in [int(x) for x in args.clients.split(",")]:
         work = Path(args.work or tempfile.mkdtemp(prefix="round-cost-")) / f"n{n}"
         try:
-            r = one_round(work, n, Path(base), [Path(f) for f in finetunes], args.part_mb * 1024**2, args.delta_dtype)
-            r["delta_dtype"], r["part_mb"] = args.delta_dtype, args.part_mb
+            with_bare = bare_for is None or n in bare_for
+            r = one_round(work, n, Path(base), [Path(f) for f in finetunes], args.part_mb * 1024**2, args.delta_dtype, bare=with_bare)
+            r["delta_dtype"], r["part_mb"], r["set"] = args.delta_dtype, args.part_mb, args.set
             results.append(r)
             print(json.dumps(r, indent=2), flush=True)
         finally:

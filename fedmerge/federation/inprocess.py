@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from flwr.app import Context, Message, RecordDict
