@@ -157,7 +157,7 @@ def main() -> int:
     ap.add_argument("--clients", default="3", help="comma-separated N values (default 3)")
     ap.add_argument("--part-mb", type=int, default=256, help="part size in MiB")
     ap.add_argument("--delta-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--set", default="1b", choices=["1b", "small"], help="the ~1B set, or a ~0.16B one of the same shape family")
+    ap.add_argument("--set", default="1b", choices=["1b", "small", "toy"], help="the ~1B set, a ~0.16B one of the same shape family, or tiny toy models (checks the script; overhead-bound)")
     ap.add_argument("--bare-for", default=None, help="N values that also get the bare-transfer and engine baselines (default: all)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -165,7 +165,14 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    base, finetunes = ensure_1b_set() if args.set == "1b" else ensure_bench_set(SMALL_SPEC)
+    if args.set == "toy":
+        from fedmerge.toymodels import build_tiny_mistral, perturb_checkpoint
+
+        toy = Path(tempfile.mkdtemp(prefix="round-cost-toy-"))
+        base = build_tiny_mistral(toy / "base")
+        finetunes = [perturb_checkpoint(base, toy / f"ft{i}", seed=i + 1, scale=0.05) for i in range(2)]
+    else:
+        base, finetunes = ensure_1b_set() if args.set == "1b" else ensure_bench_set(SMALL_SPEC)
     results = []
     bare_for = None if args.bare_for is None else {int(x) for x in args.bare_for.split(",")}
     for n in [int(x) for x in args.clients.split(",")]:
