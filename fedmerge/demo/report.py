@@ -167,8 +167,8 @@ def write_demo_report(out: Path, config: DemoConfig, world: World, built: bool, 
         md.append(f"- Hospital {s}: full fine-tune of the base, {config.world.finetune.steps} steps on {s} "
                   f"({manifest['tokens'][s]} tokens); loss {manifest['losses'][s]['first']:.2f} -> {manifest['losses'][s]['last']:.2f}.")
     md += [
-        f"- Exams: {', '.join(f'{d} {n}' for d, n in manifest['exam_items'].items())} items; every fact taught in declarative "
-        "sentences, asked about conditions whose questions never appear in training text.",
+        f"- Exams: {', '.join(f'{d} {n}' for d, n in manifest['exam_items'].items())} items; each fact is taught in every "
+        "wording but one and asked in that one, so no exam item appears in any training text.",
         f"- Cached at `{world.root}` ({'built in this run' if built else 'reused from the cache'}).\n",
         "## The federation round\n",
         f"- Round {fed.round}: contributors {', '.join(rec.get('contributors', []))}; rejected: "
@@ -183,7 +183,7 @@ def write_demo_report(out: Path, config: DemoConfig, world: World, built: bool, 
     ]
     for name, secs in stages.items():
         md.append(f"| {name} | {secs:.1f} | {100 * secs / total:.0f} % |")
-    md += [f"| total | {total:.1f} | 100 % |", ""]
+    md += [f"| total (before this report) | {total:.1f} | 100 % |", ""]
     if world.manifest.get("seconds") and built:
         md += ["World build: " + ", ".join(f"{k} {v:.1f} s" for k, v in world.manifest["seconds"].items()) + ".\n"]
     md += ["Raw results: `results.json` (every score), `results.db` (the evaluator's store; `fedmerge report results.db`).\n"]

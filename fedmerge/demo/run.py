@@ -286,7 +286,7 @@ def _evaluator(config: DemoConfig, world: World, store: Path):
         batch_size=config.evaluation.batch_size,
         seed=config.evaluation.seed,
         store=store,
-        bootstrap_iters=0,
+        bootstrap_iters=100,  # acc has a closed-form stderr; lm-eval skips every stderr at 0
     )
     return Evaluator(cfg)
 

@@ -63,6 +63,8 @@ def test_every_strategy_gives_a_loadable_model_with_finite_outputs(small):
         assert torch.isfinite(logits).all(), label
         for task, (acc, se) in _row(result, label).scores.items():
             assert 0.0 <= acc <= 1.0 and se is not None and math.isfinite(se), (label, task)
+            if 0.0 < acc < 1.0:
+                assert se > 0.0, (label, task)
 
 
 def test_the_federations_model_is_the_offline_merge_of_the_same_contributions(small):
