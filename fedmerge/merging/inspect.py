@@ -81,7 +81,10 @@ def check_inputs(base: CheckpointReader, sources: Sequence[Any]) -> list[dict[st
         base_names = set(base.names())
         extra = [n for n in names if n not in base_names]
         missing = [n for n in base.names() if n not in set(names)] if isinstance(src, TaskVector) else []
-        rec["names"] = "same" if not extra and not missing else "different"
+        if extra or missing:
+            rec["names"] = "different"
+        else:  # adapters and delta folders name only the tensors they change
+            rec["names"] = "same" if isinstance(src, TaskVector) or len(names) == len(base_names) else f"subset ({len(names)} of {len(base_names)})"
         if missing:
             rec["problems"].append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
         if extra:
