@@ -234,15 +234,28 @@ def check_complete(folder: str | os.PathLike[str], plan: PartPlan) -> None:
 # -- record layouts ---------------------------------------------------------------------------
 
 
+SALT_BYTES = 16
+
+
 def make_content(meta: dict[str, Any], payload: bytes | None = None):
-    """A RecordDict with the message's small fields and, optionally, one part's bytes."""
+    """A RecordDict with the message's small fields and, optionally, one part's bytes.
+
+    The payload is prefixed with random bytes. Flower stores and moves objects by content hash,
+    so two messages carrying identical bytes (two hospitals' all-zero deltas of a frozen layer,
+    or the same model part pushed to every node) would share objects in flight; a transfer
+    that completes for one message could then release what another still waits for. The salt
+    makes every part its own object.
+    """
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     records: dict[str, Any] = {META: ConfigRecord({k: v for k, v in meta.items() if v is not None})}
     if payload is not None:
+        buf = np.empty(SALT_BYTES + len(payload), dtype=np.uint8)
+        buf[:SALT_BYTES] = np.frombuffer(os.urandom(SALT_BYTES), dtype=np.uint8)
+        buf[SALT_BYTES:] = np.frombuffer(payload, dtype=np.uint8)
         # ArrayRecord, not a ConfigRecord bytes value: Flower chunks arrays when it moves them.
-        records[PAYLOAD] = ArrayRecord({PAYLOAD_KEY: Array(np.frombuffer(payload, dtype=np.uint8))})
+        records[PAYLOAD] = ArrayRecord({PAYLOAD_KEY: Array(buf)})
     return RecordDict(records)
 
 
@@ -255,5 +268,7 @@ def read_meta(content) -> dict[str, Any]:
 def read_payload(content) -> bytes:
     if PAYLOAD not in content.array_records:
         raise ProtocolError("message carries no payload")
-    arr = content.array_records[PAYLOAD][PAYLOAD_KEY]
-    return arr.numpy().tobytes()
+    data = content.array_records[PAYLOAD][PAYLOAD_KEY].numpy()
+    if data.shape[0] < SALT_BYTES:
+        raise ProtocolError("message payload is shorter than its salt")
+    return data[SALT_BYTES:].tobytes()

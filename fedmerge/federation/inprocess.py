@@ -17,6 +17,8 @@ from typing import Any, Callable
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedmerge.protocol import SALT_BYTES
+
 log = logging.getLogger(__name__)
 
 # A hook may look at (node_id, message) before delivery and return False to drop the node.
@@ -86,7 +88,7 @@ class LocalGrid(Grid):
             log.warning("node %s raised on %s: %s", node, msg.metadata.message_type, exc)
             return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
         if "payload" in reply.content.array_records:
-            self.bytes_out[node] += int(reply.content.array_records["payload"]["bytes"].shape[0])
+            self.bytes_out[node] += int(reply.content.array_records["payload"]["bytes"].shape[0]) - SALT_BYTES
         return reply
 
     def pull_messages(self, message_ids) -> list[Message]:

@@ -84,25 +84,29 @@ def run_exchange(
                 else:
                     fail(q, "the SuperLink refused a message for this node")
         progressed = False
+        owner = {mid: q for q in active for mid in q.in_flight}
         for q in active:
             for mid in list(q.in_flight):
-                if q.failed is not None:
-                    break
-                replies = list(grid.pull_messages([mid]))
-                if not replies:
+                if q.failed is not None or mid not in q.in_flight:
                     continue
-                progressed = True
-                reply = replies[0]
-                tag, sent_at = q.in_flight.pop(mid)
-                log.debug("node %s: reply to %s after %.2f s", q.node_id, tag, time.monotonic() - sent_at)
-                if reply.has_error():
-                    fail(q, f"client error: {reply.error.reason}")
-                    break
-                try:
-                    on_reply(q.node_id, tag, reply)
-                except NodeFailed as exc:
-                    fail(q, str(exc))
-                del reply
+                # Each reply is matched by the message it answers, not by the id we asked
+                # with: whatever the SuperLink hands back is routed to its own node and part.
+                for reply in grid.pull_messages([mid]):
+                    progressed = True
+                    rq = owner.get(reply.metadata.reply_to_message_id)
+                    if rq is None or rq.failed is not None or reply.metadata.reply_to_message_id not in rq.in_flight:
+                        log.warning("dropping a reply to unknown message %s", reply.metadata.reply_to_message_id)
+                        continue
+                    tag, sent_at = rq.in_flight.pop(reply.metadata.reply_to_message_id)
+                    log.debug("node %s: reply to %s after %.2f s", rq.node_id, tag, time.monotonic() - sent_at)
+                    if reply.has_error():
+                        fail(rq, f"client error: {reply.error.reason}")
+                        continue
+                    try:
+                        on_reply(rq.node_id, tag, reply)
+                    except NodeFailed as exc:
+                        fail(rq, str(exc))
+                    del reply
         if not progressed:
             time.sleep(poll_s)
 
