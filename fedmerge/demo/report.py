@@ -9,7 +9,6 @@ sweep, and where the time went.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -217,4 +216,4 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=str, allow_nan=True)) if x is not None else None
 
 
-__all__ = ["text_table", "world_checks", "write_demo_report", "sweep_plot", "math"]
+__all__ = ["text_table", "world_checks", "write_demo_report", "sweep_plot"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -24,8 +23,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from fedmerge.demo.config import DemoConfig, MergeEntry
-from fedmerge.demo.knowledge import GENERAL
-from fedmerge.demo.world import World, ensure_world, task_name
+from fedmerge.demo.world import World, ensure_world
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +293,4 @@ def _short(task: str) -> str:
     return task.removeprefix("demo_")[:10]
 
 
-def domain_of(task: str) -> str:
-    return task.removeprefix("demo_")
-
-
-__all__ = ["run_demo", "DemoResult", "Scored", "FederationRun", "GENERAL", "task_name", "math"]
+__all__ = ["run_demo", "DemoResult", "Scored", "FederationRun"]
