@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedmerge.configfile import describe_validation_error, read_yaml_mapping
 from fedmerge.errors import FedmergeError
 
 # Bump when the world's recipe changes in a way the config does not show (templates, layout).
@@ -144,16 +144,8 @@ def load_demo_config(path: str | Path | None) -> DemoConfig:
     if path is None:
         return DemoConfig()
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise DemoConfigError(f"{path}: demo config not found") from None
-    except yaml.YAMLError as exc:
-        raise DemoConfigError(f"{path}: invalid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise DemoConfigError(f"{path}: expected a mapping with world / evaluation / federation / merges")
+    raw = read_yaml_mapping(path, DemoConfigError, "a mapping with world / evaluation / federation / merges")
     try:
         return DemoConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise DemoConfigError(f"{path}: {problems}") from None
+        raise DemoConfigError(f"{path}: {describe_validation_error(exc)}") from None

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedmerge.configfile import describe_validation_error, read_yaml_mapping
 from fedmerge.eval.errors import EvalConfigError
 
 DEFAULT_CPU_BATCH = 4
@@ -55,16 +55,9 @@ class EvalConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalConfig":
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise EvalConfigError(f"{path}: eval config not found") from None
-        except yaml.YAMLError as exc:
-            raise EvalConfigError(f"{path}: invalid YAML: {exc}") from None
-        if isinstance(raw, dict) and "eval" in raw and isinstance(raw["eval"], dict):
+        raw = read_yaml_mapping(path, EvalConfigError, "a mapping of eval settings")
+        if isinstance(raw.get("eval"), dict):
             raw = raw["eval"]
-        if not isinstance(raw, dict):
-            raise EvalConfigError(f"{path}: expected a mapping of eval settings")
         base = path.parent
         for key in ("task_dirs",):
             if isinstance(raw.get(key), list):
@@ -72,8 +65,7 @@ class EvalConfig(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise EvalConfigError(f"{path}: {problems}") from None
+            raise EvalConfigError(f"{path}: {describe_validation_error(exc)}") from None
 
     def resolved_device(self) -> str:
         from fedmerge.devices import resolve_device

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from fedmerge.configfile import describe_validation_error, read_yaml_mapping
 from fedmerge.errors import FedmergeError
 
 M = TypeVar("M", bound=BaseModel)
@@ -18,24 +19,12 @@ class ConfigError(FedmergeError):
 
 
 def load_yaml_config(path: str | os.PathLike[str], model: type[M]) -> M:
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such config file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of fields at the top level")
-    data = _resolve_paths(data, p.parent.resolve())
+    data = _resolve_paths(read_yaml_mapping(p, ConfigError), p.parent.resolve())
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"{p}: field {where!r}: {first['msg']} ({len(exc.errors())} problem(s) in all)") from None
+        raise ConfigError(f"{p}: {describe_validation_error(exc)}") from None
 
 
 def _resolve_paths(data, root: Path):

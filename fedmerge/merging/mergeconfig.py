@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedmerge.configfile import describe_validation_error, read_yaml_mapping
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.engine import MergeSpec
 
@@ -183,12 +184,7 @@ class MergePlan:
 
 
 def _format_errors(where: str, exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(f"[{x}]" if isinstance(x, int) else str(x) for x in err["loc"]).replace(".[", "[") or "(root)"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return f"{where}: " + "; ".join(parts)
+    return f"{where}: {describe_validation_error(exc)}"
 
 
 def _resolve(path: str, root: Path, field_name: str) -> Path:
@@ -203,17 +199,8 @@ def _resolve(path: str, root: Path, field_name: str) -> Path:
 
 def load_merge_config(path: str | os.PathLike[str]) -> MergePlan:
     """Read a YAML merge config (either format) into a plan; errors name the file and field."""
-    import yaml
-
     cfg_path = Path(path)
-    try:
-        data = yaml.safe_load(cfg_path.read_text())
-    except FileNotFoundError:
-        raise MergeConfigError(f"{cfg_path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise MergeConfigError(f"{cfg_path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise MergeConfigError(f"{cfg_path}: expected a mapping with merge_method (mergekit) or method (fedmerge)")
+    data = read_yaml_mapping(cfg_path, MergeConfigError, "a mapping with merge_method (mergekit) or method (fedmerge)")
     root = cfg_path.resolve().parent
     if "merge_method" in data:
         return _from_mergekit(data, cfg_path, root)

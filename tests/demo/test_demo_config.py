@@ -43,9 +43,9 @@ def test_bad_fields_are_named(tmp_path, text, field):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(DemoConfigError, match="not found"):
+    with pytest.raises(DemoConfigError, match="no such config file"):
         load_demo_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("world: [unclosed")
-    with pytest.raises(DemoConfigError, match="invalid YAML"):
+    with pytest.raises(DemoConfigError, match="not valid YAML"):
         load_demo_config(bad)
