@@ -108,7 +108,7 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
         for nm in names:
             cfg = tf.client_configs[nm]
             nodes.append(flower.SuperNode(work / "nodes" / nm, address, str(tls.ca_cert), str(keys[nm][0]), str(cfg), flower.free_port(), pins).start())
-        labels = {"coordinator_serverapp": "guard --serve serverapp", "superlink": "flower-superlink", "client_apps": "guard --serve clientapp"}
+        labels = {"coordinator_serverapp": "guard --serve serverapp", "superlink": "fedmerge.federation.superlink_main", "client_apps": "guard --serve clientapp"}
         with PeakRss(labels) as rss:
             coord.submit()
             records = coord.wait(timeout=7200, poll_s=2.0)

@@ -198,7 +198,8 @@ class SuperLink:
         self.write_connection()
         host, port = self.host_port
         cmd = [
-            str(venv_bin() / "flower-superlink"),
+            # flower-superlink, with a SQLite busy timeout that outlasts large blob writes.
+            sys.executable, "-m", "fedmerge.federation.superlink_main",
             "--ssl-ca-certfile", self.ca_cert,
             "--ssl-certfile", self.server_cert,
             "--ssl-keyfile", self.server_key,
