@@ -14,15 +14,26 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from flwr.common.constant import ErrorCode
+
 log = logging.getLogger(__name__)
+
+
+# Error codes Flower puts on a reply it lost in transit, not on one the ClientApp produced:
+# MESSAGE_UNAVAILABLE (the reply's objects never completed their upload, e.g. a push that failed
+# while the SuperLink's database was busy) and REPLY_MESSAGE_UNAVAILABLE (the reply expired). The
+# request is asked again, up to ``MAX_RESENDS`` times, instead of dropping the node.
+_LOST_IN_TRANSIT = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+MAX_RESENDS = 3
 
 
 @dataclass
 class NodeQueue:
     node_id: int
     pending: deque = field(default_factory=deque)  # (message_type, meta, payload, tag)
-    in_flight: dict[str, Any] = field(default_factory=dict)  # message id -> (tag, time sent)
+    in_flight: dict[str, Any] = field(default_factory=dict)  # message id -> (request, time sent)
     failed: str | None = None
+    resends: int = 0
 
 
 def run_exchange(
@@ -73,14 +84,15 @@ def run_exchange(
         out = []
         for q in active:
             while q.pending and len(q.in_flight) < window:
-                kind, meta, payload, tag = q.pending.popleft()
+                request = q.pending.popleft()
+                kind, meta, payload, _tag = request
                 msg = grid.create_message(make_content(meta, payload), kind, q.node_id, group_id, ttl)
-                out.append((q, tag, msg))
+                out.append((q, request, msg))
         if out:
             ids = list(grid.push_messages([m for _, _, m in out]))
-            for (q, tag, _), mid in zip(out, ids):
+            for (q, request, _), mid in zip(out, ids):
                 if mid:
-                    q.in_flight[mid] = (tag, time.monotonic())
+                    q.in_flight[mid] = (request, time.monotonic())
                 else:
                     fail(q, "the SuperLink refused a message for this node")
         progressed = False
@@ -97,9 +109,15 @@ def run_exchange(
                     if rq is None or rq.failed is not None or reply.metadata.reply_to_message_id not in rq.in_flight:
                         log.warning("dropping a reply to unknown message %s", reply.metadata.reply_to_message_id)
                         continue
-                    tag, sent_at = rq.in_flight.pop(reply.metadata.reply_to_message_id)
+                    request, sent_at = rq.in_flight.pop(reply.metadata.reply_to_message_id)
+                    tag = request[3]
                     log.debug("node %s: reply to %s after %.2f s", rq.node_id, tag, time.monotonic() - sent_at)
                     if reply.has_error():
+                        if reply.error.code in _LOST_IN_TRANSIT and rq.resends < MAX_RESENDS:
+                            rq.resends += 1
+                            log.warning("node %s: reply to %s lost in transit (%s); asking again", rq.node_id, tag, reply.error.reason)
+                            rq.pending.appendleft(request)
+                            continue
                         fail(rq, f"client error: {reply.error.reason}")
                         continue
                     try:

@@ -213,3 +213,43 @@ def test_evaluator_failure_is_recorded_and_does_not_lose_the_round(make_federati
     assert rec["status"] == "completed"
     assert "missing-eval.yaml" in rec["metrics"]["error"]
     assert report.installed["hospital-a"] == [1]
+
+
+def test_a_reply_lost_in_transit_is_asked_again_not_dropped(make_federation, tmp_path):
+    """Flower answers MESSAGE_UNAVAILABLE for a reply whose upload to the SuperLink did not
+    complete (the SuperNode's push failed while the state database was busy); the part is
+    requested again and the node stays in the round."""
+    from flwr.app import Error, Metadata
+    from flwr.app.message import make_message
+    from flwr.common.constant import ErrorCode
+
+    from fedmerge.server.config import load_federation_config
+    from fedmerge.server.rounds import RoundRunner
+
+    tf = make_federation(3, rounds=1, min_clients=3)
+
+    class LossyGrid(LocalGrid):
+        lost: list[str] = []
+
+        def pull_messages(self, message_ids):
+            out = []
+            for reply in super().pull_messages(message_ids):
+                md = reply.metadata
+                if md.src_node_id == 2 and md.message_type == FETCH_PART and len(self.lost) < 2:
+                    self.lost.append(md.reply_to_message_id)
+                    meta = Metadata(run_id=md.run_id, message_id="", src_node_id=0, dst_node_id=0, reply_to_message_id=md.reply_to_message_id,
+                                    group_id="", created_at=md.created_at, ttl=0, message_type="system")  # fmt: skip
+                    reply = make_message(metadata=meta, error=Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="reply objects are unavailable"))
+                out.append(reply)
+            return out
+
+    grid = LossyGrid({i + 1: str(p) for i, p in enumerate(tf.client_configs.values())})
+    records = RoundRunner(grid, load_federation_config(tf.federation_config)).run()
+    rec = records[0]
+    assert len(LossyGrid.lost) == 2
+    assert rec["status"] == "completed"
+    assert rec["contributors"] == ["hospital-a", "hospital-b", "hospital-c"]
+    assert rec["dropped"] == []
+    assert grid.sent[2] == grid.sent[1] + 2  # the two lost parts were asked again
+    offline = offline_merge(tf.base, [tf.finetunes[n] for n in ["hospital-a", "hospital-b", "hospital-c"]], tmp_path / "offline", {"method": "task_arithmetic"})
+    assert_same_tensors(_installed(tf, "hospital-b"), offline)
