@@ -27,12 +27,31 @@ def _palette(n: int):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _task_bars_figure(n_tasks: int, n_bars: int):
+    """A figure wide enough for ``n_bars`` bars in each of ``n_tasks`` groups."""
+    plt = _plt()
+    return plt.subplots(figsize=(max(6.0, 1.2 + n_tasks * (0.9 + 0.25 * n_bars)), 4.2))
+
+
+def _finish_task_bars(fig, ax, tasks: list[str], path: Path, ylabel: str, title: str) -> Path:
+    """Task names under the groups, labels, legend outside the axes; saves and closes the figure."""
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=15 if len(tasks) > 3 else 0, ha="right" if len(tasks) > 3 else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def method_bars(rows, tasks: list[str], path: Path, metric: str = "acc") -> Path:
     """Grouped bars: one group per task, one bar per model, error bars of one stderr."""
-    plt = _plt()
     n = len(rows)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + len(tasks) * (0.9 + 0.25 * n)), 4.2))
+    fig, ax = _task_bars_figure(len(tasks), n)
     colours = _palette(n)
     for i, row in enumerate(rows):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(tasks))]
@@ -40,25 +59,15 @@ def method_bars(rows, tasks: list[str], path: Path, metric: str = "acc") -> Path
         errs = [100 * (row.scores[t][1] or 0.0) if t in row.scores else 0.0 for t in tasks]
         hatch = "//" if row.role == "base" else (".." if row.role == "parent" else None)
         ax.bar(xs, vals, width, yerr=errs, capsize=3, label=f"{row.label} ({row.role})", color=colours[i], hatch=hatch, edgecolor="black", linewidth=0.5)
-    ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels(tasks, rotation=15 if len(tasks) > 3 else 0, ha="right" if len(tasks) > 3 else "center")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric} per task and model (± 1 stderr)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish_task_bars(fig, ax, tasks, path, ylabel=f"{metric} (%)", title=f"{metric} per task and model (± 1 stderr)")
 
 
 def difference_vs_base(rows, base, tasks: list[str], path: Path, metric: str = "acc") -> Path:
     """Bars of (model - base) in points per task; errors combine both stderrs in quadrature."""
-    plt = _plt()
     others = [r for r in rows if r is not base]
     n = len(others)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + len(tasks) * (0.9 + 0.25 * n)), 4.2))
+    fig, ax = _task_bars_figure(len(tasks), n)
     colours = _palette(n + 1)[1:]
     for i, row in enumerate(others):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(tasks))]
@@ -74,16 +83,7 @@ def difference_vs_base(rows, base, tasks: list[str], path: Path, metric: str = "
                 errs.append(0.0)
         ax.bar(xs, diffs, width, yerr=errs, capsize=3, label=f"{row.label} ({row.role})", color=colours[i], edgecolor="black", linewidth=0.5)
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels(tasks, rotation=15 if len(tasks) > 3 else 0, ha="right" if len(tasks) > 3 else "center")
-    ax.set_ylabel(f"{metric} - base {metric} (points)")
-    ax.set_title(f"Difference from the base model ({base.label})")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish_task_bars(fig, ax, tasks, path, ylabel=f"{metric} - base {metric} (points)", title=f"Difference from the base model ({base.label})")
 
 
 def round_curves(all_runs, tasks: list[str], path: Path, metric: str = "acc", base=None) -> Path:
