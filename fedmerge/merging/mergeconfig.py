@@ -35,9 +35,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedmerge.configfile import describe_validation_error, read_yaml_mapping
 from fedmerge.errors import FedmergeError
@@ -76,6 +76,10 @@ def _scalar_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+# Parameters given as one value each (mergekit's per-layer gradients and filters are refused).
+ScalarParams = Annotated[dict[str, Any], AfterValidator(_scalar_params)]
+
+
 # -- our format ---------------------------------------------------------------------------------
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -83,12 +87,7 @@ class ModelEntry(BaseModel):
     path: str
     kind: InputKind = "auto"
     label: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("parameters")
-    @classmethod
-    def _scalars(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _scalar_params(v)
+    parameters: ScalarParams = Field(default_factory=dict)
 
 
 class FedmergeMergeConfig(BaseModel):
@@ -99,17 +98,12 @@ class FedmergeMergeConfig(BaseModel):
     method: str
     base: str | None = None
     models: list[ModelEntry] = Field(min_length=1)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: ScalarParams = Field(default_factory=dict)
     dtype: str = "float32"
     out_dtype: str | None = None
     seed: int = 0
     device: str = "auto"
     shard_size: int | str = 2 * 1024**3
-
-    @field_validator("parameters")
-    @classmethod
-    def _scalars(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _scalar_params(v)
 
     @field_validator("shard_size")
     @classmethod
@@ -122,12 +116,7 @@ class MergekitModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("parameters")
-    @classmethod
-    def _scalars(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _scalar_params(v)
+    parameters: ScalarParams = Field(default_factory=dict)
 
 
 class MergekitSource(BaseModel):
@@ -153,16 +142,11 @@ class MergekitConfig(BaseModel):
     base_model: str | None = None
     models: list[MergekitModel] | None = None
     slices: list[MergekitSlice] | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: ScalarParams = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: Literal["base"] | None = None
     name: str | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _scalars(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _scalar_params(v)
 
 
 # -- the plan both become ---------------------------------------------------------------------------
