@@ -1,4 +1,4 @@
-"""CLI: ``simulate`` — a whole federation in one process, N institutions a parameter."""
+"""CLI: ``simulate`` — a whole federation on one machine, N institutions a parameter."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate",
-        help="run federation rounds in one process (same ServerApp/ClientApp code, no SuperLink)",
-        description="Run the rounds of CONFIG with in-process hospitals. CONFIG names a federation config and its "
-        "client configs, or asks for toy institutions built on the spot.",
+        help="run federation rounds on this machine (same ServerApp/ClientApp, no SuperLink)",
+        description="Run the rounds of CONFIG with simulated hospitals, under Flower's simulation engine (default) or "
+        "in this process. CONFIG names a federation config and its client configs, or asks for toy institutions "
+        "built on the spot.",
     )
     p.add_argument("config", metavar="CONFIG", help="simulation YAML (see configs/federation/simulate.yaml)")
     p.add_argument("--institutions", type=int, default=None, help="number of toy institutions (overrides the config)")
+    p.add_argument("--engine", choices=["flower", "inprocess"], default=None, help="override the config's engine")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_simulate)
 
@@ -24,7 +26,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     from fedmerge.federation.simulate import run_from_config
 
-    report = run_from_config(args.config, institutions=args.institutions)
+    report = run_from_config(args.config, institutions=args.institutions, engine=args.engine)
     if args.json:
         print(json.dumps(asdict(report), indent=2, default=str))
     else:

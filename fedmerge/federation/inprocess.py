@@ -60,6 +60,7 @@ class LocalGrid(Grid):
         return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        # Still abstract in Grid although Flower deprecates it in favour of the Message constructor.
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self):
@@ -135,8 +136,6 @@ def run_simulation(
     Returns, per round, the reference (base) folder and the spool folders of the verified deltas,
     so the same inputs can be merged again offline with any strategy.
     """
-    from fedmerge.client.config import load_client_config
-    from fedmerge.client.node import HospitalNode
     from fedmerge.server.config import FederationConfig, load_federation_config
     from fedmerge.server.rounds import RoundRunner
 
@@ -145,6 +144,18 @@ def run_simulation(
     grid.hooks.extend(hooks or [])
     runner = RoundRunner(grid, cfg, crash_after_accepts=crash_after_accepts, crash_hard=crash_hard)
     records = runner.run()
+    return simulation_report(cfg, records, client_configs, {i: grid.bytes_out[i + 1] for i in range(len(client_configs))})
+
+
+def simulation_report(cfg, records: list[dict[str, Any]], client_configs, bytes_out: dict[int, int] | None = None) -> SimulationReport:
+    """Rounds, installed models and bytes per institution; ``bytes_out`` is keyed by client index.
+
+    Without ``bytes_out`` the bytes an institution sent are read from the round records (the
+    packages the coordinator accepted).
+    """
+    from fedmerge.client.config import load_client_config
+    from fedmerge.client.node import HospitalNode
+
     report = SimulationReport(state_dir=cfg.state_dir, base_dir=cfg.base_model)
     for rec in records:
         report.rounds.append(
@@ -160,5 +171,8 @@ def run_simulation(
     for i, path in enumerate(client_configs):
         ccfg = load_client_config(path)
         report.installed[ccfg.institution] = HospitalNode(ccfg).installed_rounds()
-        report.bytes_sent[ccfg.institution] = grid.bytes_out[i + 1]
+        if bytes_out is not None:
+            report.bytes_sent[ccfg.institution] = bytes_out[i]
+        else:
+            report.bytes_sent[ccfg.institution] = sum(int(r.get("inputs", {}).get(ccfg.institution, {}).get("bytes", 0)) for r in records)
     return report

@@ -1,15 +1,30 @@
-"""``fedmerge simulate`` configs: an existing federation + client configs, or N toy institutions."""
+"""``fedmerge simulate`` configs: an existing federation + client configs, or N toy institutions.
+
+``engine: flower`` (the default) runs the apps under Flower's simulation engine (Ray actors for
+the ClientApps); ``engine: inprocess`` delivers messages straight to the ClientApp in this
+process, which is what the tests and the demo use for speed.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class FlowerEngineOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all)")
+    cpus_per_client: float = Field(1.0, gt=0)
+    gpus_per_client: float = Field(0.0, ge=0)
+    object_store_mb: int | None = Field(1024, ge=80)
+
+
 class SimulationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    engine: Literal["flower", "inprocess"] = "flower"
+    flower: FlowerEngineOptions = Field(default_factory=FlowerEngineOptions)
     # Either an existing federation...
     federation_config: str | None = None
     client_configs: list[str] = Field(default_factory=list)
@@ -32,18 +47,38 @@ class SimulationConfig(BaseModel):
         return self
 
 
-def run_from_config(path, institutions: int | None = None):
-    from fedmerge.federation.inprocess import run_simulation
-    from fedmerge.federation.toy import build_toy_federation
+def load_simulation_config(path) -> SimulationConfig:
     from fedmerge.federation.yamlconfig import load_yaml_config
 
     cfg = load_yaml_config(path, SimulationConfig)
+    # Paths in the file are relative to the file, like every other config.
+    root = Path(path).resolve().parent
     if cfg.federation_config is not None:
-        return run_simulation(cfg.federation_config, cfg.client_configs)
-    n = institutions or cfg.institutions
-    work = Path(cfg.work_dir)  # type: ignore[arg-type]
-    tf = build_toy_federation(
-        work, n, rounds=cfg.rounds, strategy=cfg.strategy, min_clients=cfg.min_clients,
-        part_bytes=cfg.part_bytes, seal=cfg.seal, seed=cfg.seed,
-    )  # fmt: skip
-    return run_simulation(tf.federation_config, list(tf.client_configs.values()))
+        cfg.federation_config = str(root / cfg.federation_config)
+    cfg.client_configs = [str(root / c) for c in cfg.client_configs]
+    return cfg
+
+
+def run_from_config(path, institutions: int | None = None, engine: str | None = None):
+    from fedmerge.federation.inprocess import run_simulation
+    from fedmerge.federation.toy import build_toy_federation
+
+    cfg = load_simulation_config(path)
+    if cfg.federation_config is not None:
+        fed, clients = cfg.federation_config, list(cfg.client_configs)
+    else:
+        n = institutions or cfg.institutions
+        tf = build_toy_federation(
+            Path(cfg.work_dir), n, rounds=cfg.rounds, strategy=cfg.strategy, min_clients=cfg.min_clients,  # type: ignore[arg-type]
+            part_bytes=cfg.part_bytes, seal=cfg.seal, seed=cfg.seed,
+        )  # fmt: skip
+        fed, clients = tf.federation_config, list(tf.client_configs.values())
+    if (engine or cfg.engine) == "inprocess":
+        return run_simulation(fed, clients)
+    from fedmerge.federation.flowersim import run_flower_simulation
+    from fedmerge.federation.inprocess import simulation_report
+    from fedmerge.server.config import load_federation_config
+
+    o = cfg.flower
+    records = run_flower_simulation(fed, clients, cpus=o.cpus, cpus_per_client=o.cpus_per_client, gpus_per_client=o.gpus_per_client, object_store_mb=o.object_store_mb)
+    return simulation_report(load_federation_config(fed), records, clients)

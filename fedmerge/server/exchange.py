@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def run_exchange(
             while q.pending and len(q.in_flight) < window:
                 request = q.pending.popleft()
                 kind, meta, payload, _tag = request
-                msg = grid.create_message(make_content(meta, payload), kind, q.node_id, group_id, ttl)
+                msg = Message(make_content(meta, payload), dst_node_id=q.node_id, message_type=kind, group_id=group_id, ttl=ttl)
                 out.append((q, request, msg))
         if out:
             ids = list(grid.push_messages([m for _, _, m in out]))
