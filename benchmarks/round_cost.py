@@ -12,7 +12,12 @@ with TLS and SuperNode authentication:
 ``--clients 2,3,4`` repeats the round for each N (peak RSS against N). The fine-tunes of the set
 are reused round-robin when N exceeds them (cost does not depend on the values).
 
+``--simulated 3,6,12`` runs one round per N under Flower's simulation engine (``fedmerge
+simulate``, Ray actors for the ClientApps) and reports the peak RSS of the coordinator's process
+(the ServerApp, Flower's in-memory link state and the Ray driver) beside the N packages it took in.
+
     .venv/bin/python benchmarks/round_cost.py --clients 3 --delta-dtype bfloat16
+    .venv/bin/python benchmarks/round_cost.py --clients none --simulated 3,6,12 --set small --delta-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -152,9 +157,50 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
     return result
 
 
+def simulated_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str) -> dict:
+    """One round under Flower's simulation engine in a child process, its RSS sampled from /proc."""
+    import subprocess
+
+    import yaml
+
+    from fedmerge.federation.toy import ToyFederation, build_toy_federation, institution_names
+
+    names = institution_names(n)
+    models = ToyFederation(work, base, {nm: finetunes[i % len(finetunes)] for i, nm in enumerate(names)}, None, {}, None, None, None)
+    tf = build_toy_federation(
+        work / "fed", n, models_from=models, part_bytes=part_bytes, round_timeout_s=3600.0,
+        federation_overrides={"delta_dtype": delta_dtype, "wait_for_clients_s": 600.0},
+    )  # fmt: skip
+    sim = work / f"simulate-n{n}.yaml"
+    sim.write_text(yaml.safe_dump({
+        "engine": "flower", "flower": {"cpus": 2, "cpus_per_client": 1, "object_store_mb": 1024},
+        "federation_config": str(tf.federation_config), "client_configs": [str(tf.client_configs[nm]) for nm in names],
+    }))  # fmt: skip
+    labels = {"coordinator": str(sim), "client_actors": "ray::", "ray_raylet": "raylet"}
+    t0 = time.perf_counter()
+    with PeakRss(labels) as rss:
+        proc = subprocess.run([sys.executable, "-m", "fedmerge", "simulate", str(sim), "--json"], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"simulated round with {n} clients failed:\n{proc.stderr[-3000:]}")
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    rec = report["rounds"][0]["record"]
+    pkg = sum(v["bytes"] for v in rec["inputs"].values())
+    return {
+        "clients": n,
+        "engine": "flower-simulation",
+        "command_wall_seconds": round(wall, 1),
+        "round_seconds": round(rec["finished_at"] - rec["started_at"], 1),
+        "merge_seconds_in_round": round(rec["merge_seconds"], 1),
+        "packages_taken_in_gb": round(pkg / 1e9, 3),
+        "peak_rss_gb": rss.gb(),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", default="3", help="comma-separated N values (default 3)")
+    ap.add_argument("--clients", default="3", help="comma-separated N values for rounds on real Flower processes (default 3; 'none' for none)")
+    ap.add_argument("--simulated", default=None, help="comma-separated N values for rounds under Flower's simulation engine")
     ap.add_argument("--part-mb", type=int, default=256, help="part size in MiB")
     ap.add_argument("--delta-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--set", default="1b", choices=["1b", "small", "toy"], help="the ~1B set, a ~0.16B one of the same shape family, or tiny toy models (checks the script; overhead-bound)")
@@ -175,11 +221,16 @@ def main() -> int:
         base, finetunes = ensure_1b_set() if args.set == "1b" else ensure_bench_set(SMALL_SPEC)
     results = []
     bare_for = None if args.bare_for is None else {int(x) for x in args.bare_for.split(",")}
-    for n in [int(x) for x in args.clients.split(",")]:
-        work = Path(args.work or tempfile.mkdtemp(prefix="round-cost-")) / f"n{n}"
+    real_ns = [] if args.clients == "none" else [int(x) for x in args.clients.split(",")]
+    sim_ns = [int(x) for x in (args.simulated or "").split(",") if x]
+    models = (Path(base), [Path(f) for f in finetunes])
+    for kind, n in [("sim", n) for n in sim_ns] + [("real", n) for n in real_ns]:
+        work = Path(args.work or tempfile.mkdtemp(prefix="round-cost-")) / (f"sim-n{n}" if kind == "sim" else f"n{n}")
         try:
-            with_bare = bare_for is None or n in bare_for
-            r = one_round(work, n, Path(base), [Path(f) for f in finetunes], args.part_mb * 1024**2, args.delta_dtype, bare=with_bare)
+            if kind == "sim":
+                r = simulated_round(work, n, *models, args.part_mb * 1024**2, args.delta_dtype)
+            else:
+                r = one_round(work, n, *models, args.part_mb * 1024**2, args.delta_dtype, bare=bare_for is None or n in bare_for)
             r["delta_dtype"], r["part_mb"], r["set"] = args.delta_dtype, args.part_mb, args.set
             results.append(r)
             print(json.dumps(r, indent=2), flush=True)
