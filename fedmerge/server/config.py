@@ -67,6 +67,9 @@ class FederationConfig(BaseModel):
     round_timeout_s: float = Field(600.0, gt=0)
     part_bytes: int = Field(DEFAULT_PART_BYTES, gt=0)
     parts_in_flight: int = Field(2, ge=1, description="outstanding part requests per client")
+    # Bounds what the SuperLink holds for this federation (and the coordinator's share of it)
+    # whatever the number of clients; the slots rotate among clients.
+    parts_in_flight_total: int = Field(8, ge=1, description="outstanding part requests across all clients")
     straggler_grace_s: float | None = Field(None, ge=0, description="once quorum is verified, wait at most this long for the rest")
     reference: Literal["base", "global"] = "base"
     # float32 deltas make a federated round byte-identical to the offline merge; bfloat16 halves the bytes.

@@ -2,8 +2,10 @@
 
 Flower's ``send_and_receive`` waits for every reply and sleeps seconds between polls; a round
 moves dozens of parts per client, so the coordinator keeps its own window: at most ``window``
-requests outstanding per node, each reply pulled (and handled, i.e. spooled) alone, so memory
-holds one part at a time whatever the number of clients.
+requests outstanding per node and at most ``total_window`` across all nodes. Requests are built
+and pushed one at a time and each reply is pulled (and handled, i.e. spooled) alone, so the
+coordinator holds one part at a time and the SuperLink at most ``total_window`` parts, whatever
+the number of clients.
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ def run_exchange(
     deadline: float | Callable[[], float],
     window: int,
     make_content: Callable[[dict, bytes | None], Any],
+    total_window: int | None = None,
     ttl: float | None = None,
     poll_s: float = 0.05,
 ) -> dict[int, str]:
     """Send every node its requests (in order, ``window`` at a time) and hand each reply to ``on_reply``.
+
+    ``total_window`` caps the requests outstanding across all nodes; nodes take turns for the slots.
 
     ``on_reply(node_id, tag, message)`` may raise ``NodeFailed`` to stop talking to that node.
     Returns {node_id: reason} for the nodes that did not finish (error, gone, timeout).
@@ -57,6 +62,7 @@ def run_exchange(
     queues = {n: NodeQueue(n, deque(reqs)) for n, reqs in requests.items()}
     failures: dict[int, str] = {}
     last_alive_check = 0.0
+    turn = 0
 
     def fail(q: NodeQueue, reason: str) -> None:
         q.failed = reason
@@ -81,19 +87,29 @@ def run_exchange(
                 if q.node_id not in alive:
                     fail(q, "node disconnected from the SuperLink")
             active = [q for q in active if q.failed is None]
-        # Top up each node's window.
-        out = []
-        for q in active:
-            while q.pending and len(q.in_flight) < window:
+            if not active:
+                continue
+        # Top up each node's window, one request per node per turn while the total allows.
+        cap = total_window if total_window is not None else len(active) * window
+        outstanding = sum(len(q.in_flight) for q in active)
+        turn += 1
+        order = active[turn % len(active) :] + active[: turn % len(active)]
+        topped = True
+        while topped and outstanding < cap:
+            topped = False
+            for q in order:
+                if outstanding >= cap or q.failed is not None or not q.pending or len(q.in_flight) >= window:
+                    continue
                 request = q.pending.popleft()
                 kind, meta, payload, _tag = request
                 msg = Message(make_content(meta, payload), dst_node_id=q.node_id, message_type=kind, group_id=group_id, ttl=ttl)
-                out.append((q, request, msg))
-        if out:
-            ids = list(grid.push_messages([m for _, _, m in out]))
-            for (q, request, _), mid in zip(out, ids):
-                if mid:
-                    q.in_flight[mid] = (request, time.monotonic())
+                # Pushed alone so only this one part is ever held in memory (serialized) here.
+                ids = list(grid.push_messages([msg]))
+                del msg
+                if ids and ids[0]:
+                    q.in_flight[ids[0]] = (request, time.monotonic())
+                    outstanding += 1
+                    topped = True
                 else:
                     fail(q, "the SuperLink refused a message for this node")
         progressed = False

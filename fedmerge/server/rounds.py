@@ -197,6 +197,7 @@ class RoundRunner:
             group_id=group,
             deadline=parts_deadline,
             window=cfg.parts_in_flight,
+            total_window=cfg.parts_in_flight_total,
             make_content=protocol.make_content,
             ttl=ttl,
         )
@@ -343,6 +344,7 @@ class RoundRunner:
             group_id=f"{r}-install",
             deadline=push_deadline,
             window=cfg.parts_in_flight,
+            total_window=cfg.parts_in_flight_total,
             make_content=make,
             ttl=cfg.round_timeout_s + 60,
         )

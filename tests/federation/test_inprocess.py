@@ -14,7 +14,7 @@ import pytest
 from fedtest_helpers import assert_same_tensors, offline_merge
 
 from fedmerge.federation.inprocess import LocalGrid, run_simulation
-from fedmerge.protocol import FETCH_PART, OPEN_ROUND, plan_folder
+from fedmerge.protocol import FETCH_PART, INSTALL_PART, OPEN_ROUND, plan_folder
 from fedmerge.server.rounds import RoundFailed
 
 
@@ -253,3 +253,36 @@ def test_a_reply_lost_in_transit_is_asked_again_not_dropped(make_federation, tmp
     assert grid.sent[2] == grid.sent[1] + 2  # the two lost parts were asked again
     offline = offline_merge(tf.base, [tf.finetunes[n] for n in ["hospital-a", "hospital-b", "hospital-c"]], tmp_path / "offline", {"method": "task_arithmetic"})
     assert_same_tensors(_installed(tf, "hospital-b"), offline)
+
+
+def test_parts_in_flight_are_capped_across_clients_and_shared_fairly(make_federation, tmp_path):
+    """With 4 clients, 2 parts each in flight would be 8; a federation-wide cap of 3 holds the
+    SuperLink (and the coordinator) to 3 outstanding parts whatever N, and every client still
+    finishes both directions."""
+    from fedmerge.server.config import load_federation_config
+    from fedmerge.server.rounds import RoundRunner
+
+    strategy = {"method": "task_arithmetic", "parameters": {"lambda": 0.5}}
+    tf = make_federation(4, rounds=1, strategy=strategy, part_bytes=16 * 1024, federation_overrides={"parts_in_flight": 2, "parts_in_flight_total": 3})
+
+    class CountingGrid(LocalGrid):
+        peak = 0
+        parts_pushed: dict[int, int] = {}
+
+        def push_messages(self, messages):
+            for msg in messages:
+                if msg.metadata.message_type in (FETCH_PART, INSTALL_PART):
+                    # replies not yet pulled are the requests still outstanding
+                    self.peak = max(self.peak, len(self.replies) + 1)
+                    self.parts_pushed[msg.metadata.dst_node_id] = self.parts_pushed.get(msg.metadata.dst_node_id, 0) + 1
+            return super().push_messages(messages)
+
+    grid = CountingGrid({i + 1: str(tf.client_configs[n]) for i, n in enumerate(sorted(tf.client_configs))})
+    records = RoundRunner(grid, load_federation_config(tf.federation_config)).run()
+    assert records[0]["status"] == "completed" and records[0]["contributors"] == sorted(tf.client_configs)
+    assert grid.peak == 3
+    # many parts per client each way, so the cap was exercised, and every client got the same share
+    assert len(set(grid.parts_pushed.values())) == 1 and min(grid.parts_pushed.values()) > 10
+    offline = offline_merge(tf.base, [tf.finetunes[n] for n in sorted(tf.client_configs)], tmp_path / "offline", strategy)
+    for name in tf.client_configs:
+        assert_same_tensors(_installed(tf, name), offline)
