@@ -18,6 +18,7 @@ simulate``, Ray actors for the ClientApps) and reports the peak RSS of the coord
 
     .venv/bin/python benchmarks/round_cost.py --clients 3 --delta-dtype bfloat16
     .venv/bin/python benchmarks/round_cost.py --clients none --simulated 3,6,12 --set small --delta-dtype bfloat16
+    .venv/bin/python benchmarks/round_cost.py --clients 3 --set toy --bare-only-mb 600   # Flower's transfer alone
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class PeakRss:
         return {k: round(v / 1024**2, 3) for k, v in self.peak_kb.items()}
 
 
-def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str, bare: bool = True) -> dict:
+def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str, bare: bool = True, bare_only_bytes: int | None = None) -> dict:
     import yaml
 
     from fedmerge.federation import flower
@@ -104,6 +105,7 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
     bare_app = Path(__file__).resolve().parent / "bare_flower_app"
     pins = [flower.app_hash(), flower.app_hash(bare_app)]
     coord = Coordinator(tf.federation_config)
+    fed_cfg = coord.cfg
     coord.superlink.in_process_cli = True
     coord.superlink.extra_pins = [flower.app_hash(bare_app)]
     coord.start()
@@ -113,26 +115,30 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
         for nm in names:
             cfg = tf.client_configs[nm]
             nodes.append(flower.SuperNode(work / "nodes" / nm, address, str(tls.ca_cert), str(keys[nm][0]), str(cfg), flower.free_port(), pins).start())
-        labels = {"coordinator_serverapp": "guard --serve serverapp", "superlink": "fedmerge.federation.superlink_main", "client_apps": "guard --serve clientapp"}
-        with PeakRss(labels) as rss:
-            coord.submit()
-            records = coord.wait(timeout=7200, poll_s=2.0)
-        rec = records[0]
-        assert rec["status"] == "completed", rec
-        pkg_bytes = {k: v["bytes"] for k, v in rec["inputs"].items()}
-        result.update(
-            round_seconds=round(rec["finished_at"] - rec["started_at"], 1),
-            merge_seconds_in_round=round(rec["merge_seconds"], 1),
-            bytes_sent_per_client=pkg_bytes,
-            model_bytes_received_per_client=rec["model_bytes"],
-            peak_rss_gb=rss.gb(),
-        )
+        if bare_only_bytes is None:
+            labels = {"coordinator_serverapp": "guard --serve serverapp", "superlink": "fedmerge.federation.superlink_main", "client_apps": "guard --serve clientapp"}
+            with PeakRss(labels) as rss:
+                coord.submit()
+                records = coord.wait(timeout=7200, poll_s=2.0)
+            rec = records[0]
+            assert rec["status"] == "completed", rec
+            pkg_bytes = {k: v["bytes"] for k, v in rec["inputs"].items()}
+            result.update(
+                round_seconds=round(rec["finished_at"] - rec["started_at"], 1),
+                merge_seconds_in_round=round(rec["merge_seconds"], 1),
+                bytes_sent_per_client=pkg_bytes,
+                model_bytes_received_per_client=rec["model_bytes"],
+                peak_rss_gb=rss.gb(),
+            )
+        else:  # only the bare transfer, of this many bytes each way per node
+            pkg_bytes, rec = {nm: bare_only_bytes for nm in names}, {"model_bytes": bare_only_bytes}
         if not bare:
             return result
         # Bare Flower: the same bytes, parts and window, nothing else.
         plan = work / "bare-plan.json"
         out = work / "bare-result.json"
-        plan.write_text(json.dumps({"nodes": n, "up_bytes": max(pkg_bytes.values()), "down_bytes": rec["model_bytes"], "part_bytes": part_bytes, "window": 2, "out": str(out)}))
+        plan.write_text(json.dumps({"nodes": n, "up_bytes": max(pkg_bytes.values()), "down_bytes": rec["model_bytes"], "part_bytes": part_bytes, "window": fed_cfg.parts_in_flight,
+                                    "total_window": fed_cfg.parts_in_flight_total, "out": str(out)}))
         with PeakRss({"bare_serverapp": "guard --serve serverapp"}) as bare_rss:
             t0 = time.perf_counter()
             coord.superlink.flwr("run", str(bare_app), flower.CONNECTION_NAME, "--run-config", f'plan="{plan}"', "--format", "json")
@@ -143,6 +149,8 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
         result["bare_transfer_seconds"] = round(bare["seconds"], 1)
         result["bare_run_wall_seconds"] = round(bare_wall, 1)
         result["bare_serverapp_peak_rss_gb"] = bare_rss.gb()["bare_serverapp"]
+        if bare_only_bytes is not None:
+            return result
     finally:
         for node in nodes:
             node.stop()
@@ -205,6 +213,7 @@ def main() -> int:
     ap.add_argument("--delta-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--set", default="1b", choices=["1b", "small", "toy"], help="the ~1B set, a ~0.16B one of the same shape family, or tiny toy models (checks the script; overhead-bound)")
     ap.add_argument("--bare-for", default=None, help="N values that also get the bare-transfer and engine baselines (default: all)")
+    ap.add_argument("--bare-only-mb", type=int, default=None, help="skip the fedmerge round: only the bare transfer of this many MiB each way per node")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -230,7 +239,8 @@ def main() -> int:
             if kind == "sim":
                 r = simulated_round(work, n, *models, args.part_mb * 1024**2, args.delta_dtype)
             else:
-                r = one_round(work, n, *models, args.part_mb * 1024**2, args.delta_dtype, bare=bare_for is None or n in bare_for)
+                bare_only = None if args.bare_only_mb is None else args.bare_only_mb * 1024**2
+                r = one_round(work, n, *models, args.part_mb * 1024**2, args.delta_dtype, bare=bare_for is None or n in bare_for, bare_only_bytes=bare_only)
             r["delta_dtype"], r["part_mb"], r["set"] = args.delta_dtype, args.part_mb, args.set
             results.append(r)
             print(json.dumps(r, indent=2), flush=True)

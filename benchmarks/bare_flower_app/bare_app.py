@@ -2,7 +2,7 @@
 
 Each node sends ``up_bytes`` to the ServerApp in parts of ``part_bytes`` (one reply per part),
 then receives ``down_bytes`` in parts: the same message count, sizes and window as a fedmerge
-round, without packing, verification, spooling, merging or installing.
+round (``window`` per node, ``total_window`` across nodes), without packing, verification, spooling, merging or installing.
 """
 
 import json
@@ -46,11 +46,12 @@ def main(grid: Grid, context: Context) -> None:
     nodes = sorted(grid.get_node_ids())
     t0 = time.perf_counter()
     up = {n: [("query.give", {"n": s}, None, i) for i, s in enumerate(_sizes(plan["up_bytes"], plan["part_bytes"]))] for n in nodes}
-    run_exchange(grid, up, lambda *a: None, group_id="up", deadline=time.monotonic() + 3600, window=plan["window"], make_content=protocol.make_content)
+    windows = {"window": plan["window"], "total_window": plan.get("total_window")}
+    run_exchange(grid, up, lambda *a: None, group_id="up", deadline=time.monotonic() + 3600, make_content=protocol.make_content, **windows)
     t1 = time.perf_counter()
     down = {n: [("query.take", {"n": s}, s, i) for i, s in enumerate(_sizes(plan["down_bytes"], plan["part_bytes"]))] for n in nodes}
-    run_exchange(grid, down, lambda *a: None, group_id="down", deadline=time.monotonic() + 3600, window=plan["window"],
-                 make_content=lambda meta, n: protocol.make_content(meta, os.urandom(n)))
+    run_exchange(grid, down, lambda *a: None, group_id="down", deadline=time.monotonic() + 3600,
+                 make_content=lambda meta, n: protocol.make_content(meta, os.urandom(n)), **windows)
     t2 = time.perf_counter()
     with open(plan["out"], "w") as fh:
         json.dump({"up_seconds": t1 - t0, "down_seconds": t2 - t1, "seconds": t2 - t0}, fh)
