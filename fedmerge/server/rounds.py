@@ -143,7 +143,9 @@ class RoundRunner:
             "reference_fingerprint": ref_fp,
             "part_bytes": cfg.part_bytes,
             "accepted": sorted(accepted_before),
-            "with_first_part": True,
+            # A first part riding on each open reply saves a message per client, but all N of them
+            # wait at the SuperLink at once: only worth it while N is within the global cap.
+            "with_first_part": len(sampled) <= cfg.parts_in_flight_total,
             "delta_dtype": cfg.delta_dtype,
         }
         failures = run_exchange(
