@@ -76,15 +76,9 @@ class PeakRss:
         return {k: round(v / 1024**2, 3) for k, v in self.peak_kb.items()}
 
 
-def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str, bare: bool = True, bare_only_bytes: int | None = None) -> dict:
-    import yaml
-
-    from fedmerge.federation import flower
-    from fedmerge.federation.credentials import make_node_key, make_tls
+def _layout(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str):
+    """N institutions' identities and configs over the set's fine-tunes, reused round-robin."""
     from fedmerge.federation.toy import ToyFederation, build_toy_federation, institution_names
-    from fedmerge.merging.engine import MergeSpec, merge
-    from fedmerge.merging.taskvector import DeltaCheckpoint
-    from fedmerge.server.coordinator import Coordinator
 
     names = institution_names(n)
     models = ToyFederation(work, base, {nm: finetunes[i % len(finetunes)] for i, nm in enumerate(names)}, None, {}, None, None, None)
@@ -92,6 +86,19 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
         work / "fed", n, models_from=models, part_bytes=part_bytes, round_timeout_s=3600.0,
         federation_overrides={"delta_dtype": delta_dtype, "wait_for_clients_s": 600.0},
     )  # fmt: skip
+    return names, tf
+
+
+def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str, bare: bool = True, bare_only_bytes: int | None = None) -> dict:
+    import yaml
+
+    from fedmerge.federation import flower
+    from fedmerge.federation.credentials import make_node_key, make_tls
+    from fedmerge.merging.engine import MergeSpec, merge
+    from fedmerge.merging.taskvector import DeltaCheckpoint
+    from fedmerge.server.coordinator import Coordinator
+
+    names, tf = _layout(work, n, base, finetunes, part_bytes, delta_dtype)
     tls = make_tls(work / "tls", ["127.0.0.1"])
     (work / "nodekeys").mkdir()
     keys = {nm: make_node_key(work / "nodekeys", nm) for nm in names}
@@ -171,14 +178,7 @@ def simulated_round(work: Path, n: int, base: Path, finetunes: list[Path], part_
 
     import yaml
 
-    from fedmerge.federation.toy import ToyFederation, build_toy_federation, institution_names
-
-    names = institution_names(n)
-    models = ToyFederation(work, base, {nm: finetunes[i % len(finetunes)] for i, nm in enumerate(names)}, None, {}, None, None, None)
-    tf = build_toy_federation(
-        work / "fed", n, models_from=models, part_bytes=part_bytes, round_timeout_s=3600.0,
-        federation_overrides={"delta_dtype": delta_dtype, "wait_for_clients_s": 600.0},
-    )  # fmt: skip
+    names, tf = _layout(work, n, base, finetunes, part_bytes, delta_dtype)
     sim = work / f"simulate-n{n}.yaml"
     sim.write_text(yaml.safe_dump({
         "engine": "flower", "flower": {"cpus": 2, "cpus_per_client": 1, "object_store_mb": 1024},
