@@ -71,10 +71,12 @@ def _child(args: argparse.Namespace) -> None:
         from fedmerge.merging.engine import MergeSpec, merge
         from fedmerge.merging.strategies import get_strategy_class
 
-        cls = get_strategy_class(args.child)
+        # "method@serial": the same merge with its inputs loaded one after another, for comparison.
+        method, _, variant = args.child.partition("@")
+        cls = get_strategy_class(method)
         fields = set(cls.Params.model_fields) | set(cls.PerModel.model_fields)
         params = {k: v for k, v in METHOD_PARAMS.items() if k in fields}
-        spec = MergeSpec(method=args.child, parameters=params, device=args.device, fingerprints=not args.no_fingerprints)
+        spec = MergeSpec(method=method, parameters=params, device=args.device, fingerprints=not args.no_fingerprints, read_workers=1 if variant == "serial" else None)
         base_arg = base if cls.needs_base else None
         ins = [str(p) for p in inputs] if cls.needs_base else [str(base), *map(str, inputs)][: (cls.max_models or 3)]
         result = merge(base_arg, ins, out, spec, progress=False)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    ap.add_argument("--only", default=None, help="comma-separated strategies (default: every registered one)")
+    ap.add_argument("--only", default=None, help="comma-separated strategies (default: every registered one); NAME@serial loads the inputs one after another")
     ap.add_argument("--half", action="store_true", help="also run the half-size set (same widths, half the layers)")
     ap.add_argument("--half-only", default=None, help="comma-separated strategies to run on the half-size set (default: the same as on the 1B set)")
     ap.add_argument("--sets", default="1b", help="which sets: 1b, half or 1b,half")

@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -98,6 +99,7 @@ class MergeSpec(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: every core")
     chunk_elements: int = Field(1 << 21, ge=1024, description="row-chunk size for elementwise strategies")
     prefetch_bytes: int = Field(256 * 1024**2, ge=0, description="read-ahead budget")
+    read_workers: int | None = Field(None, ge=1, description="inputs loaded in parallel per tensor; default: min(inputs, cores)")
     check_finite: bool = True
     fingerprints: bool = True
 
@@ -358,18 +360,26 @@ def merge(
             b32 = raw.float()
             if spec.check_finite and not _all_finite(b32):
                 raise NonFiniteTensor(f"base {base.file_of(nm)}: tensor {nm!r} holds NaN or infinite values")
-            per_model = []
-            for src in sources:
+
+            def one_delta(src, nm=nm, b32=b32):
                 d = _get_delta(src, nm, item.rows, b32) if nm in _names_of(src) else None
                 if d is None:
-                    d = torch.zeros_like(b32)
-                elif spec.check_finite and not _all_finite(d):
+                    return _to(torch.zeros_like(b32), device, compute_dtype)
+                if spec.check_finite and not _all_finite(d):
                     file = src.file_of(nm) if hasattr(src, "file_of") else src.folder
                     raise NonFiniteTensor(f"input {src.label} ({file}): tensor {nm!r} holds NaN or infinite values")
-                per_model.append(_to(d, device, compute_dtype))
+                return _to(d, device, compute_dtype)
+
+            # Reading, converting, subtracting and hashing each input is independent of the
+            # others (and releases the GIL), so the inputs of one tensor load side by side. Each
+            # input is still visited in tensor order, which its running digest relies on.
+            per_model = list(pool.map(one_delta, sources)) if pool is not None else [one_delta(src) for src in sources]
             bases.append(_to(b32, device, compute_dtype))
             deltas.append(per_model)
         return bases, deltas
+
+    workers = min(n, spec.read_workers or os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
 
     def reader() -> None:
         try:
@@ -441,6 +451,8 @@ def merge(
             meta = _metadata(spec, cls, base, sources, base_done, metadata)
             writer_obj.commit(sidecars_from=base.folder, metadata=meta)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         torch.set_num_threads(prev_threads)
         if bar is not None:
             bar.close()
