@@ -146,6 +146,32 @@ def kill_process(proc: subprocess.Popen | None) -> None:
     proc.wait(timeout=10)
 
 
+def guarded_env(home: Path, kind: str, pinned: list[str]) -> dict[str, str]:
+    """Environment of a Flower process whose ``flwr-<kind>`` app launches go through the pinning guard."""
+    from fedmerge.federation.guard import write_guard_bin
+
+    env = dict(os.environ)
+    guard_bin = write_guard_bin(home / "bin", (kind,))
+    # The guard's directory comes first: Flower looks app launchers up on PATH.
+    env["PATH"] = f"{guard_bin}{os.pathsep}{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(home / "flwr-home")
+    env[PINNED_ENV] = ",".join(pinned)
+    env["FEDMERGE_LAUNCH_SOCKET"] = str(home / "launch.sock")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return env
+
+
+def start_guarded(kind: str, cmd: list[str], env: dict[str, str], log_file) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Start the guard's launcher for ``kind`` (it forks apps with their imports done), then ``cmd``."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "fedmerge.federation.guard", "--serve", kind, env["FEDMERGE_LAUNCH_SOCKET"]],
+        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    return launcher, proc
+
+
 class SuperLink:
     """A ``flower-superlink`` with TLS, SuperNode authentication and a state database."""
 
@@ -170,19 +196,9 @@ class SuperLink:
         return f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
     def env(self) -> dict[str, str]:
-        from fedmerge.federation.guard import write_guard_bin
-
-        env = dict(os.environ)
-        env["FLWR_HOME"] = str(self.home / "flwr-home")
         # ServerApps start through the pinning guard too: an app submitted by anyone else
         # through the unauthenticated Control API does not run on the coordinator.
-        guard_bin = write_guard_bin(self.home / "bin", ("serverapp",))
-        env["PATH"] = f"{guard_bin}{os.pathsep}{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
-        env[PINNED_ENV] = ",".join([app_hash(), *self.extra_pins])
-        env["FEDMERGE_LAUNCH_SOCKET"] = str(self.home / "launch.sock")
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
-        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-        return env
+        return guarded_env(self.home, "serverapp", [app_hash(), *self.extra_pins])
 
     def write_connection(self) -> None:
         """The Control connection the ``flwr`` CLI uses (kept under this SuperLink's own FLWR_HOME)."""
@@ -210,12 +226,7 @@ class SuperLink:
         ]  # fmt: skip
         log.info("starting SuperLink on %s (state %s)", self.address, self.database)
         self._log = open(self.log_file, "ab")
-        env = self.env()
-        self.launcher = subprocess.Popen(
-            [sys.executable, "-m", "fedmerge.federation.guard", "--serve", "serverapp", env["FEDMERGE_LAUNCH_SOCKET"]],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.launcher, self.proc = start_guarded("serverapp", cmd, self.env(), self._log)
         wait_for_port(*self.host_port_local(), timeout=timeout, proc=self.proc, what=f"flower-superlink (log: {self.log_file})")
         return self
 
@@ -291,18 +302,7 @@ class SuperNode:
         self.log_file = self.home / "supernode.log"
 
     def env(self) -> dict[str, str]:
-        from fedmerge.federation.guard import write_guard_bin
-
-        env = dict(os.environ)
-        guard_bin = write_guard_bin(self.home / "bin", ("clientapp",))
-        # The guard's directory comes first: Flower looks ClientApp launchers up on PATH.
-        env["PATH"] = f"{guard_bin}{os.pathsep}{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
-        env["FLWR_HOME"] = str(self.home / "flwr-home")
-        env[PINNED_ENV] = ",".join(self.pinned)
-        env["FEDMERGE_LAUNCH_SOCKET"] = str(self.home / "launch.sock")
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
-        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-        return env
+        return guarded_env(self.home, "clientapp", self.pinned)
 
     def start(self) -> "SuperNode":
         self.home.mkdir(parents=True, exist_ok=True)
@@ -316,13 +316,7 @@ class SuperNode:
             "--port", str(self.runtime_port),
         ]  # fmt: skip
         self._log = open(self.log_file, "ab")
-        env = self.env()
-        # The launcher forks ClientApps with their imports done (see fedmerge.federation.guard).
-        self.launcher = subprocess.Popen(
-            [sys.executable, "-m", "fedmerge.federation.guard", "--serve", "clientapp", env["FEDMERGE_LAUNCH_SOCKET"]],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.launcher, self.proc = start_guarded("clientapp", cmd, self.env(), self._log)
         return self
 
     def stop(self) -> None:
@@ -349,7 +343,7 @@ def _flwr_in_process(args: list[str], env: dict[str, str]) -> str:
 
     from flwr.cli.app import app
 
-    saved = {k: os.environ.get(k) for k in ("FLWR_HOME",)}
+    saved_home = os.environ.get("FLWR_HOME")
     os.environ["FLWR_HOME"] = env["FLWR_HOME"]
     from flwr.supercore.logger import console_handler
 
@@ -373,11 +367,10 @@ def _flwr_in_process(args: list[str], env: dict[str, str]) -> str:
         sys.__stdout__ = real_stdout  # type: ignore[misc]
         # Flower's JSON mode swaps stdout/stderr and its log stream; put every one back.
         sys.stdout, sys.stderr, console_handler.stream = streams
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if saved_home is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = saved_home
     return out.getvalue()
 
 

@@ -400,12 +400,8 @@ def _pack(model, reference, out_dir, identity, round_id, reference_fingerprint, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        try:
+        with lanes:  # every digest is in its entry after this block
             run_ordered(plan(), work, sink, workers=workers)
-        except BaseException:
-            _close_quietly(lanes)
-            raise
-        lanes.close()  # every digest is in its entry after this
         if not entries:
             raise PackageError("every delta of the source is zero (None); there is nothing to send")
         if state["fh"] is not None:
@@ -681,23 +677,11 @@ def _stream_data(pkg: Path, manifest: DeltaManifest, opener: Identity | None, wr
             lanes.finish(ti, compare(t))
 
     try:
-        try:
+        with lanes:  # raises the first DigestMismatch on leaving
             run_ordered(chunks(), work, sink, workers=workers)
-        except BaseException:
-            _close_quietly(lanes)
-            raise
-        lanes.close()  # raises the first DigestMismatch
     finally:
         for fh in handles.values():
             fh.close()
-
-
-def _close_quietly(lanes: HashLanes) -> None:
-    """Close the hash lanes while another error is on its way, without masking it."""
-    try:
-        lanes.close()
-    except Exception:
-        pass
 
 
 # -- unpacking ------------------------------------------------------------------------------------

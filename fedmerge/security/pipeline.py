@@ -128,3 +128,17 @@ class HashLanes:
         for t in self._threads:
             t.join()
         self._check()
+
+    def __enter__(self) -> "HashLanes":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        """Close on leaving the block; an error already on its way is not masked by a digest failure."""
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except Exception:
+                pass
+        return False
