@@ -108,7 +108,7 @@ def _generate_base(spec: BenchModelSpec, out: Path, sidecars: Path) -> None:
     import torch
     from tqdm import tqdm
 
-    from fedmerge.merging.checkpoint import CheckpointWriter, safetensors_dtype
+    from fedmerge.checkpoints import CheckpointWriter, safetensors_dtype
 
     dtype = getattr(torch, spec.dtype)
     shapes = spec.tensor_shapes()
@@ -129,7 +129,7 @@ def _generate_finetune(spec: BenchModelSpec, base: Path, out: Path, index: int) 
     import torch
     from tqdm import tqdm
 
-    from fedmerge.merging.checkpoint import CheckpointReader, CheckpointWriter
+    from fedmerge.checkpoints import CheckpointReader, CheckpointWriter
 
     reader = CheckpointReader(base)
     with CheckpointWriter(out, max_shard_bytes=2 * 1024**3) as w:

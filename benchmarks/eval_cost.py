@@ -141,9 +141,9 @@ def main(argv=None) -> int:
                 rounds.append({"total_s": total, "forward_s": timer.seconds, "forward_calls": timer.calls, "acc": res.value("bench_medqa")})
             steady = rounds[-1]
             t0 = time.perf_counter()
-            from fedmerge.eval.evaluator import module_fingerprint
+            from fedmerge.checkpoints import state_dict_fingerprint
 
-            module_fingerprint(model)
+            state_dict_fingerprint(model.state_dict())
             fp_s = time.perf_counter() - t0
             # A round that rebuilds its tasks instead of reusing them pays the build again
             # (measured on the smallest model, where it matters most).

@@ -45,7 +45,7 @@ def _child(args: argparse.Namespace) -> None:
     import torch  # noqa: F401  (counted in every run alike)
 
     import fedmerge.merging.engine  # noqa: F401
-    from fedmerge.merging.checkpoint import CheckpointReader, CheckpointWriter
+    from fedmerge.checkpoints import CheckpointReader, CheckpointWriter
 
     inputs = [Path(p) for p in args.inputs]
     base = Path(args.base)

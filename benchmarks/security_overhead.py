@@ -44,7 +44,7 @@ PHASES = ["read", "read", "pack_seal", "verify_open", "pack_plain", "verify_plai
 def _child(args: argparse.Namespace) -> None:
     import torch  # noqa: F401  (imported in every phase alike)
 
-    from fedmerge.merging.checkpoint import CheckpointReader
+    from fedmerge.checkpoints import CheckpointReader
     from fedmerge.security.keys import load_identity
     from fedmerge.security.package import pack_delta, verify_package
     from fedmerge.security.trust import TrustStore
@@ -111,7 +111,7 @@ def main() -> None:
         return
 
     from benchmarks.common import ensure_1b_set, ensure_half_set
-    from fedmerge.merging.checkpoint import CheckpointReader
+    from fedmerge.checkpoints import CheckpointReader
     from fedmerge.security.keys import generate_identity
     from fedmerge.security.trust import TrustStore
 

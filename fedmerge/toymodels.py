@@ -107,7 +107,7 @@ def perturb_checkpoint(base_dir: str | Path, out_dir: str | Path, seed: int, sca
     """
     import torch
 
-    from fedmerge.merging.checkpoint import CheckpointReader, CheckpointWriter
+    from fedmerge.checkpoints import CheckpointReader, CheckpointWriter
 
     reader = CheckpointReader(base_dir)
     gen = torch.Generator().manual_seed(seed)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge import protocol
+from fedmerge.checkpoints.atomic import write_json_atomic
 from fedmerge.client.config import ClientConfig
 from fedmerge.errors import FedmergeError
 from fedmerge.federation import deps
@@ -60,13 +61,13 @@ class HospitalNode:
     def _remember(self, path: Path, fp: str) -> None:
         cache = self._fp_cache()
         cache[str(path.resolve())] = fp
-        _write_json(self.state / "fingerprints.json", cache)
+        write_json_atomic(self.state / "fingerprints.json", cache)
 
     def fingerprint(self, model_dir: Path) -> str:
         key = str(Path(model_dir).resolve())
         cache = self._fp_cache()
         if key not in cache:
-            from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+            from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
             with CheckpointReader(model_dir) as reader:
                 fp = model_fingerprint(reader)
@@ -119,7 +120,7 @@ class HospitalNode:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         plan = protocol.plan_folder(final, part_bytes)
-        _write_json(plan_file, {"reference_fingerprint": reference_fingerprint, "part_bytes": part_bytes, "delta_dtype": delta_dtype, "plan": plan.to_json()})
+        write_json_atomic(plan_file, {"reference_fingerprint": reference_fingerprint, "part_bytes": part_bytes, "delta_dtype": delta_dtype, "plan": plan.to_json()})
         log.info("%s: round %d package ready (%d bytes, %d part(s))", self.cfg.institution, r, plan.total_bytes, len(plan.parts))
         return {"institution": self.cfg.institution, "plan": plan.to_json()}
 
@@ -221,13 +222,6 @@ class HospitalNode:
 def _installed_plan(folder: Path) -> str | None:
     p = folder.parent / f".{folder.name}.plan"
     return p.read_text() if p.exists() else None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _read_optional(path: str | None) -> str | None:

@@ -9,7 +9,6 @@ the ``ResultsStore``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,18 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmerge.checkpoints.fingerprint import folder_fingerprint, state_dict_fingerprint
 from fedmerge.eval.config import EvalConfig
 from fedmerge.eval.errors import DatasetUnavailable, EvalError, UnknownTask
 from fedmerge.eval.store import ROLES, ResultsStore, ScoreRecord
 
 log = logging.getLogger(__name__)
-
-_TORCH_TO_SAFETENSORS = {
-    "float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
-    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}
-
 
 def force_offline() -> None:
     """Make the hub and ``datasets`` libraries refuse the network, even if already imported."""
@@ -47,32 +40,6 @@ def force_offline() -> None:
 
         ds_config.HF_HUB_OFFLINE = True
         ds_config.HF_DATASETS_OFFLINE = True
-
-
-def module_fingerprint(model) -> str:
-    """The same fingerprint ``model_fingerprint`` gives the folder this model would be saved as.
-
-    SHA-256 over the sorted (name, dtype, shape, SHA-256 of bytes) of the state dict, so a model
-    scored in memory and the same weights scored from disk are recognised as one model.
-    """
-    import hashlib
-
-    from fedmerge.merging.checkpoint import tensor_digest
-
-    state = model.state_dict()
-    outer = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name]
-        dtype = _TORCH_TO_SAFETENSORS.get(str(t.dtype).removeprefix("torch."), str(t.dtype))
-        outer.update(json.dumps([name, dtype, list(t.shape), tensor_digest(t)]).encode())
-    return "sha256:" + outer.hexdigest()
-
-
-def folder_fingerprint(folder: str | Path) -> str:
-    from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
-
-    with CheckpointReader(folder) as reader:
-        return model_fingerprint(reader)
 
 
 @dataclass(frozen=True)
@@ -238,7 +205,7 @@ class Evaluator:
         # With a model object lm-eval takes the batch size from HFLM itself (simple_evaluate's
         # own batch_size is ignored), and the model stays on the device it is on.
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_batch_size=self.config.max_batch_size)
-        fp = module_fingerprint(model) if self.config.fingerprint else None
+        fp = state_dict_fingerprint(model.state_dict()) if self.config.fingerprint else None
         return lm, "<in-memory>", fp
 
     def evaluate(

@@ -27,15 +27,14 @@ a local copy of their dataset; nothing is ever downloaded.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
+from fedmerge.checkpoints.atomic import write_text_atomic
 from fedmerge.eval.errors import DatasetUnavailable, TaskFileError, UnknownTask
 
 KINDS = ("medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag")
@@ -140,17 +139,6 @@ def read_jsonl(path: str | Path, kind: str | None = None, *, contract: bool = Tr
     return items
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonl_text(items: Iterable[Mapping[str, Any]], kind: str, where: str) -> str:
     lines = []
     seen: set[str] = set()
@@ -206,10 +194,10 @@ def write_local_task(
     body.update(cfg)
     body["metadata"] = {**cfg.get("metadata", {}), KIND_METADATA_KEY: kind}
     if fewshot_text is not None:
-        _atomic_write(folder / f"{name}.fewshot.jsonl", fewshot_text)
-    _atomic_write(data, text)
+        write_text_atomic(folder / f"{name}.fewshot.jsonl", fewshot_text)
+    write_text_atomic(data, text)
     out = folder / f"{name}.yaml"
-    _atomic_write(out, f"# fedmerge local task ({kind}); items in {data.name}\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=1000))
+    write_text_atomic(out, f"# fedmerge local task ({kind}); items in {data.name}\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=1000))
     return out
 
 

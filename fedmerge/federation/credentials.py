@@ -14,19 +14,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmerge.checkpoints.atomic import write_private_atomic
+
 
 @dataclass(frozen=True)
 class TlsFiles:
     ca_cert: Path
     server_cert: Path
     server_key: Path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def make_tls(out_dir: str | os.PathLike[str], hosts: list[str], days: int = 365) -> TlsFiles:
@@ -76,11 +71,11 @@ def make_tls(out_dir: str | os.PathLike[str], hosts: list[str], days: int = 365)
     files = TlsFiles(out / "ca.pem", out / "server.pem", out / "server.key")
     files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(
+    write_private_atomic(
         files.server_key,
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
-    _write_private(
+    write_private_atomic(
         out / "ca.key",
         ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
@@ -95,6 +90,6 @@ def make_node_key(out_dir: str | os.PathLike[str], name: str) -> tuple[Path, Pat
     out = Path(out_dir)
     key = ec.generate_private_key(ec.SECP384R1())
     priv, pub = out / f"{name}.node", out / f"{name}.node.pub"
-    _write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    write_private_atomic(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
     return priv, pub

@@ -125,7 +125,7 @@ class LaunchServer:
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401
 
-        import fedmerge.merging.checkpoint  # noqa: F401
+        import fedmerge.checkpoints  # noqa: F401
         import fedmerge.security.package  # noqa: F401
 
         if self.kind == "clientapp":

@@ -42,7 +42,7 @@ from typing import Any, Iterator, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedmerge.errors import FedmergeError
-from fedmerge.merging.checkpoint import (
+from fedmerge.checkpoints import (
     FLOAT_DTYPES,
     CheckpointReader,
     CheckpointWriter,
@@ -51,6 +51,7 @@ from fedmerge.merging.checkpoint import (
     combine_digests,
     safetensors_dtype,
     tensor_bytes,
+    torch_dtype,
 )
 from fedmerge.merging.taskvector import DeltaCheckpoint, TaskVector, open_delta_source
 
@@ -332,7 +333,7 @@ def merge(
         return TensorInfo(nm, bi.shape, safetensors_dtype(spec.out_dtype))
 
     plan = [out_info(nm) for g in groups for nm in g] + [out_info(nm) for nm in passthrough]
-    out_torch = {i.name: getattr(torch, _torch_name(i.dtype)) for i in plan}
+    out_torch = {i.name: torch_dtype(i.dtype) for i in plan}
     for s in sources:
         rec = getattr(s, "digests", None)
         if rec is not None:
@@ -544,12 +545,6 @@ def _to(t, device: str, dtype):
     if device != "cpu":
         t = t.to(device, non_blocking=True)
     return t
-
-
-def _torch_name(st_dtype: str) -> str:
-    from fedmerge.merging.checkpoint import _TORCH_NAMES
-
-    return _TORCH_NAMES[st_dtype]
 
 
 def _feed_base(open_: dict[str, Any], done: dict[str, str], info: TensorInfo, raw, rows) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedmerge.merging.checkpoint import FLOAT_DTYPES, CheckpointError, CheckpointReader
+from fedmerge.checkpoints import FLOAT_DTYPES, CheckpointError, CheckpointReader
 from fedmerge.merging.engine import ARCH_KEYS, tokenizer_fingerprint
 from fedmerge.merging.taskvector import TaskVector, open_delta_source
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmerge.merging.checkpoint import CheckpointError, CheckpointReader, IncompatibleCheckpoint, TensorInfo
+from fedmerge.checkpoints import CheckpointError, CheckpointReader, IncompatibleCheckpoint, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

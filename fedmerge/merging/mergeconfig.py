@@ -257,7 +257,7 @@ def _from_mergekit(data: dict[str, Any], cfg_path: Path, root: Path) -> MergePla
     resolved = [(_resolve(p, root, f"{cfg_path}: {where}"), params) for p, params, where in entries]
     if cfg.slices and layer_range is not None:
         ref = base or resolved[0][0]
-        from fedmerge.merging.checkpoint import CheckpointReader
+        from fedmerge.checkpoints import CheckpointReader
 
         n_layers = CheckpointReader(ref).config.get("num_hidden_layers")
         if n_layers is not None and tuple(layer_range) != (0, n_layers):
@@ -289,7 +289,7 @@ def _from_mergekit(data: dict[str, Any], cfg_path: Path, root: Path) -> MergePla
 
 def run_merge_plan(plan: MergePlan, out_dir: str | os.PathLike[str], progress: bool = True, overwrite: bool = False):
     """Open the plan's inputs and run the engine; returns its ``MergeResult``."""
-    from fedmerge.merging.checkpoint import CheckpointReader
+    from fedmerge.checkpoints import CheckpointReader
     from fedmerge.merging.engine import merge
     from fedmerge.merging.taskvector import open_delta_source
 

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from fedmerge.merging.checkpoint import (
+from fedmerge.checkpoints import (
     METADATA_NAME,
     CheckpointError,
     CheckpointReader,

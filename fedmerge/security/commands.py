@@ -213,7 +213,7 @@ def _verify(args: argparse.Namespace, unpack_to: str | None):
     opener = _identity(args) if args.key else None
     fingerprint, expected = args.fingerprint, None
     if args.reference:
-        from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+        from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
         expected = CheckpointReader(args.reference)
         fingerprint = fingerprint or model_fingerprint(expected, progress=True)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from fedmerge.checkpoints.atomic import write_private_atomic
 from fedmerge.security.errors import KeyFileError, PassphraseError
 
 KEY_FORMAT = "fedmerge-identity/1"
@@ -158,22 +159,6 @@ def _as_bytes(passphrase: str | bytes | None) -> bytes | None:
     return data or None
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Create the file 0600 from the first byte on, so the key is never readable by others."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def key_paths(name: str, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     out = Path(out_dir)
     return out / f"{name}.key", out / f"{name}.pub.json"
@@ -198,7 +183,7 @@ def generate_identity(name: str, out_dir: str | os.PathLike[str], passphrase: st
         "signing_key": _pem(signing, pw),
         "encryption_key": _pem(encryption, pw),
     }
-    _write_private(key_file, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    write_private_atomic(key_file, json.dumps(body, indent=2, sort_keys=True) + "\n")
     ident = Identity(name, signing, encryption, key_file)
     pub_file.write_text(ident.public.to_json())
     return ident

@@ -83,7 +83,7 @@ def sign_model(model_dir: str | os.PathLike[str], identity: Identity, round_id: 
     if trust is not None:
         trust.require(identity.name, role="coordinator")
     if fingerprint is None:
-        from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+        from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
         fingerprint = model_fingerprint(CheckpointReader(folder))
     paths = _model_files(folder)
@@ -181,7 +181,7 @@ def verify_model(model_dir: str | os.PathLike[str], trust: TrustStore, expected_
         if d != listed[p.name][1]:
             raise ModelVerificationFailed(f"{folder}: {p.name} does not match its SHA-256 in the signed publication (altered or damaged)", sender=signer, path=p)
     if check_fingerprint and doc["fingerprint"] is not None:
-        from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+        from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
         actual = model_fingerprint(CheckpointReader(folder))
         if actual != doc["fingerprint"]:

@@ -146,7 +146,7 @@ class _FolderDelta:
     """model - reference, read a few rows at a time straight from the safetensors files."""
 
     def __init__(self, model: str | os.PathLike[str], reference: str | os.PathLike[str]):
-        from fedmerge.merging.checkpoint import CheckpointReader
+        from fedmerge.checkpoints import CheckpointReader
 
         self.model = CheckpointReader(model)
         self.reference = CheckpointReader(reference)
@@ -252,7 +252,7 @@ def _source_blocks(source: Any, name: str, out_dtype, target_bytes: int) -> Iter
 
 
 def _fingerprint_of(reference: Any) -> str:
-    from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+    from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
     return model_fingerprint(CheckpointReader(reference), progress=True)
 

@@ -15,6 +15,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from fedmerge.checkpoints.atomic import write_json_atomic
 from fedmerge.security.errors import ReplayedNonce, SecurityError, StaleRound
 
 GUARD_FORMAT = "fedmerge-replay/1"
@@ -48,13 +49,7 @@ class ReplayGuard:
         if self.path is None:
             return
         data = {"format": GUARD_FORMAT, "senders": {s: {"last_round": v["last_round"], "nonces": sorted(v["nonces"])} for s, v in sorted(self._state.items())}}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, data, indent=None)
 
     @contextmanager
     def _locked(self):

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from fedmerge.checkpoints.atomic import write_text_atomic
 from fedmerge.security.errors import KeyFileError, RevokedSender, RoleNotAllowed, TrustStoreError, UnknownSender
 from fedmerge.security.keys import Identity, PublicIdentity, b64, check_name, unb64
 
@@ -153,13 +154,7 @@ class TrustStore:
             text = yaml.safe_dump(data, sort_keys=True)
         else:
             text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
+        write_text_atomic(p, text)
         self.path = p
         return p
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmerge.server.spool import write_json_atomic
+from fedmerge.checkpoints.atomic import write_json_atomic
 
 
 class RoundLedger:

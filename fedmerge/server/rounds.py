@@ -62,7 +62,7 @@ class RoundRunner:
     def fingerprint(self, model_dir: Path) -> str:
         key = str(Path(model_dir).resolve())
         if key not in self._fingerprints:
-            from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+            from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
             with CheckpointReader(model_dir) as reader:
                 self._fingerprints[key] = model_fingerprint(reader)

@@ -68,7 +68,7 @@ def test_every_strategy_gives_a_loadable_model_with_finite_outputs(small):
 
 
 def test_the_federations_model_is_the_offline_merge_of_the_same_contributions(small):
-    from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+    from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
     cfg, _, out, result, _ = small
     assert cfg.federation.method == "task_arithmetic"

@@ -11,7 +11,8 @@ import pytest
 from eval_helpers import ITEMS_PER_TASK, SEED, SHOTS
 from fedmerge.cli import main
 from fedmerge.eval.config import EvalConfig
-from fedmerge.eval.evaluator import Evaluator, folder_fingerprint, module_fingerprint
+from fedmerge.checkpoints import folder_fingerprint, state_dict_fingerprint
+from fedmerge.eval.evaluator import Evaluator
 from fedmerge.eval.gate import Gate, GateConfig
 from fedmerge.eval.store import ResultsStore
 
@@ -38,7 +39,7 @@ def test_same_weights_twice_score_equal_and_in_memory_matches_folder(evaluator, 
     key = [(s.task, s.metric, s.value, s.stderr, s.n) for s in first.scores]
     assert key == [(s.task, s.metric, s.value, s.stderr, s.n) for s in second.scores]
     assert key == [(s.task, s.metric, s.value, s.stderr, s.n) for s in third.scores]
-    assert first.fingerprint == second.fingerprint == third.fingerprint == module_fingerprint(model)
+    assert first.fingerprint == second.fingerprint == third.fingerprint == state_dict_fingerprint(model.state_dict())
     # The few-shot sampler really is random per item, so without the re-seeding the second
     # round would have drawn other examples: two items' 2-shot contexts differ.
     task = evaluator.build_tasks()["toy_medqa"]

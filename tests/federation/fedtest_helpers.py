@@ -8,7 +8,7 @@ import torch
 
 
 def load_tensors(model_dir) -> dict:
-    from fedmerge.merging.checkpoint import CheckpointReader
+    from fedmerge.checkpoints import CheckpointReader
 
     with CheckpointReader(model_dir) as r:
         return {n: r.get(n).clone() for n in r.names()}

@@ -25,7 +25,7 @@ def tiny_set(tmp_path_factory, n: int = 3) -> tuple[Path, list[Path]]:
 
 
 def tensors(folder: Path) -> dict:
-    from fedmerge.merging.checkpoint import CheckpointReader
+    from fedmerge.checkpoints import CheckpointReader
 
     r = CheckpointReader(folder)
     return {n: r.get(n) for n in r.names()}

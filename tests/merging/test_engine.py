@@ -10,7 +10,7 @@ import pytest
 import torch
 from engine_helpers import tensors, tiny_set
 
-from fedmerge.merging.checkpoint import CheckpointReader, IncompatibleCheckpoint
+from fedmerge.checkpoints import CheckpointReader, IncompatibleCheckpoint
 from fedmerge.merging.engine import MergeSpec, MissingBase, NonFiniteTensor, merge
 from fedmerge.merging.strategies import StrategyError, TensorContext, available, build_strategy
 from fedmerge.merging.taskvector import TaskVector, write_delta_checkpoint
@@ -92,7 +92,7 @@ def test_same_seed_same_bytes_and_delta_folders_match_model_folders(tiny, tmp_pa
     d = merge(base, deltas, tmp_path / "d", spec, progress=False)
     assert _digest(d.out_dir) == _digest(a.out_dir)
     meta = json.loads((a.out_dir / "fedmerge.json").read_text())
-    from fedmerge.merging.checkpoint import model_fingerprint
+    from fedmerge.checkpoints import model_fingerprint
 
     assert meta["base"]["fingerprint"] == model_fingerprint(CheckpointReader(base))
     assert [i["fingerprint"] for i in meta["inputs"]] == [model_fingerprint(CheckpointReader(f)) for f in fts]
@@ -143,7 +143,7 @@ def test_non_finite_input_is_named(tiny, tmp_path):
     base, fts = tiny
     bad = tmp_path / "bad"
     shutil.copytree(fts[1], bad)
-    from fedmerge.merging.checkpoint import CheckpointWriter
+    from fedmerge.checkpoints import CheckpointWriter
 
     t = tensors(fts[1])
     t["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
@@ -167,7 +167,7 @@ def _variant(src, dst, edit_config=None, edit_tensors=None, edit_tokenizer=None)
         edit_tokenizer(tok)
         (dst / "tokenizer.json").write_text(json.dumps(tok))
     if edit_tensors:
-        from fedmerge.merging.checkpoint import CheckpointWriter
+        from fedmerge.checkpoints import CheckpointWriter
 
         t = tensors(src)
         edit_tensors(t)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from engine_helpers import SPEC, tensors, tiny_set
 
-from fedmerge.merging.checkpoint import CheckpointWriter
+from fedmerge.checkpoints import CheckpointWriter
 from fedmerge.merging.inspect import format_report, inspect_models, layer_of
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from engine_helpers import SPEC, tensors, tiny_set
 
-from fedmerge.merging.checkpoint import CheckpointReader, IncompatibleCheckpoint
+from fedmerge.checkpoints import CheckpointReader, IncompatibleCheckpoint
 from fedmerge.merging.lora import LoraDelta, LoraError, pattern_value
 from fedmerge.merging.taskvector import open_delta_source
 
@@ -117,7 +117,7 @@ def test_dora_and_missing_weights_refused(tiny, tmp_path):
 def test_adapter_for_another_model_is_refused(tiny, tmp_path):
     base, _ = tiny
     adapter, _ = _peft_lora(base, tmp_path, r=2, lora_alpha=2, target_modules=["q_proj"])
-    from fedmerge.merging.checkpoint import CheckpointWriter
+    from fedmerge.checkpoints import CheckpointWriter
 
     other = tmp_path / "other"
     with CheckpointWriter(other) as w:

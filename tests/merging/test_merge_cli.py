@@ -9,7 +9,7 @@ import torch
 from engine_helpers import tiny_set
 
 from fedmerge.cli import main
-from fedmerge.merging.checkpoint import CheckpointReader
+from fedmerge.checkpoints import CheckpointReader
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from engine_helpers import tensors, tiny_set
 
-from fedmerge.merging.checkpoint import CheckpointError, CheckpointReader, IncompatibleCheckpoint, model_fingerprint
+from fedmerge.checkpoints import CheckpointError, CheckpointReader, IncompatibleCheckpoint, model_fingerprint
 from fedmerge.merging.taskvector import DeltaCheckpoint, TaskVector, open_delta_source, write_delta_checkpoint
 
 
@@ -33,7 +33,7 @@ def test_task_vector_is_model_minus_base(tiny):
 def test_bf16_model_delta_is_taken_in_float32(tmp_path):
     base = tmp_path / "b"
     ft = tmp_path / "f"
-    from fedmerge.merging.checkpoint import CheckpointWriter
+    from fedmerge.checkpoints import CheckpointWriter
 
     for folder, value in ((base, 1.0), (ft, 1.0078125)):  # one bf16 ulp above 1
         with CheckpointWriter(folder) as w:
@@ -74,7 +74,7 @@ def test_delta_checkpoint_round_trip_and_kind_detection(tiny, tmp_path):
 
 def test_delta_checkpoint_may_omit_tensors(tiny, tmp_path):
     base, (ft1, *_) = tiny
-    from fedmerge.merging.checkpoint import CheckpointWriter
+    from fedmerge.checkpoints import CheckpointWriter
 
     with CheckpointWriter(tmp_path / "d") as w:
         w.add("model.norm.weight", torch.full((32,), 0.5))

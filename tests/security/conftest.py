@@ -25,7 +25,7 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def fingerprint(models) -> str:
-    from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+    from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
     return model_fingerprint(CheckpointReader(models[0]))
 

@@ -8,7 +8,7 @@ import stat
 import torch
 
 from fedmerge.cli import main
-from fedmerge.merging.checkpoint import CheckpointReader
+from fedmerge.checkpoints import CheckpointReader
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

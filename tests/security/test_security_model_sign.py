@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fedmerge.merging.checkpoint import CheckpointReader, model_fingerprint
+from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 from fedmerge.security import errors as E
 from fedmerge.security.model_sign import PUBLICATION_NAME, sign_model, verify_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sec_helpers import load_manifest_dict, resign
 
-from fedmerge.merging.checkpoint import CheckpointReader, CheckpointWriter
+from fedmerge.checkpoints import CheckpointReader, CheckpointWriter
 from fedmerge.security import errors as E
 from fedmerge.security.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from fedmerge.security.package import pack_delta, verify_package

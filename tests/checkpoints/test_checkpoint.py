@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedmerge.merging.checkpoint import (
+from fedmerge.checkpoints import (
     INDEX_NAME,
     CheckpointError,
     CheckpointReader,
