@@ -1,19 +1,43 @@
 """Reading YAML config files into pydantic models, with errors that name the file and the field.
 
-Every part (merge configs, federation and client configs, the evaluator, the demo) reads its
-config through these two functions, so a mistake reads the same wherever it is made:
+Every part (merge configs, federation and client configs, the evaluator, the demo, simulations)
+reads its config through ``load_config``, so a mistake reads the same wherever it is made:
 ``path: field.sub[2]: what is wrong``.
+
+Relative paths in a file are relative to that file, never to the working directory. A field
+says it holds a path by its type (``ConfigPath``, or ``ConfigDir``... all the same mechanism):
+the file's folder travels in pydantic's validation context and the field's validator joins it.
+A model built in code (no file) keeps its paths exactly as given.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError, ValidationInfo
 
 from fedmerge.errors import FedmergeError
+
+CONFIG_DIR = "config_dir"  # the validation-context key holding the config file's folder
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _relative_to_config(value: Any, info: ValidationInfo) -> Any:
+    root = (info.context or {}).get(CONFIG_DIR)
+    if root is None or value is None or value == "":
+        return value
+    p = Path(os.path.expanduser(str(value)))
+    resolved = p if p.is_absolute() else Path(root) / p
+    return resolved if isinstance(value, Path) else str(resolved)
+
+
+# A path written in a config file: relative to the file's folder. ``str`` for fields that callers
+# treat as strings, ``Path`` where they want a Path; both resolve the same way.
+ConfigPath = Annotated[str, AfterValidator(_relative_to_config)]
+ConfigPathObj = Annotated[Path, AfterValidator(_relative_to_config)]
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], error: type[FedmergeError], expected: str = "a mapping of fields") -> dict[str, Any]:
@@ -44,3 +68,21 @@ def describe_validation_error(exc: ValidationError) -> str:
         loc = ".".join(f"[{x}]" if isinstance(x, int) else str(x) for x in err["loc"]).replace(".[", "[") or "(root)"
         parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+def validate_config(data: dict[str, Any], model: type[M], path: str | os.PathLike[str], error: type[FedmergeError]) -> M:
+    """Validate an already-read mapping as ``model``, resolving its paths against ``path``'s folder."""
+    p = Path(path)
+    try:
+        return model.model_validate(data, context={CONFIG_DIR: p.parent.resolve()})
+    except ValidationError as exc:
+        raise error(f"{p}: {describe_validation_error(exc)}") from None
+
+
+def load_config(path: str | os.PathLike[str], model: type[M], error: type[FedmergeError], expected: str = "a mapping of fields") -> M:
+    """Read ``path`` (YAML) as ``model``: errors name the file and the field, paths are relative to the file."""
+    return validate_config(read_yaml_mapping(path, error, expected), model, path, error)
+
+
+class ConfigError(FedmergeError):
+    """A federation, client or simulation config file is missing, not YAML, or has a bad field."""

@@ -6,23 +6,25 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedmerge.configfile import ConfigError, ConfigPath, load_config
+
 
 class ClientConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     institution: str
-    identity_key: str  # the institution's private identity file (signs its packages)
-    identity_passphrase_file: str | None = None
-    trust_store: str  # the consortium's trust store (checks the coordinator's signature)
-    base_model: str
-    finetuned: str | None = None  # a full fine-tune (HF folder)...
-    adapter: str | None = None  # ...or a PEFT LoRA adapter folder
-    state_dir: str
+    identity_key: ConfigPath  # the institution's private identity file (signs its packages)
+    identity_passphrase_file: ConfigPath | None = None
+    trust_store: ConfigPath  # the consortium's trust store (checks the coordinator's signature)
+    base_model: ConfigPath
+    finetuned: ConfigPath | None = None  # a full fine-tune (HF folder)...
+    adapter: ConfigPath | None = None  # ...or a PEFT LoRA adapter folder
+    state_dir: ConfigPath
     seal: bool = False
-    coordinator_public_file: str | None = None  # needed to seal: the coordinator's public identity
+    coordinator_public_file: ConfigPath | None = None  # needed to seal: the coordinator's public identity
     # Flower connection: the SuperLink's Fleet address, its CA, and this node's auth key (OpenSSH EC).
     superlink_address: str = "127.0.0.1:9092"
-    root_cert: str | None = None
-    supernode_key: str | None = None
+    root_cert: ConfigPath | None = None
+    supernode_key: ConfigPath | None = None
     runtime_port: int = 9094
     # SHA-256 of the Flower app bundles this node agrees to run; anything else is refused unrun.
     pinned_app_hashes: list[str] = Field(default_factory=list)
@@ -49,6 +51,4 @@ class ClientConfig(BaseModel):
 
 
 def load_client_config(path) -> ClientConfig:
-    from fedmerge.federation.yamlconfig import load_yaml_config
-
-    return load_yaml_config(path, ClientConfig)
+    return load_config(path, ClientConfig, ConfigError)

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedmerge.configfile import describe_validation_error, read_yaml_mapping
+from fedmerge.configfile import load_config
 from fedmerge.errors import FedmergeError
 
 # Bump when the world's recipe changes in a way the config does not show (templates, layout).
@@ -143,9 +143,4 @@ def load_demo_config(path: str | Path | None) -> DemoConfig:
     """The defaults when ``path`` is None; otherwise the YAML file, validated field by field."""
     if path is None:
         return DemoConfig()
-    path = Path(path)
-    raw = read_yaml_mapping(path, DemoConfigError, "a mapping with world / evaluation / federation / merges")
-    try:
-        return DemoConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise DemoConfigError(f"{path}: {describe_validation_error(exc)}") from None
+    return load_config(path, DemoConfig, DemoConfigError, "a mapping with world / evaluation / federation / merges")

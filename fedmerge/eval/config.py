@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedmerge.configfile import describe_validation_error, read_yaml_mapping
+from fedmerge.configfile import ConfigPath, ConfigPathObj, read_yaml_mapping, validate_config
 from fedmerge.eval.errors import EvalConfigError
 
 DEFAULT_CPU_BATCH = 4
@@ -24,8 +24,8 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: list[str] = Field(min_length=1)
-    task_dirs: list[Path] = Field(default_factory=list)
-    builtin_datasets: dict[str, Union[str, dict[str, str]]] = Field(default_factory=dict)
+    task_dirs: list[ConfigPathObj] = Field(default_factory=list)
+    builtin_datasets: dict[str, Union[ConfigPath, dict[str, ConfigPath]]] = Field(default_factory=dict)
     num_fewshot: int = Field(5, ge=0)
     limit: Union[int, float, None] = Field(None, description="items per task (int) or fraction (<1); None = all")
     device: str = "auto"
@@ -35,7 +35,7 @@ class EvalConfig(BaseModel):
     cpu_threads: int | None = Field(None, ge=1, description="torch threads while scoring on CPU; None = torch's default")
     seed: int = Field(1234, description="few-shot sampling and every other random seed lm-eval uses")
     bootstrap_iters: int = Field(1000, ge=0, description="only for metrics without a closed-form stderr")
-    store: Path | None = Path("results.db")
+    store: ConfigPathObj | None = Path("results.db")
     fingerprint: bool = Field(True, description="compute the model's content fingerprint for the store")
 
     @field_validator("limit")
@@ -54,18 +54,10 @@ class EvalConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalConfig":
-        path = Path(path)
         raw = read_yaml_mapping(path, EvalConfigError, "a mapping of eval settings")
         if isinstance(raw.get("eval"), dict):
             raw = raw["eval"]
-        base = path.parent
-        for key in ("task_dirs",):
-            if isinstance(raw.get(key), list):
-                raw[key] = [str(p if Path(p).is_absolute() else base / p) for p in raw[key]]
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise EvalConfigError(f"{path}: {describe_validation_error(exc)}") from None
+        return validate_config(raw, cls, path, EvalConfigError)
 
     def resolved_device(self) -> str:
         from fedmerge.devices import resolve_device

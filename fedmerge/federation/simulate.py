@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedmerge.configfile import ConfigError, ConfigPath, load_config
+
 
 class FlowerEngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -26,10 +28,10 @@ class SimulationConfig(BaseModel):
     engine: Literal["flower", "inprocess"] = "flower"
     flower: FlowerEngineOptions = Field(default_factory=FlowerEngineOptions)
     # Either an existing federation...
-    federation_config: str | None = None
-    client_configs: list[str] = Field(default_factory=list)
+    federation_config: ConfigPath | None = None
+    client_configs: list[ConfigPath] = Field(default_factory=list)
     # ...or toy institutions laid out under work_dir.
-    work_dir: str | None = None
+    work_dir: ConfigPath | None = None
     institutions: int = Field(3, ge=1)
     rounds: int = Field(1, ge=1)
     min_clients: int | None = Field(None, ge=1)
@@ -48,15 +50,7 @@ class SimulationConfig(BaseModel):
 
 
 def load_simulation_config(path) -> SimulationConfig:
-    from fedmerge.federation.yamlconfig import load_yaml_config
-
-    cfg = load_yaml_config(path, SimulationConfig)
-    # Paths in the file are relative to the file, like every other config.
-    root = Path(path).resolve().parent
-    if cfg.federation_config is not None:
-        cfg.federation_config = str(root / cfg.federation_config)
-    cfg.client_configs = [str(root / c) for c in cfg.client_configs]
-    return cfg
+    return load_config(path, SimulationConfig, ConfigError)
 
 
 def run_from_config(path, institutions: int | None = None, engine: str | None = None):

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedmerge.configfile import ConfigError, ConfigPath, load_config
 from fedmerge.protocol import DEFAULT_PART_BYTES
 
 
@@ -32,12 +33,12 @@ class SuperLinkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     start: bool = True
     address: str = "0.0.0.0:9092"
-    ca_cert: str
-    server_cert: str | None = None
-    server_key: str | None = None
-    database_path: str | None = None  # default: <state_dir>/superlink.db
+    ca_cert: ConfigPath
+    server_cert: ConfigPath | None = None
+    server_key: ConfigPath | None = None
+    database_path: ConfigPath | None = None  # default: <state_dir>/superlink.db
     # OpenSSH public keys of the SuperNodes allowed to connect (one file each), registered at start.
-    supernode_public_keys: list[str] = Field(default_factory=list)
+    supernode_public_keys: list[ConfigPath] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _certs_to_start(self) -> "SuperLinkConfig":
@@ -48,18 +49,18 @@ class SuperLinkConfig(BaseModel):
 
 class EvaluatorHook(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    config_path: str  # an eval config (YAML) for fedmerge.eval
+    config_path: ConfigPath  # an eval config (YAML) for fedmerge.eval
     gate_metric: str | None = None
 
 
 class FederationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "fedmerge"
-    state_dir: str
-    base_model: str
-    coordinator_key: str  # the coordinator's private identity file (signs published models)
-    coordinator_key_passphrase_file: str | None = None
-    trust_store: str
+    state_dir: ConfigPath
+    base_model: ConfigPath
+    coordinator_key: ConfigPath  # the coordinator's private identity file (signs published models)
+    coordinator_key_passphrase_file: ConfigPath | None = None
+    trust_store: ConfigPath
     rounds: int = Field(1, ge=1)
     min_clients: int = Field(2, ge=1, description="quorum: fewest verified contributions that make a round")
     clients_per_round: int | None = Field(None, ge=1, description="sample size; default every connected client")
@@ -92,6 +93,4 @@ class FederationConfig(BaseModel):
 
 
 def load_federation_config(path) -> FederationConfig:
-    from fedmerge.federation.yamlconfig import load_yaml_config
-
-    return load_yaml_config(path, FederationConfig)
+    return load_config(path, FederationConfig, ConfigError)

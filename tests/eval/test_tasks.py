@@ -207,3 +207,31 @@ def test_eval_config_yaml_and_offline(tmp_path):
 
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
     assert datasets.config.HF_DATASETS_OFFLINE and datasets.config.HF_HUB_OFFLINE
+
+
+def test_every_path_in_an_eval_config_is_relative_to_the_file(tmp_path, monkeypatch):
+    from fedmerge.eval.config import EvalConfig
+
+    cfg_dir = tmp_path / "configs" / "paper"
+    cfg_dir.mkdir(parents=True)
+    (cfg_dir / "eval.yaml").write_text(
+        "tasks: [medqa_4options]\ntask_dirs: [tasks]\nstore: ../../results/paper.db\n"
+        "builtin_datasets:\n  medqa_4options: ../../datasets/medqa\n  pubmedqa: {test: data/test.jsonl}\n"
+    )
+    monkeypatch.chdir(tmp_path / "configs")  # anywhere but the file's folder
+    cfg = EvalConfig.from_yaml(cfg_dir / "eval.yaml")
+    root = cfg_dir.resolve()
+    assert cfg.task_dirs == [root / "tasks"]
+    assert cfg.store == root / "../../results/paper.db"
+    assert cfg.builtin_datasets == {"medqa_4options": str(root / "../../datasets/medqa"), "pubmedqa": {"test": str(root / "data/test.jsonl")}}
+
+
+def test_the_paper_eval_config_points_at_the_repository_root():
+    from pathlib import Path
+
+    from fedmerge.eval.config import EvalConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = EvalConfig.from_yaml(repo / "configs" / "paper" / "eval.yaml")
+    assert cfg.store.resolve() == repo / "results" / "paper.db"
+    assert Path(cfg.builtin_datasets["medqa_4options"]).resolve() == repo / "datasets" / "medqa_4options"
