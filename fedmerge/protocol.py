@@ -199,7 +199,12 @@ def scrub_paths(text: str, limit: int = 600) -> str:
     What a hospital tells the coordinator about its failures goes into the consortium's round
     records; where its models, keys and state live stays at the hospital.
     """
-    return _LOCAL_PATH.sub("<local path>", str(text))[:limit]
+    def replace(m: re.Match[str]) -> str:
+        path = m.group(0)
+        kept = path[len(path.rstrip(".:")) :]  # a sentence's punctuation after the path stays
+        return "<local path>" + kept
+
+    return _LOCAL_PATH.sub(replace, str(text))[:limit]
 
 
 def refusal_meta(exc: BaseException) -> dict[str, str]:
