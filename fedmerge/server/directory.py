@@ -84,8 +84,9 @@ class KeyBoundDirectory:
         node_id = int(node_id)
         if node_id not in self._known:
             for nid, key in registered_node_keys(self.grid).items():
-                self._known[nid] = self._by_key.get(key)
-        return self._known.get(node_id)
+                self._known[nid] = self._by_key.get(key) if key is not None else None
+            self._known.setdefault(node_id, None)  # unknown to the SuperLink: bound to nothing
+        return self._known[node_id]
 
 
 # Flower versions whose ServerApp Grid reports each node's registered public key in
@@ -93,8 +94,8 @@ class KeyBoundDirectory:
 _TESTED_FLOWER = ((1, 41),)
 
 
-def registered_node_keys(grid) -> dict[int, bytes]:
-    """node id -> DER public key the SuperLink registered for it (nodes without one are left out).
+def registered_node_keys(grid) -> dict[int, bytes | None]:
+    """node id -> DER public key the SuperLink registered for it (None: none, or unreadable).
 
     The one place that reads what Flower's ``Grid.get_nodes`` returns beyond node ids.
     """
@@ -107,10 +108,11 @@ def registered_node_keys(grid) -> dict[int, bytes]:
             f"flwr {flwr.__version__}: node-key bindings are read from Grid.get_nodes(), tested with flwr "
             f"{', '.join('.'.join(map(str, v)) for v in _TESTED_FLOWER)}; check that its NodeInfo still carries public_key"
         )
-    out: dict[int, bytes] = {}
+    out: dict[int, bytes | None] = {}
     infos: Iterable = grid.get_nodes()
     for info in infos:
         raw = bytes(info.public_key)
+        out[int(info.node_id)] = None
         if not raw:
             continue
         try:
