@@ -19,7 +19,7 @@ import time
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 RECORD_FORMAT = "fedmerge-round/2"
 
@@ -188,6 +188,15 @@ class RoundRecord(_Model):
     failure: str | None = None
     events: list[RoundEvent] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        # ``contributors`` is written for readers of the JSON; it is derived, never read back.
+        if isinstance(data, dict) and "contributors" in data:
+            data = {k: v for k, v in data.items() if k != "contributors"}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def contributors(self) -> list[str]:
         return sorted(self.contributions)
