@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the round records as JSON")
     p.add_argument("--watch", action="store_true", help="refresh until every round is done (Ctrl-C to stop)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch (default 5)")
+    p.add_argument("--events", action="store_true", help="also list every round's decisions, in order, with their times")
     p.set_defaults(func=_cmd_status)
 
 
@@ -37,7 +38,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from fedmerge.server.config import load_federation_config
 
     cfg = load_federation_config(args.config)
-    render = status_json_text if args.json else render_text
+    render = status_json_text if args.json else (render_with_events if args.events else render_text)
     if not args.watch:
         print(render(cfg, read_records(cfg)))
         return 0
@@ -80,14 +81,14 @@ def watch(
 
 
 # -- JSON ----------------------------------------------------------------------------------------
-def status_json(cfg: FederationConfig, records: list[RoundRecord]) -> dict[str, Any]:
+def status_json(cfg: FederationConfig, records: list[RoundRecord], events: bool = False) -> dict[str, Any]:
     return {
         "federation": cfg.name,
         "state_dir": str(cfg.state),
         "rounds_planned": cfg.rounds,
         "rounds": [
             {
-                **r.model_dump(mode="json", exclude={"events"}),
+                **r.model_dump(mode="json", exclude=None if events else {"events"}),
                 "institutions": {inst: {"state": st.value, "detail": why} for inst, (st, why) in r.institution_states().items()},
             }
             for r in records
@@ -112,14 +113,26 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def render_text(cfg: FederationConfig, records: list[RoundRecord]) -> str:
+def render_text(cfg: FederationConfig, records: list[RoundRecord], events: bool = False) -> str:
     done = sum(1 for r in records if r.status.terminal)
     lines = [f"federation {cfg.name}: {done} of {cfg.rounds} round(s) done (state {cfg.state})"]
     if not records:
         lines.append("no round started yet")
     for r in records:
         lines += ["", *_round_lines(r)]
+        if events:
+            lines += [_event_line(e) for e in r.events]
     return "\n".join(lines)
+
+
+def render_with_events(cfg: FederationConfig, records: list[RoundRecord]) -> str:
+    return render_text(cfg, records, events=True)
+
+
+def _event_line(e) -> str:
+    who = e.institution or (f"node {e.node}" if e.node is not None else "")
+    stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
+    return f"    {stamp}  {e.kind.value:<10} {who:<14} {e.detail}".rstrip()
 
 
 def _round_lines(r: RoundRecord) -> list[str]:

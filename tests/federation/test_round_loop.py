@@ -203,3 +203,30 @@ def test_simulate_reruns_on_its_work_dir_only_with_overwrite(tmp_path, capsys):
     (tmp_path / "work" / "notes.txt").write_text("mine")
     assert main(["simulate", str(sim), "--overwrite"]) == 1
     assert "holds 'notes.txt'" in capsys.readouterr().err and (tmp_path / "work" / "notes.txt").exists()
+
+
+def test_status_events_lists_each_decision_in_order(make_federation):
+    tf = make_federation(2, rounds=1)
+    runner(tf, RecordingGrid({1: str(tf.client_configs["hospital-a"]), 2: str(tf.client_configs["hospital-b"])})).run()
+    rc, text = status(tf, "--events")
+    kinds = [line.split()[1] for line in text.splitlines() if line.startswith("    ")]
+    assert rc == 0 and kinds == ["opened", "accepted", "accepted", "merged", "signed", "installed", "installed", "completed"]
+    assert "accepted   hospital-a" in text or "accepted   hospital-b" in text
+    assert "events" not in status_json(tf)["rounds"][0]
+
+
+def test_simulate_on_an_existing_federation_resumes_or_starts_over_with_overwrite(make_federation, tmp_path, capsys):
+    from fedmerge.cli import main
+
+    tf = make_federation(2, rounds=1)
+    sim = tmp_path / "simulate.yaml"
+    sim.write_text(yaml.safe_dump({"engine": "inprocess", "federation_config": str(tf.federation_config),
+                                   "client_configs": [str(p) for p in tf.client_configs.values()]}))  # fmt: skip
+    assert main(["simulate", str(sim), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["rounds"][0]["record"]
+    assert main(["simulate", str(sim), "--json"]) == 0  # resumes: the round is done, nothing runs again
+    assert json.loads(capsys.readouterr().out)["rounds"][0]["record"]["started_at"] == first["started_at"]
+    assert main(["simulate", str(sim), "--overwrite", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["rounds"][0]["record"]
+    assert again["started_at"] > first["finished_at"] and again["merge"]["fingerprint"] == first["merge"]["fingerprint"]
+    assert (tf.root / "clients" / "hospital-a" / "models" / "current").resolve().name == "round-0001"
