@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from fedmerge.server.config import EvaluatorHook, FederationConfig
+from fedmerge.server.errors import ServerError
 from fedmerge.server.record import Evaluation, GateOutcome
+
+if TYPE_CHECKING:  # lm-eval loads only when a round is scored
+    from fedmerge.eval.evaluator import EvalResult
+    from fedmerge.eval.gate import GateDecision
 
 log = logging.getLogger(__name__)
 
-EvaluateFn = Callable[[int, Path], "EvalResult"]  # noqa: F821 - fedmerge.eval.evaluator.EvalResult
-GateFn = Callable[["EvalResult"], "GateDecision"]  # noqa: F821 - fedmerge.eval.gate.GateDecision
+EvaluateFn = Callable[[int, Path], "EvalResult"]
+GateFn = Callable[["EvalResult"], "GateDecision"]
 
 
 class ConfiguredEvaluation:
@@ -51,8 +56,6 @@ class ConfiguredEvaluation:
 
             ev = self._eval()
             if ev.store is None:
-                from fedmerge.server.errors import ServerError
-
                 raise ServerError(f"{self.hook.config_path}: the gate needs a results store (store: in the eval config) to find the last published model")
             self._gate = Gate(ev.store, self.hook.gate_config())
         return self._gate
