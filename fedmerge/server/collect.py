@@ -22,7 +22,7 @@ from fedmerge.checkpoints import CheckpointReader
 from fedmerge.errors import FedmergeError
 from fedmerge.server.config import FederationConfig
 from fedmerge.server.errors import ClaimMismatch, DuplicateContribution, NotSealed, SignerNotBound
-from fedmerge.server.exchange import Exchange, NodeFailed, Request
+from fedmerge.server.exchange import Exchange, NodeFailed, Request, decode
 from fedmerge.server.ledger import RoundJournal
 from fedmerge.server.membership import Participants
 from fedmerge.server.record import Contribution, Drop, EventKind, Rejection
@@ -90,6 +90,7 @@ class Collection:
             if inst in accepted:
                 log.info("round %d: %s already contributed (accepted before a restart); not asked again", self.r, inst)
         if not asked:
+            self.spool.discard_incoming()
             return
         open_meta = {
             "round": self.r,
@@ -126,16 +127,16 @@ class Collection:
 
     # -- replies -----------------------------------------------------------------------------------
     def _on_reply(self, node: int, tag: Any, reply) -> list[Request] | None:
-        meta = protocol.read_meta(reply.content)
+        meta, payload = decode(reply)
         refusal = protocol.read_refusal(meta)
         if refusal is not None:
             raise NodeFailed(f"the hospital refused: {refusal}")
         if tag == _OPEN:
-            return self._on_open(node, meta, reply)
-        self._receive(node, int(tag), meta, protocol.read_payload(reply.content))
+            return self._on_open(node, meta, payload)
+        self._receive(node, int(tag), meta, payload)
         return None
 
-    def _on_open(self, node: int, meta: dict[str, Any], reply) -> list[Request]:
+    def _on_open(self, node: int, meta: dict[str, Any], payload: bytes | None) -> list[Request]:
         inst = self.bound[node]
         claimed = str(meta.get("institution", ""))
         try:
@@ -147,18 +148,18 @@ class Collection:
             raise self._reject(node, exc) from None
         self.plans[node] = plan
         have = self.spool.start(node, plan, inst)
-        if "part" in meta and protocol.PAYLOAD in reply.content.array_records and 0 not in have:
-            self._receive(node, 0, meta, protocol.read_payload(reply.content))
+        if payload is not None and 0 not in have:
+            self._receive(node, 0, meta, payload)
             have.add(0)
         todo = [i for i in range(len(plan.parts)) if i not in have]
         if not todo:
             self._finish(node)
         return [Request(protocol.FETCH_PART, {"round": self.r, "part": i}, None, i) for i in todo]
 
-    def _receive(self, node: int, index: int, meta: dict[str, Any], data: bytes) -> None:
+    def _receive(self, node: int, index: int, meta: dict[str, Any], data: bytes | None) -> None:
         plan = self.plans[node]
-        if int(meta.get("part", -1)) != index or meta.get("sha256") != protocol.part_digest(data):
-            raise NodeFailed(f"part {index} arrived damaged or out of place")
+        if data is None or meta.get("part") != index or meta.get("sha256") != protocol.part_digest(data):
+            raise NodeFailed(f"part {index} arrived damaged, missing or out of place")
         inst = self.bound[node]
         complete = self.spool.receive_part(node, plan, index, data)
         self.record.bytes_received[inst] = self.record.bytes_received.get(inst, 0) + len(data)

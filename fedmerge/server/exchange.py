@@ -41,6 +41,18 @@ class NodeFailed(Exception):
     """Raised by a reply handler: stop the exchange with this node, for the reason given."""
 
 
+def decode(reply: Message) -> tuple[dict[str, Any], bytes | None]:
+    """A reply's fedmerge meta and payload (None when it carries none); a malformed one fails its node."""
+    from fedmerge.protocol import PAYLOAD, ProtocolError, read_meta, read_payload
+
+    try:
+        meta = read_meta(reply.content)
+        payload = read_payload(reply.content) if PAYLOAD in reply.content.array_records else None
+    except (ProtocolError, KeyError, ValueError, TypeError) as exc:
+        raise NodeFailed(f"malformed reply ({type(exc).__name__}: {scrub_paths(str(exc))})") from None
+    return meta, payload
+
+
 @dataclass
 class Request:
     kind: str  # message type (``query.<action>``)

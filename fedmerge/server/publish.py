@@ -16,7 +16,7 @@ from typing import Any
 
 from fedmerge import protocol
 from fedmerge.server.config import FederationConfig
-from fedmerge.server.exchange import Exchange, NodeFailed, Request
+from fedmerge.server.exchange import Exchange, NodeFailed, Request, decode
 from fedmerge.server.ledger import RoundJournal
 from fedmerge.server.membership import Roster
 from fedmerge.server.record import Drop, EventKind
@@ -85,7 +85,7 @@ class Push:
         return reqs
 
     def _on_reply(self, node: int, tag, reply) -> None:
-        meta = protocol.read_meta(reply.content)
+        meta, _ = decode(reply)
         refusal = protocol.read_refusal(meta)
         if refusal is not None:
             raise NodeFailed(f"the hospital refused the model: {refusal}")

@@ -184,3 +184,23 @@ def test_scrub_paths_removes_local_paths_and_keeps_the_rest():
     text = "CheckpointError: /srv/hospital/models/ft: no such folder; see ~/keys/a.key, or '/data/x y'."
     assert scrub_paths(text) == "CheckpointError: <local path>: no such folder; see <local path>, or '<local path> y'."
     assert scrub_paths("round 3 of 5, ratio 1/2, sha256:ab/cd") == "round 3 of 5, ratio 1/2, sha256:ab/cd"
+
+
+def test_a_malformed_reply_drops_its_node_not_the_round(make_federation):
+    from flwr.app import Message, RecordDict
+
+    from fedmerge.client.app import app
+
+    tf = make_federation(3, rounds=1, min_clients=2)
+
+    def garbles_its_parts(message, context):
+        if context.node_id == 3 and message.metadata.message_type == FETCH_PART:
+            return Message(RecordDict(), reply_to=message)  # no fedmerge record at all
+        return app(message=message, context=context)
+
+    grid = RecordingGrid({i + 1: str(tf.client_configs[n]) for i, n in enumerate(sorted(tf.client_configs))}, client_app=garbles_its_parts)
+    rec = runner(tf, grid).run()[0]
+    assert rec.status == "completed" and rec.contributors == ["hospital-a", "hospital-b"]
+    assert [(d.institution, d.stage) for d in rec.drops] == [("hospital-c", "transfer")]
+    assert rec.drops[0].reason.startswith("malformed reply (ProtocolError: message carries no fedmerge record")
+    assert _files_under(_spool(tf) / "incoming") == []
