@@ -106,7 +106,7 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
     fed = yaml.safe_load(tf.federation_config.read_text())
     fed["superlink"] = {
         "start": True, "address": address, "ca_cert": str(tls.ca_cert), "server_cert": str(tls.server_cert),
-        "server_key": str(tls.server_key), "supernode_public_keys": [str(keys[nm][1]) for nm in names],
+        "server_key": str(tls.server_key), "supernode_public_keys": {nm: str(keys[nm][1]) for nm in names},
     }  # fmt: skip
     tf.federation_config.write_text(yaml.safe_dump(fed))
     bare_app = Path(__file__).resolve().parent / "bare_flower_app"
@@ -128,23 +128,23 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
                 coord.submit()
                 records = coord.wait(timeout=7200, poll_s=2.0)
             rec = records[0]
-            assert rec["status"] == "completed", rec
-            pkg_bytes = {k: v["bytes"] for k, v in rec["inputs"].items()}
+            assert rec.status == "completed", rec
+            pkg_bytes = {k: c.bytes for k, c in rec.contributions.items()}
             result.update(
-                round_seconds=round(rec["finished_at"] - rec["started_at"], 1),
-                merge_seconds_in_round=round(rec["merge_seconds"], 1),
+                round_seconds=round(rec.finished_at - rec.started_at, 1),
+                merge_seconds_in_round=round(rec.merge.seconds, 1),
                 bytes_sent_per_client=pkg_bytes,
-                model_bytes_received_per_client=rec["model_bytes"],
+                model_bytes_received_per_client=rec.publication.model_bytes,
                 peak_rss_gb=rss.gb(),
             )
         else:  # only the bare transfer, of this many bytes each way per node
-            pkg_bytes, rec = {nm: bare_only_bytes for nm in names}, {"model_bytes": bare_only_bytes}
+            pkg_bytes, rec = {nm: bare_only_bytes for nm in names}, None
         if not bare:
             return result
         # Bare Flower: the same bytes, parts and window, nothing else.
         plan = work / "bare-plan.json"
         out = work / "bare-result.json"
-        plan.write_text(json.dumps({"nodes": n, "up_bytes": max(pkg_bytes.values()), "down_bytes": rec["model_bytes"], "part_bytes": part_bytes, "window": fed_cfg.parts_in_flight,
+        plan.write_text(json.dumps({"nodes": n, "up_bytes": max(pkg_bytes.values()), "down_bytes": rec.publication.model_bytes if rec is not None else bare_only_bytes, "part_bytes": part_bytes, "window": fed_cfg.parts_in_flight,
                                     "total_window": fed_cfg.parts_in_flight_total, "out": str(out)}))
         with PeakRss({"bare_serverapp": "guard --serve serverapp"}) as bare_rss:
             t0 = time.perf_counter()
@@ -163,7 +163,7 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
             node.stop()
         coord.stop()
     # The engine alone on the same verified deltas.
-    deltas = [DeltaCheckpoint(Path(v["delta_dir"])) for _, v in sorted(rec["inputs"].items())]
+    deltas = [DeltaCheckpoint(Path(c.delta_dir)) for _, c in sorted(rec.contributions.items())]
     t0 = time.perf_counter()
     merge(base, deltas, work / "engine-only", MergeSpec(**fed["strategy"]), progress=False)
     result["engine_seconds"] = round(time.perf_counter() - t0, 1)
@@ -193,13 +193,13 @@ def simulated_round(work: Path, n: int, base: Path, finetunes: list[Path], part_
         raise RuntimeError(f"simulated round with {n} clients failed:\n{proc.stderr[-3000:]}")
     report = json.loads(proc.stdout[proc.stdout.index("{") :])
     rec = report["rounds"][0]["record"]
-    pkg = sum(v["bytes"] for v in rec["inputs"].values())
+    pkg = sum(v["bytes"] for v in rec["contributions"].values())
     return {
         "clients": n,
         "engine": "flower-simulation",
         "command_wall_seconds": round(wall, 1),
         "round_seconds": round(rec["finished_at"] - rec["started_at"], 1),
-        "merge_seconds_in_round": round(rec["merge_seconds"], 1),
+        "merge_seconds_in_round": round(rec["merge"]["seconds"], 1),
         "packages_taken_in_gb": round(pkg / 1e9, 3),
         "peak_rss_gb": rss.gb(),
     }

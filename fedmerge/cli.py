@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "fedmerge.demo.commands",
     "fedmerge.client.commands",
     "fedmerge.server.commands",
+    "fedmerge.server.status",
     "fedmerge.federation.commands",
 ]
 

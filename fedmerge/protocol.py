@@ -9,22 +9,33 @@ no process on either side ever holds more than a part in memory.
 A round, as messages (all ``query.<action>``; each message starts a fresh ClientApp process,
 so every handler does one small thing and keeps what it computed on disk):
 
-- ``open_round``   coordinator -> client: round id, reference fingerprint, part size, the
-                   institutions already accepted (after a coordinator restart).
-                   reply: the client's institution id, the PartPlan of its package and, unless
-                   already accepted, the package's first part (one message fewer per round).
+- ``open_round``   coordinator -> client: round id, reference fingerprint, part size, delta dtype.
+                   reply: the institution the client says it is (a hint only: the coordinator
+                   knows which institution each node is bound to), the PartPlan of its package
+                   and, when asked, the package's first part (one message fewer per round).
 - ``fetch_part``   coordinator -> client: round id, part index. reply: that part's bytes + SHA-256.
 - ``install_part`` coordinator -> client: round id, the model's PartPlan, part index, bytes; the
                    last part has ``commit``: the client checks every file's digest, verifies the
-                   coordinator's signature and installs atomically.
+                   coordinator's signed publication (pinned coordinator, this round, newer than
+                   what it has) and installs atomically. The commit also tells the hospital what
+                   the round made of it (``outcome``: contributed, late, rejected...).
 - ``install_commit`` commit alone (a model folder with no bytes to send).
+
+A hospital that cannot do what it is asked answers with ``refused`` (the error's type) and
+``reason``, scrubbed of its local paths (``scrub_paths``), instead of raising: nothing about its
+file system leaves the hospital.
+
+Every plan a receiver gets is checked against its ``PlanLimits`` (file names it expects, total
+size, part size and count) before a byte of it is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +58,48 @@ DEFAULT_PART_BYTES = 64 * 1024 * 1024
 _READ_BLOCK = 4 * 1024 * 1024
 
 
+# Keys of a reply's meta record for a refusal (see ``refusal_meta``).
+REFUSED = "refused"
+REASON = "reason"
+
+
 class ProtocolError(FedmergeError):
     """A message or a part does not match what the protocol expects."""
+
+
+class PlanRefused(ProtocolError):
+    """A part plan asks for more than the receiver allows (file names, size, part size or count)."""
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """What a receiver accepts in a plan, checked before anything of it is written.
+
+    ``names``: the file paths a folder of this kind may hold (full match); ``max_total_bytes``:
+    the sum of the declared file sizes; ``part_bytes``: the part size the receiver asked for
+    (a plan cut in larger parts would make it hold more in memory); the part count may not
+    exceed what that part size needs, so a sender cannot turn a folder into a flood of tiny
+    messages.
+    """
+
+    names: re.Pattern[str]
+    max_total_bytes: int
+    part_bytes: int
+    max_files: int = 4096
+
+    def check(self, plan: "PartPlan", who: str = "sender") -> None:
+        if len(plan.files) > self.max_files:
+            raise PlanRefused(f"part plan of {who}: {len(plan.files)} files, at most {self.max_files} allowed")
+        for f in plan.files:
+            if not self.names.fullmatch(f.path):
+                raise PlanRefused(f"part plan of {who}: file name {f.path!r} is not one this folder may hold")
+        if plan.total_bytes > self.max_total_bytes:
+            raise PlanRefused(f"part plan of {who}: declares {plan.total_bytes} bytes, more than the {self.max_total_bytes} allowed")
+        if plan.part_bytes > self.part_bytes:
+            raise PlanRefused(f"part plan of {who}: parts of {plan.part_bytes} bytes, larger than the {self.part_bytes} asked for")
+        needed = math.ceil(plan.total_bytes / plan.part_bytes) if plan.part_bytes else 0
+        if len(plan.parts) > max(needed, 1):
+            raise PlanRefused(f"part plan of {who}: {len(plan.parts)} parts where {needed} of {plan.part_bytes} bytes hold every file")
 
 
 @dataclass(frozen=True)
@@ -135,6 +186,37 @@ def _check_relative(path: str) -> None:
     parts = path.split("/")
     if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path:
         raise ProtocolError(f"part plan: file path {path!r} is not a plain relative path")
+
+
+# An absolute POSIX path (two or more components) or a home-relative one, as exception messages
+# print them; whatever follows up to a quote, space or bracket.
+_LOCAL_PATH = re.compile(r"(?:~|(?<![\w.])/(?=[^\s/'\"]))[^\s'\"<>()\[\],;]*")
+
+
+def scrub_paths(text: str, limit: int = 600) -> str:
+    """``text`` without the local file-system paths it names (each becomes ``<local path>``).
+
+    What a hospital tells the coordinator about its failures goes into the consortium's round
+    records; where its models, keys and state live stays at the hospital.
+    """
+    def replace(m: re.Match[str]) -> str:
+        path = m.group(0)
+        kept = path[len(path.rstrip(".:")) :]  # a sentence's punctuation after the path stays
+        return "<local path>" + kept
+
+    return _LOCAL_PATH.sub(replace, str(text))[:limit]
+
+
+def refusal_meta(exc: BaseException) -> dict[str, str]:
+    """A reply's meta saying the request was refused, and why, with local paths scrubbed."""
+    return {REFUSED: type(exc).__name__, REASON: scrub_paths(str(exc))}
+
+
+def read_refusal(meta: dict[str, Any]) -> str | None:
+    """``'<ErrorType>: reason'`` when the reply is a refusal, else None (scrubbed again here)."""
+    if REFUSED not in meta:
+        return None
+    return scrub_paths(f"{meta.get(REFUSED)}: {meta.get(REASON, '')}")
 
 
 def file_sha256(path: Path) -> str:

@@ -1,1 +1,6 @@
-"""The hospital side: the Flower ClientApp and the client daemon."""
+"""The hospital side: the Flower ClientApp's handlers (contribute a signed package, install a
+published model) over the hospital's own disk.
+
+Shares only ``fedmerge.protocol`` (and the lower layers: merging, security, checkpoints) with
+``fedmerge.server``; never imports the server or ``fedmerge.federation``.
+"""

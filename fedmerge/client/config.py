@@ -14,13 +14,18 @@ class ClientConfig(BaseModel):
     institution: str
     identity_key: ConfigPath  # the institution's private identity file (signs its packages)
     identity_passphrase_file: ConfigPath | None = None
-    trust_store: ConfigPath  # the consortium's trust store (checks the coordinator's signature)
+    trust_store: ConfigPath  # the consortium's trust store, signed by the pinned coordinator
+    # The coordinator's public identity (``coordinator.pub.json``): the only signer whose trust
+    # store and published models this hospital accepts, and the key packages are sealed to.
+    coordinator_public_file: ConfigPath
+    allow_unsigned_trust_store: bool = False
     base_model: ConfigPath
     finetuned: ConfigPath | None = None  # a full fine-tune (HF folder)...
     adapter: ConfigPath | None = None  # ...or a PEFT LoRA adapter folder
     state_dir: ConfigPath
-    seal: bool = False
-    coordinator_public_file: ConfigPath | None = None  # needed to seal: the coordinator's public identity
+    seal: bool = True  # seal packages to the coordinator (only it can read the deltas)
+    # Largest model folder accepted from the coordinator; null: twice the base model's files.
+    max_model_bytes: int | None = Field(None, gt=0)
     # Flower connection: the SuperLink's Fleet address, its CA, and this node's auth key (OpenSSH EC).
     superlink_address: str = "127.0.0.1:9092"
     root_cert: ConfigPath | None = None
@@ -37,8 +42,6 @@ class ClientConfig(BaseModel):
     def _one_source(self) -> "ClientConfig":
         if (self.finetuned is None) == (self.adapter is None):
             raise ValueError("give exactly one of 'finetuned' (a model folder) or 'adapter' (a LoRA adapter folder)")
-        if self.seal and not self.coordinator_public_file:
-            raise ValueError("seal: true needs coordinator_public_file (the coordinator's public identity)")
         return self
 
     @property

@@ -6,9 +6,15 @@ keeping is on disk under ``state_dir``::
 
     rounds/round-NNNN/package/    this round's signed delta package (built once, then served part by part)
     rounds/round-NNNN/plan.json   its part plan
+    rounds/round-NNNN/outcome.json what the coordinator said of this hospital's part in the round
     incoming/round-NNNN/          a model being received
     models/round-NNNN/            installed models; ``models/current`` links to the newest
-    fingerprints.json             fingerprints of the base and installed models (computed once)
+    fingerprints.json             fingerprints of the base and installed models (computed once,
+                                  or taken from the coordinator's signed publication)
+
+A model is installed only when its publication is signed by the pinned coordinator
+(``coordinator_public_file``), names the round it was pushed for, and that round is newer than
+the installed one; the trust store it is checked against must itself be signed by that key.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -25,14 +32,24 @@ from typing import Any
 from fedmerge import protocol
 from fedmerge.checkpoints.atomic import write_json_atomic
 from fedmerge.client.config import ClientConfig
-from fedmerge.errors import FedmergeError
-from fedmerge.federation import deps
+from fedmerge.client.errors import (
+    ClientError,
+    ForeignCoordinator,
+    NothingReceived,
+    RoundNotOpened,
+    StalePublication,
+    TrainHookFailed,
+    UnknownReference,
+)
 
 log = logging.getLogger(__name__)
 
+__all__ = ["HospitalNode", "ClientError"]
 
-class ClientError(FedmergeError):
-    """The hospital cannot do what the coordinator asked (unknown reference, failed install...)."""
+# A published model folder is flat (the publication lists plain file names).
+_MODEL_FILE_NAMES = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+_MAX_MODEL_PART_BYTES = 1 << 30
+_ROUND_DIR = re.compile(r"round-(\d{4,})")
 
 
 class HospitalNode:
@@ -83,7 +100,7 @@ class HospitalNode:
         for c in candidates:
             if self.fingerprint(c) == fingerprint:
                 return c
-        raise ClientError(
+        raise UnknownReference(
             f"{self.cfg.institution}: no local model has fingerprint {fingerprint} "
             f"(looked at the base {self.cfg.base_model} and {len(candidates) - 1} installed round(s))"
         )
@@ -101,8 +118,11 @@ class HospitalNode:
         reference = self.find_reference(reference_fingerprint)
         source = self._contribution_source(r, reference)
         rdir.mkdir(parents=True, exist_ok=True)
-        identity = deps.load_identity(self.cfg.identity_key, _read_optional(self.cfg.identity_passphrase_file))
-        seal_to = deps.load_public(self.cfg.coordinator_public_file) if self.cfg.seal else None
+        from fedmerge.security.keys import load_identity, read_passphrase_file
+        from fedmerge.security.package import pack_delta
+
+        identity = load_identity(self.cfg.identity_key, read_passphrase_file(self.cfg.identity_passphrase_file))
+        seal_to = self.pinned_coordinator() if self.cfg.seal else None
         tmp = Path(tempfile.mkdtemp(prefix=".package-", dir=rdir))
         try:
             if self.cfg.adapter:
@@ -110,10 +130,12 @@ class HospitalNode:
                     raise ClientError(f"{self.cfg.adapter}: a LoRA adapter contributes against the base model; set reference: base at the coordinator")
                 from fedmerge.merging.taskvector import open_delta_source
 
+                # A delta source is already relative to its base: no reference to subtract.
                 model: Any = open_delta_source(source, self.cfg.base_model, kind="lora")
+                against: Path | None = None
             else:
-                model = source
-            pkg = deps.pack_delta(model, reference, tmp / "package", identity, r, reference_fingerprint, seal_to=seal_to, dtype=delta_dtype)
+                model, against = source, reference
+            pkg = Path(pack_delta(model, against, tmp / "package", identity, r, reference_fingerprint, seal_to=seal_to, dtype=delta_dtype))
             final = rdir / "package"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(pkg, final)
@@ -139,13 +161,13 @@ class HospitalNode:
             )
             proc = subprocess.run(self.cfg.train_hook, env=env, capture_output=True, text=True)
             if proc.returncode != 0 or not out.exists():
-                raise ClientError(f"train_hook {self.cfg.train_hook[0]!r} failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+                raise TrainHookFailed(f"train_hook {self.cfg.train_hook[0]!r} failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
         return str(out)
 
     def fetch_part(self, r: int, index: int) -> tuple[dict[str, Any], bytes]:
         plan_file = self.round_dir(r) / "plan.json"
         if not plan_file.exists():
-            raise ClientError(f"{self.cfg.institution}: round {r} was never opened here")
+            raise RoundNotOpened(f"{self.cfg.institution}: round {r} was never opened here")
         plan = protocol.PartPlan.from_json(json.loads(plan_file.read_text())["plan"])
         if not plan.parts:
             return {"round": r, "part": index, "sha256": protocol.part_digest(b"")}, b""
@@ -153,8 +175,51 @@ class HospitalNode:
         return {"round": r, "part": index, "sha256": protocol.part_digest(data)}, data
 
     # -- installing ---------------------------------------------------------------------------------
+    def pinned_coordinator(self):
+        from fedmerge.security.keys import PublicIdentity
+
+        return PublicIdentity.load(self.cfg.coordinator_public_file)
+
+    def trust(self):
+        """The consortium's trust store, refused unless signed by the pinned coordinator."""
+        from fedmerge.security.trust import TrustStore
+
+        trust = TrustStore.load(self.cfg.trust_store)
+        if self.cfg.allow_unsigned_trust_store and trust.signature is None:
+            log.warning("%s: %s is not signed; used because allow_unsigned_trust_store is set", self.cfg.institution, self.cfg.trust_store)
+        else:
+            trust.verify_signed_by(self.pinned_coordinator())
+        return trust
+
+    def installed_round(self) -> int:
+        """The round of the model ``current`` points at (0: none installed)."""
+        if not self.current.is_symlink():
+            return 0
+        m = _ROUND_DIR.fullmatch(os.readlink(self.current))
+        return int(m.group(1)) if m else 0
+
+    def model_limits(self) -> protocol.PlanLimits:
+        limit = self.cfg.max_model_bytes
+        if limit is None:
+            base = Path(self.cfg.base_model)
+            limit = 2 * sum(p.stat().st_size for p in base.iterdir() if p.is_file()) + (64 << 20)
+        return protocol.PlanLimits(names=_MODEL_FILE_NAMES, max_total_bytes=limit, part_bytes=_MAX_MODEL_PART_BYTES)
+
+    def _is_installed(self, r: int, plan_json: str) -> bool:
+        final = self.models / f"round-{r:04d}"
+        return final.is_dir() and _installed_plan(final) == plan_json
+
+    def _check_fresh(self, r: int, plan_json: str) -> None:
+        have = self.installed_round()
+        if r < have or (r == have and not self._is_installed(r, plan_json)):
+            raise StalePublication(f"{self.cfg.institution}: a model for round {r} was pushed, but round {have} is installed; only newer rounds are accepted")
+
     def install_part(self, r: int, plan_json: str, index: int, data: bytes) -> dict[str, Any]:
         plan = protocol.PartPlan.from_json(plan_json)
+        self._check_fresh(r, plan_json)
+        if self._is_installed(r, plan_json):  # pushed again after a coordinator restart: nothing to write
+            return {"round": r, "part": index}
+        self.model_limits().check(plan, who="the coordinator")
         staging = self.state / "incoming" / f"round-{r:04d}"
         marker = staging.parent / f"round-{r:04d}.plan"
         if not marker.exists() or marker.read_text() != plan_json:
@@ -164,22 +229,23 @@ class HospitalNode:
         protocol.write_part(staging, plan, index, data, fsync=False)
         return {"round": r, "part": index}
 
-    def install_commit(self, r: int, plan_json: str) -> dict[str, Any]:
-        """Check every file, verify the coordinator's signature, then switch ``current`` atomically."""
+    def install_commit(self, r: int, plan_json: str, outcome: str | None = None) -> dict[str, Any]:
+        """Check every file and the signed publication (pinned coordinator, this round, newer), then switch ``current``."""
         plan = protocol.PartPlan.from_json(plan_json)
-        staging = self.state / "incoming" / f"round-{r:04d}"
+        self._check_fresh(r, plan_json)
         final = self.models / f"round-{r:04d}"
-        if final.exists() and not staging.exists() and _installed_plan(final) == plan_json:
-            self._switch_current(final)  # a commit repeated after a coordinator restart
-            return {"round": r, "installed": str(final)}
+        staging = self.state / "incoming" / f"round-{r:04d}"
+        if self._is_installed(r, plan_json) and not staging.exists():
+            self._note_outcome(r, outcome)  # a commit repeated after a coordinator restart
+            return {"round": r, "installed": final.name}
         if not staging.exists():
-            raise ClientError(f"{self.cfg.institution}: nothing received for round {r}")
+            raise NothingReceived(f"{self.cfg.institution}: nothing received for round {r}")
+        self.model_limits().check(plan, who="the coordinator")
         protocol.check_complete(staging, plan)
         for f in plan.files:  # make the received bytes durable before anything points at them
             with open(staging / f.path, "rb") as fh:
                 os.fsync(fh.fileno())
-        trust = deps.load_trust(self.cfg.trust_store)
-        deps.verify_model(staging, trust)
+        publication = self._verify_publication(staging, r)
         self.models.mkdir(parents=True, exist_ok=True)
         (self.models / f".{final.name}.plan").write_text(plan_json)
         if final.exists():
@@ -191,13 +257,41 @@ class HospitalNode:
         else:
             os.replace(staging, final)
         (self.state / "incoming" / f"round-{r:04d}.plan").unlink(missing_ok=True)
-        fp = plan.extra.get("fingerprint")
-        if fp:
-            self._remember(final, str(fp))
+        if publication.fingerprint:
+            self._remember(final, publication.fingerprint)
         self._switch_current(final)
         self._prune()
-        log.info("%s: installed round %d at %s", self.cfg.institution, r, final)
-        return {"round": r, "installed": str(final)}
+        self._note_outcome(r, outcome)
+        log.info("%s: installed round %d at %s (fingerprint %s)", self.cfg.institution, r, final, publication.fingerprint)
+        return {"round": r, "installed": final.name}
+
+    def _verify_publication(self, folder: Path, r: int):
+        """The coordinator's signed publication of ``folder``: pinned signer, round ``r``, newer than installed."""
+        from fedmerge.security.model_sign import verify_model
+
+        pinned = self.pinned_coordinator()
+        trust = self.trust()
+        publication = verify_model(folder, trust, expected_round=r)
+        entry = trust.get(publication.signer)
+        if publication.signer != pinned.name or entry is None or entry.public.key_id != pinned.key_id:
+            raise ForeignCoordinator(
+                f"{self.cfg.institution}: round {r}'s model is signed by {publication.signer!r}, not by the pinned coordinator {pinned.name!r}"
+            )
+        if publication.round is None or publication.round <= self.installed_round():
+            raise StalePublication(f"{self.cfg.institution}: the model is published for round {publication.round}; round {self.installed_round()} is installed")
+        return publication
+
+    def _note_outcome(self, r: int, outcome: str | None) -> None:
+        """What the coordinator said of this hospital in round ``r`` (contributed, late, rejected...)."""
+        if not outcome:
+            return
+        write_json_atomic(self.round_dir(r) / "outcome.json", {"round": r, "outcome": outcome})
+        if outcome != "contributed":
+            log.warning("%s: round %d's model installed, but this hospital did not contribute to it (%s)", self.cfg.institution, r, outcome)
+
+    def outcome(self, r: int) -> str | None:
+        p = self.round_dir(r) / "outcome.json"
+        return json.loads(p.read_text())["outcome"] if p.exists() else None
 
     def _switch_current(self, target: Path) -> None:
         tmp = self.models / ".current.tmp"
@@ -223,6 +317,3 @@ def _installed_plan(folder: Path) -> str | None:
     p = folder.parent / f".{folder.name}.plan"
     return p.read_text() if p.exists() else None
 
-
-def _read_optional(path: str | None) -> str | None:
-    return Path(path).read_text().strip() if path else None

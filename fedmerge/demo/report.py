@@ -123,6 +123,8 @@ def write_demo_report(out: Path, config: DemoConfig, world: World, built: bool, 
     store_rows.sort(key=lambda r: order.get(r.label, len(order)))
     manifest = world.manifest
     rec = fed.record
+    merged = rec.get("merge") or {}
+    rejected = ", ".join(f"{x['institution']} ({x['error']})" for x in rec.get("rejections", []))
 
     md: list[str] = [
         "# fedmerge demo: the paper's Table IV in miniature\n",
@@ -170,12 +172,11 @@ def write_demo_report(out: Path, config: DemoConfig, world: World, built: bool, 
         "wording but one and asked in that one, so no exam item appears in any training text.",
         f"- Cached at `{world.root}` ({'built in this run' if built else 'reused from the cache'}).\n",
         "## The federation round\n",
-        f"- Round {fed.round}: contributors {', '.join(rec.get('contributors', []))}; rejected: "
-        f"{', '.join(f'{k} ({v})' for k, v in (rec.get('rejected') or {}).items()) or 'none'}.",
+        f"- Round {fed.round}: contributors {', '.join(sorted(rec.get('contributions', {})))}; rejected: {rejected or 'none'}.",
         f"- Bytes sent per hospital: {', '.join(f'{k} {v / 1e6:.2f} MB' for k, v in fed.bytes_sent.items())}.",
         f"- Reference fingerprint `{rec.get('reference', {}).get('fingerprint', '?')}`; "
-        f"merged model `{(rec.get('output') or {}).get('fingerprint', '?')}`.",
-        f"- The round took {fed.seconds:.1f} s; the coordinator's merge {rec.get('merge_seconds', float('nan')):.2f} s.\n",
+        f"merged model `{merged.get('fingerprint', '?')}`.",
+        f"- The round took {fed.seconds:.1f} s; the coordinator's merge {merged.get('seconds', float('nan')):.2f} s.\n",
         "## Where the time went\n",
         "| stage | seconds | share |",
         "|---|---:|---:|",

@@ -224,8 +224,8 @@ def _run_federation(config: DemoConfig, world: World, root: Path, step: Callable
     seconds = time.perf_counter() - t
     last = report.rounds[-1]
     if last.status not in ("merged", "completed") or not last.model_dir:
-        raise RuntimeError(f"federation round {last.round} ended with status {last.status!r}: {last.record.get('failure')}")
-    rejected = last.record.get("rejected") or {}
+        raise RuntimeError(f"federation round {last.round} ended with status {last.status!r}: {last.record.failure}")
+    rejected = last.record.rejections
     step(f"federation: round {last.round} merged {len(last.delta_dirs)} verified contribution(s)"
          f"{f', rejected {len(rejected)}' if rejected else ''}; every hospital installed rounds "
          f"{sorted({r for rs in report.installed.values() for r in rs})} ({seconds:.1f} s)")
@@ -235,7 +235,7 @@ def _run_federation(config: DemoConfig, world: World, root: Path, step: Callable
         delta_dirs={inst: Path(last.delta_dirs[inst]) for inst in names if inst in last.delta_dirs},
         model_dir=Path(last.model_dir),
         institutions={n: s for n, s in zip(names, specialties) if n in last.delta_dirs},
-        record=last.record,
+        record=last.record.model_dump(mode="json"),
         bytes_sent=dict(report.bytes_sent),
         installed=dict(report.installed),
         seconds=seconds,

@@ -17,23 +17,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--institutions", type=int, default=None, help="number of toy institutions (overrides the config)")
     p.add_argument("--engine", choices=["flower", "inprocess"], default=None, help="override the config's engine")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="run again from nothing: replace the toy layout in work_dir, or delete the federation's state folders")
     p.set_defaults(func=_cmd_simulate)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import asdict
 
     from fedmerge.federation.simulate import run_from_config
 
-    report = run_from_config(args.config, institutions=args.institutions, engine=args.engine)
+    report = run_from_config(args.config, institutions=args.institutions, engine=args.engine, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(asdict(report), indent=2, default=str))
+        print(json.dumps(report.to_json(), indent=2))
     else:
         for r in report.rounds:
             rec = r.record
             print(
-                f"round {r.round}: {r.status}; contributors {', '.join(rec['contributors'])}; "
-                f"rejected {len(rec['rejections'])}; dropped {len(rec['dropped'])}; model {r.model_dir}"
+                f"round {r.round}: {r.status}; contributors {', '.join(rec.contributors)}; "
+                f"rejected {len(rec.rejections)}; dropped {len(rec.drops)}; late {len(rec.late)}; model {r.model_dir}"
             )
     return 0 if all(r.status == "completed" for r in report.rounds) else 1

@@ -18,6 +18,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedmerge.protocol import SALT_BYTES
+from fedmerge.server.assess import EvaluateFn, GateFn
+from fedmerge.server.directory import NodeDirectory
+from fedmerge.server.record import RoundEvent, RoundRecord
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ class RoundReport:
     reference_dir: str
     delta_dirs: dict[str, str]  # institution -> verified delta (DeltaCheckpoint folder) in the spool
     model_dir: str | None
-    record: dict[str, Any]
+    record: RoundRecord
 
 
 @dataclass
@@ -122,32 +125,54 @@ class SimulationReport:
     installed: dict[str, list[int]] = field(default_factory=dict)  # institution -> installed rounds
     bytes_sent: dict[str, int] = field(default_factory=dict)  # institution -> payload bytes it sent
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state_dir": self.state_dir,
+            "base_dir": self.base_dir,
+            "rounds": [{**{k: v for k, v in vars(r).items() if k != "record"}, "record": r.record.model_dump(mode="json")} for r in self.rounds],
+            "installed": self.installed,
+            "bytes_sent": self.bytes_sent,
+        }
+
+
+def bindings_of(client_configs: list[str | os.PathLike[str]]) -> dict[int, str]:
+    """The in-process grid's node ids (1..N, in the order of the configs) -> each config's institution."""
+    from fedmerge.client.config import load_client_config
+
+    return {i + 1: load_client_config(p).institution for i, p in enumerate(client_configs)}
+
 
 def run_simulation(
     federation_config: str | os.PathLike[str] | Any,
     client_configs: list[str | os.PathLike[str]],
     *,
     hooks: list[DeliveryHook] | None = None,
-    crash_after_accepts: int | None = None,
-    crash_hard: bool = False,
+    directory: NodeDirectory | None = None,
+    on_event: Callable[[RoundEvent], None] | None = None,
+    evaluate_fn: EvaluateFn | None = None,
+    gate_fn: GateFn | None = None,
 ) -> SimulationReport:
     """Run the coordinator's rounds over ``len(client_configs)`` in-process hospitals.
 
-    Returns, per round, the reference (base) folder and the spool folders of the verified deltas,
-    so the same inputs can be merged again offline with any strategy.
+    Node ``i + 1`` runs ``client_configs[i]`` and is bound to that config's institution, unless
+    ``directory`` binds the nodes otherwise. Returns, per round, the reference (base) folder and
+    the spool folders of the verified deltas, so the same inputs can be merged again offline
+    with any strategy.
     """
     from fedmerge.server.config import FederationConfig, load_federation_config
+    from fedmerge.server.directory import MappingDirectory
     from fedmerge.server.rounds import RoundRunner
 
     cfg = federation_config if isinstance(federation_config, FederationConfig) else load_federation_config(federation_config)
     grid = LocalGrid({i + 1: str(p) for i, p in enumerate(client_configs)})
     grid.hooks.extend(hooks or [])
-    runner = RoundRunner(grid, cfg, crash_after_accepts=crash_after_accepts, crash_hard=crash_hard)
+    directory = directory if directory is not None else MappingDirectory(bindings_of(client_configs))
+    runner = RoundRunner(grid, cfg, directory=directory, on_event=on_event, evaluate_fn=evaluate_fn, gate_fn=gate_fn)
     records = runner.run()
     return simulation_report(cfg, records, client_configs, {i: grid.bytes_out[i + 1] for i in range(len(client_configs))})
 
 
-def simulation_report(cfg, records: list[dict[str, Any]], client_configs, bytes_out: dict[int, int] | None = None) -> SimulationReport:
+def simulation_report(cfg, records: list[RoundRecord], client_configs, bytes_out: dict[int, int] | None = None) -> SimulationReport:
     """Rounds, installed models and bytes per institution; ``bytes_out`` is keyed by client index.
 
     Without ``bytes_out`` the bytes an institution sent are read from the round records (the
@@ -160,11 +185,11 @@ def simulation_report(cfg, records: list[dict[str, Any]], client_configs, bytes_
     for rec in records:
         report.rounds.append(
             RoundReport(
-                round=rec["round"],
-                status=rec["status"],
-                reference_dir=rec["reference"]["path"],
-                delta_dirs={k: v["delta_dir"] for k, v in sorted(rec.get("inputs", {}).items())},
-                model_dir=(rec.get("output") or {}).get("path"),
+                round=rec.round,
+                status=rec.status.value,
+                reference_dir=rec.reference.path,
+                delta_dirs={k: c.delta_dir for k, c in sorted(rec.contributions.items())},
+                model_dir=rec.merge.model_dir if rec.merge else None,
                 record=rec,
             )
         )
@@ -174,5 +199,5 @@ def simulation_report(cfg, records: list[dict[str, Any]], client_configs, bytes_
         if bytes_out is not None:
             report.bytes_sent[ccfg.institution] = bytes_out[i]
         else:
-            report.bytes_sent[ccfg.institution] = sum(int(r.get("inputs", {}).get(ccfg.institution, {}).get("bytes", 0)) for r in records)
+            report.bytes_sent[ccfg.institution] = sum(r.contributions[ccfg.institution].bytes for r in records if ccfg.institution in r.contributions)
     return report

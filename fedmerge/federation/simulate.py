@@ -53,18 +53,26 @@ def load_simulation_config(path) -> SimulationConfig:
     return load_config(path, SimulationConfig, ConfigError)
 
 
-def run_from_config(path, institutions: int | None = None, engine: str | None = None):
+def run_from_config(path, institutions: int | None = None, engine: str | None = None, overwrite: bool = False):
+    """Run the simulation ``path`` describes; ``overwrite`` starts again from nothing on a used layout.
+
+    Toy institutions are laid out under ``work_dir`` (an existing layout is replaced only with
+    ``overwrite``). With an existing federation, ``overwrite`` deletes the coordinator's and the
+    hospitals' state folders first, so every round runs again; without it the rounds resume.
+    """
     from fedmerge.federation.inprocess import run_simulation
     from fedmerge.federation.toy import build_toy_federation
 
     cfg = load_simulation_config(path)
     if cfg.federation_config is not None:
         fed, clients = cfg.federation_config, list(cfg.client_configs)
+        if overwrite:
+            _clear_states(fed, clients)
     else:
         n = institutions or cfg.institutions
         tf = build_toy_federation(
             Path(cfg.work_dir), n, rounds=cfg.rounds, strategy=cfg.strategy, min_clients=cfg.min_clients,  # type: ignore[arg-type]
-            part_bytes=cfg.part_bytes, seal=cfg.seal, seed=cfg.seed,
+            part_bytes=cfg.part_bytes, seal=cfg.seal, seed=cfg.seed, overwrite=overwrite,
         )  # fmt: skip
         fed, clients = tf.federation_config, list(tf.client_configs.values())
     if (engine or cfg.engine) == "inprocess":
@@ -76,3 +84,14 @@ def run_from_config(path, institutions: int | None = None, engine: str | None = 
     o = cfg.flower
     records = run_flower_simulation(fed, clients, cpus=o.cpus, cpus_per_client=o.cpus_per_client, gpus_per_client=o.gpus_per_client, object_store_mb=o.object_store_mb)
     return simulation_report(load_federation_config(fed), records, clients)
+
+
+def _clear_states(federation_config, client_configs) -> None:
+    import shutil
+
+    from fedmerge.client.config import load_client_config
+    from fedmerge.server.config import load_federation_config
+
+    for state in [load_federation_config(federation_config).state, *(load_client_config(c).state for c in client_configs)]:
+        if state.exists():
+            shutil.rmtree(state)

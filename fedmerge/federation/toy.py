@@ -2,14 +2,23 @@
 
 Used by ``fedmerge simulate`` (when its config asks for toy institutions), by the tests and by
 the deployment walk-through. Everything is seeded, so two layouts with the same arguments hold
-the same weights.
+the same weights. The trust store is signed by the coordinator and every hospital pins the
+coordinator's public identity, as in a real consortium. ``seal`` decides both whether hospitals
+seal their packages and whether the coordinator requires it.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedmerge.errors import FedmergeError
+
+
+class ToyLayoutExists(FedmergeError):
+    """The folder already holds a toy federation (or something else) and overwriting was not asked for."""
 
 
 @dataclass
@@ -43,6 +52,7 @@ def build_toy_federation(
     spec=None,
     models_from: "ToyFederation | None" = None,
     federation_overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> ToyFederation:
     import yaml
 
@@ -51,6 +61,7 @@ def build_toy_federation(
     from fedmerge.toymodels import TinyMistralSpec, build_tiny_mistral, perturb_checkpoint
 
     root = Path(root)
+    _clear(root, overwrite)
     root.mkdir(parents=True, exist_ok=True)
     names = institution_names(n_clients)
     if models_from is not None:
@@ -67,6 +78,7 @@ def build_toy_federation(
     trust.add(coord.public, role="coordinator")
     for name in names:
         trust.add(generate_identity(name, keys).public, role="institution")
+    trust.sign(coord)
     trust.save()
     fed = {
         "name": "toy",
@@ -79,7 +91,7 @@ def build_toy_federation(
         "part_bytes": part_bytes,
         "round_timeout_s": round_timeout_s,
         "wait_for_clients_s": 60.0,
-        "seal": seal,
+        "require_sealed": seal,
         "strategy": strategy or {"method": "task_arithmetic", "parameters": {}},
     }
     fed.update(federation_overrides or {})
@@ -94,12 +106,29 @@ def build_toy_federation(
             "base_model": str(base),
             "finetuned": str(finetunes[name]),
             "state_dir": str(root / "clients" / name),
+            "coordinator_public_file": str(keys / "coordinator.pub.json"),
             "seal": seal,
         }
-        if seal:
-            c["coordinator_public_file"] = str(keys / "coordinator.pub.json")
         p = root / "clients" / f"{name}.yaml"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(yaml.safe_dump(c, sort_keys=False))
         clients[name] = p
     return ToyFederation(root, Path(base), {k: Path(v) for k, v in finetunes.items()}, fed_path, clients, keys / "trust.json", keys / "coordinator.key", keys / "coordinator.pub.json")
+
+
+# What build_toy_federation writes under its root; only a folder holding nothing else is cleared.
+_LAYOUT = {"models", "keys", "coordinator", "clients", "federation.yaml"}
+
+
+def _clear(root: Path, overwrite: bool) -> None:
+    if not root.exists() or not any(root.iterdir()):
+        return
+    present = {p.name for p in root.iterdir()}
+    if not overwrite:
+        raise ToyLayoutExists(f"{root} is not empty; pass --overwrite to replace the toy federation there")
+    unknown = sorted(present - _LAYOUT)
+    if unknown:
+        raise ToyLayoutExists(f"{root} holds {unknown[0]!r}, which a toy federation does not write; not clearing it, choose an empty work_dir")
+    for name in present:
+        p = root / name
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

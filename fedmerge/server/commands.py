@@ -31,7 +31,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     try:
         coord.submit()
         records = coord.wait(timeout=args.timeout)
-        failed = [r for r in records if r["status"] == "failed"]
+        failed = [r for r in records if r.status.value == "failed"]
         while args.keep_running:
             time.sleep(3600)
         return 1 if failed else 0

@@ -1,13 +1,20 @@
-"""The coordinator's config (``federation.yaml``): who merges what, how, and where Flower listens."""
+"""The coordinator's config (``federation.yaml``): who merges what, how, and where Flower listens.
+
+Everything that can be checked without the hospitals is checked when the file loads: the merge
+strategy (its method through the merging registry, its parameters through the method's own
+schema, and that the quorum is a number of contributions the method is defined for), the
+bindings of institutions to SuperNode keys, the gate's settings. A misspelled method fails
+here, naming ``strategy.method``, not after a round has been transferred.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedmerge.configfile import ConfigError, ConfigPath, load_config
+from fedmerge.configfile import ConfigError, ConfigPath, describe_validation_error, load_config
 from fedmerge.protocol import DEFAULT_PART_BYTES
 
 
@@ -19,16 +26,46 @@ class StrategyConfig(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from fedmerge.merging.strategies import StrategyError, get_strategy_class
+
+        try:
+            get_strategy_class(v)
+        except StrategyError as exc:  # its message lists the valid names
+            raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _valid_spec(self) -> "StrategyConfig":
+        from fedmerge.merging.engine import MergeSpec
+        from fedmerge.merging.strategies import StrategyError, build_strategy, get_strategy_class
+
+        try:
+            spec = MergeSpec(**self.spec_fields())
+            cls = get_strategy_class(spec.method)
+            n = max(cls.min_models, len(spec.model_parameters))
+            build_strategy(spec.method, spec.parameters, spec.model_parameters or [{}] * n, n_models=n)
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc)) from None
+        except StrategyError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     def spec_fields(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
 
+    def models_allowed(self) -> tuple[int, int | None]:
+        """(fewest, most) contributions the method is defined for."""
+        from fedmerge.merging.strategies import get_strategy_class
+
+        cls = get_strategy_class(self.method)
+        return cls.min_models, cls.max_models
+
 
 class SuperLinkConfig(BaseModel):
-    """The SuperLink the coordinator starts (``start: true``) or one already running.
-
-    Flower 1.41 serves Fleet (SuperNodes), Control (run submission) and Runtime (the ServerApp)
-    on this one HTTPS port. Hospitals must reach it; see docs/deployment.md for what to expose.
-    """
+    """The SuperLink the coordinator starts (``start: true``) or one already running."""
 
     model_config = ConfigDict(extra="forbid")
     start: bool = True
@@ -37,8 +74,17 @@ class SuperLinkConfig(BaseModel):
     server_cert: ConfigPath | None = None
     server_key: ConfigPath | None = None
     database_path: ConfigPath | None = None  # default: <state_dir>/superlink.db
-    # OpenSSH public keys of the SuperNodes allowed to connect (one file each), registered at start.
-    supernode_public_keys: list[ConfigPath] = Field(default_factory=list)
+    # institution -> OpenSSH public key of its SuperNode (`fedmerge node-key` output). A node's
+    # contributions count only for the institution its key is bound to, and only bound nodes
+    # receive published models.
+    supernode_public_keys: dict[str, ConfigPath] = Field(default_factory=dict)
+
+    @field_validator("supernode_public_keys", mode="before")
+    @classmethod
+    def _a_mapping(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            raise ValueError("must map each institution to its node's public key file (institution: path/to/node.pub), not list files")
+        return v
 
     @model_validator(mode="after")
     def _certs_to_start(self) -> "SuperLinkConfig":
@@ -48,9 +94,29 @@ class SuperLinkConfig(BaseModel):
 
 
 class EvaluatorHook(BaseModel):
+    """Score every round's model and let the publication gate decide whether it is published.
+
+    The gate compares the round's ``gate_metric`` (mean over ``gate_tasks``, or each task with
+    ``gate_aggregate: each``) with the last published model's and/or the base model's scores,
+    and refuses a drop of more than ``gate_margin``. A refused model is neither signed nor pushed.
+    """
+
     model_config = ConfigDict(extra="forbid")
-    config_path: ConfigPath  # an eval config (YAML) for fedmerge.eval
-    gate_metric: str | None = None
+    config_path: ConfigPath  # an eval config (YAML) for fedmerge.eval; its store keeps scores and gate decisions
+    gate_metric: str = "acc"
+    gate_margin: float = Field(0.02, ge=0, description="allowed drop, in metric units (0.02 = 2 accuracy points)")
+    gate_compare_to: Literal["previous", "base", "both"] = "both"
+    gate_aggregate: Literal["mean", "each"] = "mean"
+    gate_tasks: list[str] | None = None
+    # Without scores the gate cannot tell a regression: a round whose evaluation failed is refused
+    # unless this is set.
+    publish_if_evaluation_fails: bool = False
+
+    def gate_config(self):
+        from fedmerge.eval.gate import GateConfig
+
+        return GateConfig(margin=self.gate_margin, metric=self.gate_metric, compare_to=self.gate_compare_to,
+                          aggregate=self.gate_aggregate, tasks=self.gate_tasks)  # fmt: skip
 
 
 class FederationConfig(BaseModel):
@@ -60,10 +126,11 @@ class FederationConfig(BaseModel):
     base_model: ConfigPath
     coordinator_key: ConfigPath  # the coordinator's private identity file (signs published models)
     coordinator_key_passphrase_file: ConfigPath | None = None
-    trust_store: ConfigPath
+    trust_store: ConfigPath  # signed by the coordinator's key; refused otherwise unless allow_unsigned_trust_store
+    allow_unsigned_trust_store: bool = False
     rounds: int = Field(1, ge=1)
     min_clients: int = Field(2, ge=1, description="quorum: fewest verified contributions that make a round")
-    clients_per_round: int | None = Field(None, ge=1, description="sample size; default every connected client")
+    clients_per_round: int | None = Field(None, ge=1, description="sample size; null: every enrolled, bound institution")
     wait_for_clients_s: float = Field(120.0, gt=0)
     round_timeout_s: float = Field(600.0, gt=0)
     part_bytes: int = Field(DEFAULT_PART_BYTES, gt=0)
@@ -72,10 +139,14 @@ class FederationConfig(BaseModel):
     # whatever the number of clients; the slots rotate among clients.
     parts_in_flight_total: int = Field(8, ge=1, description="outstanding part requests across all clients")
     straggler_grace_s: float | None = Field(None, ge=0, description="once quorum is verified, wait at most this long for the rest")
+    # Largest package a hospital may announce; null: a delta of every base tensor at delta_dtype,
+    # with sealing tags and the manifest (what an honest package can be at most).
+    max_package_bytes: int | None = Field(None, gt=0)
     reference: Literal["base", "global"] = "base"
     # float32 deltas make a federated round byte-identical to the offline merge; bfloat16 halves the bytes.
     delta_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seal: bool = False
+    # Refuse contributions that are not sealed to the coordinator (a recorded rejection).
+    require_sealed: bool = True
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     evaluator: EvaluatorHook | None = None
     sample_seed: int = 0
@@ -85,6 +156,11 @@ class FederationConfig(BaseModel):
     def _quorum_fits(self) -> "FederationConfig":
         if self.clients_per_round is not None and self.clients_per_round < self.min_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) is below min_clients ({self.min_clients})")
+        fewest, most = self.strategy.models_allowed()
+        if self.min_clients < fewest:
+            raise ValueError(f"strategy.method {self.strategy.method} merges at least {fewest} contributions; min_clients is {self.min_clients}")
+        if most is not None and (self.clients_per_round or 0) > most:
+            raise ValueError(f"strategy.method {self.strategy.method} merges at most {most} contributions; clients_per_round is {self.clients_per_round}")
         return self
 
     @property

@@ -11,12 +11,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from fedmerge.errors import FedmergeError
 from fedmerge.federation import flower
 from fedmerge.server.config import FederationConfig, load_federation_config
 from fedmerge.server.ledger import RoundLedger
+from fedmerge.server.record import RoundRecord, RoundStatus
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Coordinator:
             self.superlink.write_connection()
         keys = self.cfg.superlink.supernode_public_keys  # type: ignore[union-attr]
         if keys:
-            self.register(keys)
+            self.register(list(keys.values()))
         return self
 
     def register(self, public_key_files: list[str]) -> None:
@@ -71,7 +71,7 @@ class Coordinator:
         log.info("run %s submitted; rounds 1..%d, state in %s", self.run_id, self.cfg.rounds, self.cfg.state)
         return self.run_id
 
-    def progress(self) -> list[dict[str, Any]]:
+    def progress(self) -> list[RoundRecord]:
         return self.ledger.records()
 
     def run_finished(self) -> bool:
@@ -84,7 +84,7 @@ class Coordinator:
             log.debug("run status unavailable: %s", exc)
             return False
 
-    def wait(self, timeout: float | None = None, poll_s: float = 2.0, max_resubmits: int = 3, status_every_s: float = 15.0) -> list[dict[str, Any]]:
+    def wait(self, timeout: float | None = None, poll_s: float = 2.0, max_resubmits: int = 3, status_every_s: float = 15.0) -> list[RoundRecord]:
         """Until every round is completed (or one failed); reports each round once as it finishes.
 
         If Flower ends the run before the rounds are done (the ServerApp died, e.g. the SuperLink
@@ -97,16 +97,15 @@ class Coordinator:
         while True:
             records = self.ledger.records()
             for r in records:
-                key = (r["round"], r["status"])
-                if r["status"] in ("completed", "failed") and key not in reported:
+                key = (r.round, r.status.value)
+                if (r.status.terminal or r.status == RoundStatus.FAILED) and key not in reported:
                     reported.add(key)
                     log.info(
                         "round %d %s: contributors %s, rejected %s, dropped %s",
-                        r["round"], r["status"], r["contributors"],
-                        [x["institution"] for x in r["rejections"]], [x.get("institution", x["node"]) for x in r["dropped"]],
+                        r.round, r.status.value, r.contributors, [x.institution for x in r.rejections], [x.institution for x in r.drops],
                     )  # fmt: skip
-            done = [r for r in records if r["status"] == "completed"]
-            if any(r["status"] == "failed" for r in records) or len(done) >= self.cfg.rounds:
+            done = [r for r in records if r.status.terminal]
+            if any(r.status == RoundStatus.FAILED for r in records) or len(done) >= self.cfg.rounds:
                 return records
             if time.monotonic() - last_status > status_every_s:
                 last_status = time.monotonic()

@@ -6,6 +6,10 @@ requests outstanding per node and at most ``total_window`` across all nodes. Req
 and pushed one at a time and each reply is pulled (and handled, i.e. spooled) alone, so the
 coordinator holds one part at a time and the SuperLink at most ``total_window`` parts, whatever
 the number of clients.
+
+Each node moves at its own pace: a reply handler returns the node's next requests (the parts
+named by the plan its ``open_round`` reply carried), which are queued at once, so one node that
+is slow to answer, or dead before its first reply, never holds up the others' transfers.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
+
+from fedmerge.protocol import scrub_paths
 
 log = logging.getLogger(__name__)
 
@@ -28,123 +34,184 @@ log = logging.getLogger(__name__)
 # request is asked again, up to ``MAX_RESENDS`` times, instead of dropping the node.
 _LOST_IN_TRANSIT = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 MAX_RESENDS = 3
+_ALIVE_CHECK_S = 1.0
+
+
+class NodeFailed(Exception):
+    """Raised by a reply handler: stop the exchange with this node, for the reason given."""
+
+
+def decode(reply: Message) -> tuple[dict[str, Any], bytes | None]:
+    """A reply's fedmerge meta and payload (None when it carries none); a malformed one fails its node."""
+    from fedmerge.protocol import PAYLOAD, ProtocolError, read_meta, read_payload
+
+    try:
+        meta = read_meta(reply.content)
+        payload = read_payload(reply.content) if PAYLOAD in reply.content.array_records else None
+    except (ProtocolError, KeyError, ValueError, TypeError) as exc:
+        raise NodeFailed(f"malformed reply ({type(exc).__name__}: {scrub_paths(str(exc))})") from None
+    return meta, payload
 
 
 @dataclass
-class NodeQueue:
+class Request:
+    kind: str  # message type (``query.<action>``)
+    meta: dict[str, Any]
+    payload: Any  # bytes, None, or anything ``make_content`` knows how to read lazily
+    tag: Any  # handed back to the reply handler
+
+
+# on_reply(node_id, tag, reply) -> the node's next requests (or None)
+ReplyHandler = Callable[[int, Any, Message], Iterable[Request] | None]
+
+
+@dataclass
+class _NodeQueue:
     node_id: int
-    pending: deque = field(default_factory=deque)  # (message_type, meta, payload, tag)
-    in_flight: dict[str, Any] = field(default_factory=dict)  # message id -> (request, time sent)
+    pending: deque[Request] = field(default_factory=deque)
+    in_flight: dict[str, tuple[Request, float]] = field(default_factory=dict)  # message id -> (request, sent at)
     failed: str | None = None
     resends: int = 0
 
+    @property
+    def busy(self) -> bool:
+        return self.failed is None and bool(self.pending or self.in_flight)
 
-def run_exchange(
-    grid,
-    requests: dict[int, list[tuple[str, dict, bytes | None, Any]]],
-    on_reply: Callable[[int, Any, Any], None],
-    *,
-    group_id: str,
-    deadline: float | Callable[[], float],
-    window: int,
-    make_content: Callable[[dict, bytes | None], Any],
-    total_window: int | None = None,
-    ttl: float | None = None,
-    poll_s: float = 0.05,
-) -> dict[int, str]:
-    """Send every node its requests (in order, ``window`` at a time) and hand each reply to ``on_reply``.
 
-    ``total_window`` caps the requests outstanding across all nodes; nodes take turns for the slots.
+class Exchange:
+    """One exchange: push requests within the windows, pull and hand over replies, until all are done."""
 
-    ``on_reply(node_id, tag, message)`` may raise ``NodeFailed`` to stop talking to that node.
-    Returns {node_id: reason} for the nodes that did not finish (error, gone, timeout).
-    """
-    queues = {n: NodeQueue(n, deque(reqs)) for n, reqs in requests.items()}
-    failures: dict[int, str] = {}
-    last_alive_check = 0.0
-    turn = 0
+    def __init__(
+        self,
+        grid,
+        *,
+        group_id: str,
+        window: int,
+        make_content: Callable[[dict, Any], Any],
+        total_window: int | None = None,
+        ttl: float | None = None,
+        poll_s: float = 0.05,
+    ):
+        self.grid = grid
+        self.group_id = group_id
+        self.window = window
+        self.total_window = total_window
+        self.make_content = make_content
+        self.ttl = ttl
+        self.poll_s = poll_s
+        self.queues: dict[int, _NodeQueue] = {}
+        self.failures: dict[int, str] = {}
+        self._turn = 0
+        self._last_alive_check = 0.0
 
-    def fail(q: NodeQueue, reason: str) -> None:
+    def add(self, node_id: int, requests: Iterable[Request]) -> None:
+        q = self.queues.setdefault(node_id, _NodeQueue(node_id))
+        if q.failed is None:
+            q.pending.extend(requests)
+
+    def run(self, on_reply: ReplyHandler, deadline: float | Callable[[], float]) -> dict[int, str]:
+        """Until every node is done or failed; returns {node_id: reason} for those that failed.
+
+        ``on_reply`` may raise ``NodeFailed`` to stop talking to that node.
+        """
+        while True:
+            active = [q for q in self.queues.values() if q.busy]
+            if not active:
+                return self.failures
+            if time.monotonic() > (deadline() if callable(deadline) else deadline):
+                for q in active:
+                    self._fail(q, "timed out before finishing the round's exchange")
+                return self.failures
+            if not self._check_alive(active):
+                continue
+            self._push(active)
+            if not self._pull(active, on_reply):
+                time.sleep(self.poll_s)
+
+    # -- stages -----------------------------------------------------------------------------------
+    def _fail(self, q: _NodeQueue, reason: str) -> None:
         q.failed = reason
         q.pending.clear()
         q.in_flight.clear()
-        failures[q.node_id] = reason
+        self.failures[q.node_id] = reason
         log.warning("node %s: %s", q.node_id, reason)
 
-    while True:
-        active = [q for q in queues.values() if q.failed is None and (q.pending or q.in_flight)]
-        if not active:
-            return failures
+    def _check_alive(self, active: list[_NodeQueue]) -> bool:
+        """Fail the nodes the SuperLink no longer knows; False when none of ``active`` is left."""
         now = time.monotonic()
-        if now > (deadline() if callable(deadline) else deadline):
-            for q in active:
-                fail(q, "timed out before finishing the round's exchange")
-            return failures
-        if now - last_alive_check > 1.0:
-            last_alive_check = now
-            alive = set(grid.get_node_ids())
-            for q in active:
-                if q.node_id not in alive:
-                    fail(q, "node disconnected from the SuperLink")
-            active = [q for q in active if q.failed is None]
-            if not active:
-                continue
-        # Top up each node's window, one request per node per turn while the total allows.
-        cap = total_window if total_window is not None else len(active) * window
+        if now - self._last_alive_check <= _ALIVE_CHECK_S:
+            return True
+        self._last_alive_check = now
+        alive = set(self.grid.get_node_ids())
+        for q in active:
+            if q.node_id not in alive:
+                self._fail(q, "node disconnected from the SuperLink")
+        return any(q.failed is None for q in active)
+
+    def _push(self, active: list[_NodeQueue]) -> None:
+        """Top up each node's window, one request per node per turn while the total allows."""
+        active = [q for q in active if q.failed is None]
+        if not active:
+            return
+        cap = self.total_window if self.total_window is not None else len(active) * self.window
         outstanding = sum(len(q.in_flight) for q in active)
-        turn += 1
-        order = active[turn % len(active) :] + active[: turn % len(active)]
+        self._turn += 1
+        k = self._turn % len(active)
+        order = active[k:] + active[:k]
         topped = True
         while topped and outstanding < cap:
             topped = False
             for q in order:
-                if outstanding >= cap or q.failed is not None or not q.pending or len(q.in_flight) >= window:
+                if outstanding >= cap or q.failed is not None or not q.pending or len(q.in_flight) >= self.window:
                     continue
                 request = q.pending.popleft()
-                kind, meta, payload, _tag = request
-                msg = Message(make_content(meta, payload), dst_node_id=q.node_id, message_type=kind, group_id=group_id, ttl=ttl)
+                msg = Message(self.make_content(request.meta, request.payload), dst_node_id=q.node_id,
+                              message_type=request.kind, group_id=self.group_id, ttl=self.ttl)  # fmt: skip
                 # Pushed alone so only this one part is ever held in memory (serialized) here.
-                ids = list(grid.push_messages([msg]))
+                ids = list(self.grid.push_messages([msg]))
                 del msg
                 if ids and ids[0]:
                     q.in_flight[ids[0]] = (request, time.monotonic())
                     outstanding += 1
                     topped = True
                 else:
-                    fail(q, "the SuperLink refused a message for this node")
+                    self._fail(q, "the SuperLink refused a message for this node")
+
+    def _pull(self, active: list[_NodeQueue], on_reply: ReplyHandler) -> bool:
+        """Pull every reply that is in; True when at least one came."""
         progressed = False
         owner = {mid: q for q in active for mid in q.in_flight}
-        for q in active:
-            for mid in list(q.in_flight):
-                if q.failed is not None or mid not in q.in_flight:
-                    continue
-                # Each reply is matched by the message it answers, not by the id we asked
-                # with: whatever the SuperLink hands back is routed to its own node and part.
-                for reply in grid.pull_messages([mid]):
-                    progressed = True
-                    rq = owner.get(reply.metadata.reply_to_message_id)
-                    if rq is None or rq.failed is not None or reply.metadata.reply_to_message_id not in rq.in_flight:
-                        log.warning("dropping a reply to unknown message %s", reply.metadata.reply_to_message_id)
-                        continue
-                    request, sent_at = rq.in_flight.pop(reply.metadata.reply_to_message_id)
-                    tag = request[3]
-                    log.debug("node %s: reply to %s after %.2f s", rq.node_id, tag, time.monotonic() - sent_at)
-                    if reply.has_error():
-                        if reply.error.code in _LOST_IN_TRANSIT and rq.resends < MAX_RESENDS:
-                            rq.resends += 1
-                            log.warning("node %s: reply to %s lost in transit (%s); asking again", rq.node_id, tag, reply.error.reason)
-                            rq.pending.appendleft(request)
-                            continue
-                        fail(rq, f"client error: {reply.error.reason}")
-                        continue
-                    try:
-                        on_reply(rq.node_id, tag, reply)
-                    except NodeFailed as exc:
-                        fail(rq, str(exc))
-                    del reply
-        if not progressed:
-            time.sleep(poll_s)
+        for mid, q in owner.items():
+            if q.failed is not None or mid not in q.in_flight:
+                continue
+            # Each reply is matched by the message it answers, not by the id we asked with:
+            # whatever the SuperLink hands back is routed to its own node and request.
+            for reply in self.grid.pull_messages([mid]):
+                progressed = True
+                self._handle(owner.get(reply.metadata.reply_to_message_id), reply, on_reply)
+                del reply
+        return progressed
 
-
-class NodeFailed(Exception):
-    """Raised by a reply handler: stop the exchange with this node, for the reason given."""
+    def _handle(self, q: _NodeQueue | None, reply: Message, on_reply: ReplyHandler) -> None:
+        answered = reply.metadata.reply_to_message_id
+        if q is None or q.failed is not None or answered not in q.in_flight:
+            log.warning("dropping a reply to unknown message %s", answered)
+            return
+        request, sent_at = q.in_flight.pop(answered)
+        log.debug("node %s: reply to %s after %.2f s", q.node_id, request.tag, time.monotonic() - sent_at)
+        if reply.has_error():
+            if reply.error.code in _LOST_IN_TRANSIT and q.resends < MAX_RESENDS:
+                q.resends += 1
+                log.warning("node %s: reply to %s lost in transit (%s); asking again", q.node_id, request.tag, reply.error.reason)
+                q.pending.appendleft(request)
+                return
+            # What Flower reports of a failed ClientApp is the hospital's exception text.
+            self._fail(q, f"client error: {scrub_paths(reply.error.reason)}")
+            return
+        try:
+            follow_up = on_reply(q.node_id, request.tag, reply)
+        except NodeFailed as exc:
+            self._fail(q, str(exc))
+            return
+        if follow_up:
+            q.pending.extend(follow_up)

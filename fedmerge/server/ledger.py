@@ -1,8 +1,9 @@
-"""Every round's record, persisted as JSON next to the round's spool, and the question "where do we resume?".
+"""Every round's record on disk (``rounds/round-NNNN/record.json``), and where to resume.
 
-A round's ``record.json`` moves through statuses: ``open`` (collecting), ``merged`` (the signed
-model is on disk), ``completed`` (pushed back), or ``failed`` (no quorum). The coordinator resumes
-at the first round that is not ``completed``; a ``merged`` round is pushed again, not merged again.
+Each save is atomic (written beside, fsynced, renamed), so a reader (``fedmerge status``, a
+restarted coordinator) sees the record before or after a decision, never half of it. The
+coordinator resumes at the first round whose status is not terminal (completed or refused); a
+``merged`` round is evaluated or pushed again, not merged again.
 """
 
 from __future__ import annotations
@@ -11,49 +12,85 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Callable
+
+from pydantic import ValidationError
 
 from fedmerge.checkpoints.atomic import write_json_atomic
+from fedmerge.configfile import describe_validation_error
+from fedmerge.server.errors import RecordFormatError
+from fedmerge.server.record import RECORD_FORMAT, EventKind, RoundEvent, RoundRecord, RoundStatus
 
 
 class RoundLedger:
-    def __init__(self, state_dir: str | os.PathLike[str]):
+    def __init__(self, state_dir: str | os.PathLike[str], create: bool = True):
         self.state = Path(state_dir)
-        (self.state / "rounds").mkdir(parents=True, exist_ok=True)
+        if create:
+            (self.state / "rounds").mkdir(parents=True, exist_ok=True)
 
     def path(self, round_id: int) -> Path:
         return self.state / "rounds" / f"round-{round_id:04d}" / "record.json"
 
-    def load(self, round_id: int) -> dict[str, Any] | None:
-        p = self.path(round_id)
-        return json.loads(p.read_text()) if p.exists() else None
-
-    def save(self, record: dict[str, Any]) -> None:
-        record["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        write_json_atomic(self.path(int(record["round"])), record)
-
-    def new(self, round_id: int, **fields: Any) -> dict[str, Any]:
-        record = {
-            "round": round_id,
-            "status": "open",
-            "sampled": [],
-            "contributors": [],
-            "rejections": [],
-            "dropped": [],
-            "events": [],
-        }
-        record.update(fields)
-        return record
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for p in sorted((self.state / "rounds").glob("round-*/record.json")):
-            out.append(json.loads(p.read_text()))
-        return out
-
-    def last_completed(self) -> int:
-        done = [r["round"] for r in self.records() if r["status"] == "completed"]
-        return max(done, default=0)
-
     def model_dir(self, round_id: int) -> Path:
         return self.state / "models" / f"round-{round_id:04d}"
+
+    def load(self, round_id: int) -> RoundRecord | None:
+        p = self.path(round_id)
+        return self._read(p) if p.exists() else None
+
+    def save(self, record: RoundRecord) -> None:
+        record.updated_at = time.time()
+        write_json_atomic(self.path(record.round), record.model_dump(mode="json"))
+
+    def records(self) -> list[RoundRecord]:
+        return [self._read(p) for p in sorted((self.state / "rounds").glob("round-*/record.json"))]
+
+    def last_done(self) -> int:
+        """The highest round the loop is done with (completed or refused by the gate)."""
+        return max((r.round for r in self.records() if r.status.terminal), default=0)
+
+    def last_published(self, before: int | None = None) -> RoundRecord | None:
+        """The newest completed round (below ``before``): the model hospitals hold as current."""
+        done = [r for r in self.records() if r.status == RoundStatus.COMPLETED and (before is None or r.round < before)]
+        return max(done, key=lambda r: r.round, default=None)
+
+    @staticmethod
+    def _read(path: Path) -> RoundRecord:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RecordFormatError(f"{path}: unreadable round record ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
+            raise RecordFormatError(
+                f"{path}: a round record from an earlier fedmerge (format {data.get('format') if isinstance(data, dict) else None!r}, "
+                f"this one reads {RECORD_FORMAT!r}); move the state_dir aside and run the rounds again"
+            )
+        try:
+            return RoundRecord.model_validate(data)
+        except ValidationError as exc:
+            raise RecordFormatError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+class RoundJournal:
+    """One round's record as it is being decided: every decision saved, then announced.
+
+    ``emit`` appends the event to the record, saves the record atomically, and only then hands
+    the event to ``on_event``: whatever a callback does (report progress, stop the process to
+    test a restart), the decision it is told about is already on disk.
+    """
+
+    def __init__(self, ledger: RoundLedger, record: RoundRecord, on_event: Callable[[RoundEvent], None] | None = None):
+        self.ledger = ledger
+        self.record = record
+        self.on_event = on_event
+
+    def save(self) -> None:
+        self.ledger.save(self.record)
+
+    def emit(self, kind: EventKind, *, institution: str | None = None, node: int | None = None, detail: str = "") -> RoundEvent:
+        event = RoundEvent(round=self.record.round, kind=kind, institution=institution, node=node, detail=detail)
+        self.record.events.append(event)
+        self.save()
+        if self.on_event is not None:
+            self.on_event(event)
+        return event

@@ -2,15 +2,19 @@
 
 Layout under ``<state_dir>/rounds/round-NNNN/``::
 
-    incoming/node-<id>/        package files being received, part by part
-    incoming/node-<id>.json    the plan and the parts received so far (rewritten atomically)
+    incoming/node-<id>/        package files being received, part by part (only once its plan
+                               passed the limits)
+    incoming/node-<id>.json    the plan, the institution the node is bound to, and the parts
+                               received so far (rewritten atomically)
     accepted/<institution>/    verified delta, unpacked as a DeltaCheckpoint folder
     record.json                the round's record (contributors, rejections, strategy, fingerprints...)
 
 Every write that a decision rests on is made durable before it counts: part bytes are fsynced
 before the part is marked received, and an accepted delta is unpacked atomically (folder renamed
 into place) and fsynced before the record lists it. A coordinator restarted at any point finds
-each contribution either accepted, or still incoming, never half-accepted.
+each contribution either accepted, or still incoming, never half-accepted. What a dropped or
+rejected node sent is deleted at once (``discard``), and what is still incoming when a round's
+collection ends is deleted with it (``discard_incoming``).
 """
 
 from __future__ import annotations
@@ -54,12 +58,30 @@ class RoundSpool:
         write_json_atomic(journal, {"plan": plan.to_json(), "institution": institution, "received": []})
         return set()
 
-    def receive_part(self, node_id: int, plan: PartPlan, index: int, data: bytes) -> None:
+    def receive_part(self, node_id: int, plan: PartPlan, index: int, data: bytes) -> bool:
+        """Write one part durably; True when every part of the plan is on disk."""
         write_part(self.package_dir(node_id), plan, index, data, fsync=True)
         journal = self._journal(node_id)
         state = json.loads(journal.read_text())
         state["received"] = sorted(set(state["received"]) | {index})
         write_json_atomic(journal, state)
+        return len(state["received"]) == len(plan.parts)
+
+    def nodes_incoming(self) -> list[int]:
+        """Nodes with anything under ``incoming/`` (a journal or a package folder)."""
+        ids = set()
+        for p in self.incoming.glob("node-*"):
+            stem = p.name.removesuffix(".json").removeprefix("node-")
+            if stem.isdigit():
+                ids.add(int(stem))
+        return sorted(ids)
+
+    def discard_incoming(self) -> list[int]:
+        """Delete everything still incoming (the round's collection is over); the nodes it was from."""
+        nodes = self.nodes_incoming()
+        for node in nodes:
+            self.discard(node)
+        return nodes
 
     # -- accepting -------------------------------------------------------------------------------
     def accepted_dir(self, institution: str) -> Path:

@@ -8,6 +8,7 @@ Tests run in file order; the last one kills a node.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class Deployment:
                 "start": False,
                 "address": self.address,
                 "ca_cert": str(self.tls.ca_cert),
+                "supernode_public_keys": {n: str(self.node_keys[n][1]) for n in NAMES},
             },
         )
         fed.update(overrides)
@@ -69,7 +71,7 @@ class Deployment:
             server_cert=str(self.tls.server_cert),
             server_key=str(self.tls.server_key),
             database_path=str(self.root / "superlink.db"),
-            supernode_public_keys=[str(self.node_keys[n][1]) for n in NAMES],
+            supernode_public_keys={n: str(self.node_keys[n][1]) for n in NAMES},
         )
         first.write_text(yaml.safe_dump(cfg, sort_keys=False))
         coord = Coordinator(first)
@@ -136,19 +138,20 @@ def _offline_fedmerge_merge(d: Deployment, names: list[str], out: Path) -> Path:
 def test_two_rounds_over_tls_with_node_auth_install_the_offline_merge(deployment, tmp_path):
     d = deployment
     records = d.run(d.federation_config("two-rounds", rounds=2))
-    assert [(r["round"], r["status"]) for r in records] == [(1, "completed"), (2, "completed")]
+    assert [(r.round, r.status) for r in records] == [(1, "completed"), (2, "completed")]
     offline = _offline_fedmerge_merge(d, NAMES, tmp_path / "offline")
     for rec in records:
-        assert rec["contributors"] == NAMES
-        assert rec["dropped"] == [] and rec["rejections"] == []
-        assert len(rec["installed_by"]) == 3
+        assert rec.contributors == NAMES
+        assert rec.drops == [] and rec.rejections == []
+        assert rec.publication.installed == NAMES
     for name in NAMES:
         current = Path(d.toy.client_configs[name]).parent / name / "models" / "current"
         assert current.resolve().name == "round-0002"
         assert assert_same_tensors(current, offline) == 21
         assert (current.parent / "round-0001").is_dir()  # the previous model is kept
-    # The three nodes connected through TLS with their registered keys: the SuperLink saw them.
-    assert len(set(records[0]["sampled"])) == 3
+    # The three nodes connected through TLS with their registered keys, each bound to its institution
+    # by the key the SuperLink registered for it.
+    assert sorted(records[0].sampled) == NAMES and len(set(records[0].sampled.values())) == 3
 
 
 def test_unregistered_node_is_refused(deployment):
@@ -183,24 +186,28 @@ def test_unregistered_node_is_refused(deployment):
 
 def test_unpinned_app_bundle_is_refused_before_it_runs(deployment):
     d = deployment
-    config = d.federation_config("unpinned", rounds=1, min_clients=1, wait_for_clients_s=10.0, round_timeout_s=40.0)
+    config = d.federation_config("unpinned", rounds=1, wait_for_clients_s=10.0, round_timeout_s=40.0)
     # Anyone reaching the SuperLink's port can submit an app (Control is unauthenticated).
     app = d.unpinned_app
     assert flower.app_hash(app) != flower.app_hash()
     d.superlink.submit(app, config)
     ledger = RoundLedger(d.root / "unpinned" / "coordinator")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(r["status"] == "failed" for r in ledger.records()):
+    while time.monotonic() < deadline and not any(r.status == "failed" for r in ledger.records()):
         time.sleep(1.0)
     rec = ledger.records()[0]
-    assert rec["status"] == "failed" and rec["contributors"] == []
-    assert len(rec["dropped"]) == 3
-    assert all("not pinned" in x["reason"] for x in rec["dropped"]), rec["dropped"]
+    assert rec.status == "failed" and rec.contributors == []
+    assert len(rec.drops) == 3
+    assert all("not pinned" in x.reason for x in rec.drops), rec.drops
 
 
 def test_client_killed_mid_round_round_completes_on_quorum(deployment, tmp_path):
     d = deployment
     config = d.federation_config("kill", rounds=1, min_clients=2, part_bytes=192 * 1024, straggler_grace_s=5.0, round_timeout_s=90.0)
+    # A new federation for the same hospitals: the round 2 an earlier test installed would make
+    # this run's round 1 a rollback, which hospitals refuse.
+    for name in NAMES:
+        shutil.rmtree(Path(d.toy.client_configs[name]).parent / name / "models", ignore_errors=True)
     coord = Coordinator(config)
     coord.superlink = d.superlink
     coord.submit()
@@ -219,9 +226,9 @@ def test_client_killed_mid_round_round_completes_on_quorum(deployment, tmp_path)
     assert killed, "hospital-b never started sending"
     records = coord.wait(timeout=150, poll_s=1.0)
     rec = records[0]
-    assert rec["status"] == "completed"
-    assert rec["contributors"] == ["hospital-a", "hospital-c"]
-    assert [x["institution"] for x in rec["dropped"]] == ["hospital-b"]
+    assert rec.status == "completed"
+    assert rec.contributors == ["hospital-a", "hospital-c"]
+    assert [x.institution for x in rec.drops] == ["hospital-b"]
     offline = _offline_fedmerge_merge(d, ["hospital-a", "hospital-c"], tmp_path / "offline")
     current = Path(d.toy.client_configs["hospital-a"]).parent / "hospital-a" / "models" / "current"
     assert_same_tensors(current, offline)

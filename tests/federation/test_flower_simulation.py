@@ -45,7 +45,9 @@ def test_simulate_on_flower_engine_installs_the_offline_merge(make_federation, t
         assert report["installed"][name] == [1, 2]
         assert assert_same_tensors(tf.root / "clients" / name / "models" / "current", offline) == 21
     rec = report["rounds"][1]["record"]
-    assert rec["contributors"] == sorted(tf.client_configs) and rec["rejections"] == [] and rec["dropped"] == []
-    assert all(report["bytes_sent"][k] == 2 * rec["inputs"][k]["bytes"] for k in tf.client_configs)
+    assert rec["contributors"] == sorted(tf.client_configs) and rec["rejections"] == [] and rec["drops"] == []
+    assert all(report["bytes_sent"][k] == 2 * rec["contributions"][k]["bytes"] for k in tf.client_configs)
     # Flower's engine, not the in-process grid (nodes 1..N), carried the messages: its node ids are random 64-bit.
-    assert all(v["node"] > 2**16 for v in rec["inputs"].values())
+    assert all(v["node"] > 2**16 for v in rec["contributions"].values())
+    # ...and each was bound to the institution of its partition's config, as Flower assigned it.
+    assert sorted(rec["sampled"]) == sorted(tf.client_configs) and rec["sampled"] == {k: v["node"] for k, v in rec["contributions"].items()}

@@ -13,9 +13,10 @@ import sys
 import pytest
 from fedtest_helpers import assert_same_tensors, offline_merge
 
-from fedmerge.federation.inprocess import LocalGrid, run_simulation
+from fedmerge.federation.inprocess import LocalGrid, bindings_of, run_simulation
 from fedmerge.protocol import FETCH_PART, INSTALL_PART, OPEN_ROUND, plan_folder
-from fedmerge.server.rounds import RoundFailed
+from fedmerge.server.directory import MappingDirectory
+from fedmerge.server.errors import RoundFailed
 
 
 def _installed(tf, name):
@@ -36,16 +37,16 @@ def test_two_rounds_install_the_offline_merge(make_federation, tmp_path):
         # the previous round is kept beside the current one
         assert (tf.root / "clients" / name / "models" / "round-0001").is_dir()
     rec = report.rounds[0].record
-    assert rec["contributors"] == sorted(tf.client_configs)
-    assert rec["strategy"]["method"] == "task_arithmetic" and rec["strategy"]["parameters"] == {"lambda": 0.7}
-    assert rec["reference"]["fingerprint"].startswith("sha256:")
-    assert rec["output"]["fingerprint"].startswith("sha256:")
-    assert set(rec["inputs"]) == set(tf.client_configs)
+    assert rec.contributors == sorted(tf.client_configs)
+    assert rec.strategy["method"] == "task_arithmetic" and rec.strategy["parameters"] == {"lambda": 0.7}
+    assert rec.reference.fingerprint.startswith("sha256:")
+    assert rec.merge.fingerprint.startswith("sha256:")
+    assert set(rec.contributions) == set(tf.client_configs)
     # the report hands out the verified deltas and the base, so any strategy can be re-run offline
     assert report.rounds[0].reference_dir == str(tf.base)
     assert sorted(report.rounds[0].delta_dirs) == sorted(tf.client_configs)
     # every byte a client sent is its package, cut into parts of at most part_bytes
-    pkg_bytes = rec["inputs"]["hospital-a"]["bytes"]
+    pkg_bytes = rec.contributions["hospital-a"].bytes
     assert report.bytes_sent["hospital-a"] == 2 * pkg_bytes
 
 
@@ -61,10 +62,10 @@ def test_client_killed_mid_round_completes_on_quorum(make_federation, tmp_path):
 
     report = run_simulation(tf.federation_config, list(tf.client_configs.values()), hooks=[kill_node_2_mid_transfer])
     rec = report.rounds[0].record
-    assert rec["status"] == "completed"
-    assert rec["contributors"] == ["hospital-a", "hospital-c"]
-    assert [(d["node"], d["stage"]) for d in rec["dropped"]] == [(2, "parts")]
-    assert "disconnected" in rec["dropped"][0]["reason"]
+    assert rec.status == "completed"
+    assert rec.contributors == ["hospital-a", "hospital-c"]
+    assert [(d.institution, d.node, d.stage) for d in rec.drops] == [("hospital-b", 2, "transfer")]
+    assert "disconnected" in rec.drops[0].reason
     offline = offline_merge(tf.base, [tf.finetunes["hospital-a"], tf.finetunes["hospital-c"]], tmp_path / "offline", {"method": "task_arithmetic"})
     assert_same_tensors(_installed(tf, "hospital-a"), offline)
     assert report.installed["hospital-b"] == []
@@ -76,7 +77,7 @@ def test_quorum_not_met_fails_the_round_with_its_reason(make_federation):
     with pytest.raises(RoundFailed, match="quorum not met: 1 verified"):
         run_simulation(tf.federation_config, list(tf.client_configs.values()), hooks=hooks)
     rec = json.loads((tf.root / "coordinator" / "rounds" / "round-0001" / "record.json").read_text())
-    assert rec["status"] == "failed" and rec["contributors"] == ["hospital-b"]
+    assert rec["status"] == "failed" and sorted(rec["contributions"]) == ["hospital-b"]
 
 
 def test_tampered_contribution_is_rejected_and_the_others_merged(make_federation, tmp_path):
@@ -101,10 +102,10 @@ def test_tampered_contribution_is_rejected_and_the_others_merged(make_federation
 
     report = run_simulation(tf.federation_config, list(tf.client_configs.values()))
     rec = report.rounds[0].record
-    assert rec["contributors"] == ["hospital-a", "hospital-b"]
-    assert len(rec["rejections"]) == 1
-    rej = rec["rejections"][0]
-    assert rej["institution"] == "hospital-c" and rej["reason"].startswith("DigestMismatch")
+    assert rec.contributors == ["hospital-a", "hospital-b"]
+    assert len(rec.rejections) == 1
+    rej = rec.rejections[0]
+    assert rej.institution == "hospital-c" and rej.error == "DigestMismatch"
     offline = offline_merge(tf.base, [tf.finetunes["hospital-a"], tf.finetunes["hospital-b"]], tmp_path / "offline", {"method": "task_arithmetic"})
     for name in tf.client_configs:  # every node, the rejected one too, installs the merged model
         assert_same_tensors(_installed(tf, name), offline)
@@ -113,10 +114,18 @@ def test_tampered_contribution_is_rejected_and_the_others_merged(make_federation
 def test_coordinator_crash_after_accepting_resumes_without_losing_contributions(make_federation, tmp_path):
     tf = make_federation(3, rounds=1)
     clients = list(tf.client_configs.values())
-    # The coordinator process is SIGKILLed right after its second acceptance was recorded.
+    # The coordinator process dies (no cleanup, no flush) right after its second acceptance was
+    # recorded: the fault is injected through on_event, as any caller could.
     code = (
+        "import os\n"
         "from fedmerge.federation.inprocess import run_simulation\n"
-        f"run_simulation({str(tf.federation_config)!r}, {[str(c) for c in clients]!r}, crash_after_accepts=2, crash_hard=True)\n"
+        "accepted = []\n"
+        "def crash(event):\n"
+        "    if event.kind == 'accepted':\n"
+        "        accepted.append(event.institution)\n"
+        "        if len(accepted) == 2:\n"
+        "            os.kill(os.getpid(), 9)\n"
+        f"run_simulation({str(tf.federation_config)!r}, {[str(c) for c in clients]!r}, on_event=crash)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -134,9 +143,10 @@ def test_coordinator_crash_after_accepting_resumes_without_losing_contributions(
 
     report = run_simulation(tf.federation_config, clients, hooks=[count])
     rec = report.rounds[0].record
-    assert rec["status"] == "completed"
-    assert rec["contributors"] == ["hospital-a", "hospital-b", "hospital-c"]
-    # nodes 1 and 2 were asked to open the round again but never for a part: nothing re-sent
+    assert rec.status == "completed"
+    assert rec.contributors == ["hospital-a", "hospital-b", "hospital-c"]
+    # nodes 1 and 2 were not asked to open the round again, nor for a part: nothing re-sent
+    assert OPEN_ROUND not in counted[1] and OPEN_ROUND not in counted[2]
     assert FETCH_PART not in counted[1] and FETCH_PART not in counted[2]
     assert FETCH_PART in counted[3]
     offline = offline_merge(tf.base, [tf.finetunes[n] for n in sorted(tf.client_configs)], tmp_path / "offline", {"method": "task_arithmetic"})
@@ -207,11 +217,13 @@ def test_train_hook_output_is_what_the_hospital_contributes(make_federation, tmp
 
 
 def test_evaluator_failure_is_recorded_and_does_not_lose_the_round(make_federation, tmp_path):
-    tf = make_federation(2, rounds=1, federation_overrides={"evaluator": {"config_path": str(tmp_path / "missing-eval.yaml")}})
+    # publish_if_evaluation_fails: without it the gate refuses a model it could not score (see test_gate.py)
+    evaluator = {"config_path": str(tmp_path / "missing-eval.yaml"), "publish_if_evaluation_fails": True}
+    tf = make_federation(2, rounds=1, federation_overrides={"evaluator": evaluator})
     report = run_simulation(tf.federation_config, list(tf.client_configs.values()))
     rec = report.rounds[0].record
-    assert rec["status"] == "completed"
-    assert "missing-eval.yaml" in rec["metrics"]["error"]
+    assert rec.status == "completed"
+    assert "missing-eval.yaml" in rec.evaluation.error
     assert report.installed["hospital-a"] == [1]
 
 
@@ -243,13 +255,14 @@ def test_a_reply_lost_in_transit_is_asked_again_not_dropped(make_federation, tmp
                 out.append(reply)
             return out
 
-    grid = LossyGrid({i + 1: str(p) for i, p in enumerate(tf.client_configs.values())})
-    records = RoundRunner(grid, load_federation_config(tf.federation_config)).run()
+    clients = list(tf.client_configs.values())
+    grid = LossyGrid({i + 1: str(p) for i, p in enumerate(clients)})
+    records = RoundRunner(grid, load_federation_config(tf.federation_config), directory=MappingDirectory(bindings_of(clients))).run()
     rec = records[0]
     assert len(LossyGrid.lost) == 2
-    assert rec["status"] == "completed"
-    assert rec["contributors"] == ["hospital-a", "hospital-b", "hospital-c"]
-    assert rec["dropped"] == []
+    assert rec.status == "completed"
+    assert rec.contributors == ["hospital-a", "hospital-b", "hospital-c"]
+    assert rec.drops == []
     assert grid.sent[2] == grid.sent[1] + 2  # the two lost parts were asked again
     offline = offline_merge(tf.base, [tf.finetunes[n] for n in ["hospital-a", "hospital-b", "hospital-c"]], tmp_path / "offline", {"method": "task_arithmetic"})
     assert_same_tensors(_installed(tf, "hospital-b"), offline)
@@ -277,9 +290,10 @@ def test_parts_in_flight_are_capped_across_clients_and_shared_fairly(make_federa
                     self.parts_pushed[msg.metadata.dst_node_id] = self.parts_pushed.get(msg.metadata.dst_node_id, 0) + 1
             return super().push_messages(messages)
 
-    grid = CountingGrid({i + 1: str(tf.client_configs[n]) for i, n in enumerate(sorted(tf.client_configs))})
-    records = RoundRunner(grid, load_federation_config(tf.federation_config)).run()
-    assert records[0]["status"] == "completed" and records[0]["contributors"] == sorted(tf.client_configs)
+    clients = [tf.client_configs[n] for n in sorted(tf.client_configs)]
+    grid = CountingGrid({i + 1: str(p) for i, p in enumerate(clients)})
+    records = RoundRunner(grid, load_federation_config(tf.federation_config), directory=MappingDirectory(bindings_of(clients))).run()
+    assert records[0].status == "completed" and records[0].contributors == sorted(tf.client_configs)
     assert grid.peak == 3
     # many parts per client each way, so the cap was exercised, and every client got the same share
     assert len(set(grid.parts_pushed.values())) == 1 and min(grid.parts_pushed.values()) > 10

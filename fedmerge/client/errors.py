@@ -1,0 +1,37 @@
+"""The hospital's typed refusals: what its ClientApp answers instead of doing what was asked.
+
+Each is sent back to the coordinator as a refusal (type name and message, local paths
+scrubbed) and lands in the round record.
+"""
+
+from __future__ import annotations
+
+from fedmerge.errors import FedmergeError
+
+
+class ClientError(FedmergeError):
+    """The hospital cannot do what the coordinator asked."""
+
+
+class UnknownReference(ClientError):
+    """No local model has the fingerprint the coordinator names as the round's reference."""
+
+
+class TrainHookFailed(ClientError):
+    """The configured train_hook did not produce a checkpoint."""
+
+
+class RoundNotOpened(ClientError):
+    """A part of a round this hospital never opened (or no longer holds) was asked for."""
+
+
+class NothingReceived(ClientError):
+    """A commit arrived for a model none of whose parts were received."""
+
+
+class StalePublication(ClientError):
+    """A published model for a round that is not newer than the one installed (a rollback)."""
+
+
+class ForeignCoordinator(ClientError):
+    """A published model signed by another coordinator than the one this hospital pinned."""
