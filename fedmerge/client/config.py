@@ -19,8 +19,11 @@ class ClientConfig(BaseModel):
     finetuned: ConfigPath | None = None  # a full fine-tune (HF folder)...
     adapter: ConfigPath | None = None  # ...or a PEFT LoRA adapter folder
     state_dir: ConfigPath
-    seal: bool = False
-    coordinator_public_file: ConfigPath | None = None  # needed to seal: the coordinator's public identity
+    # The coordinator's public identity, obtained out of band: the trust store must be signed by
+    # it, and packages are sealed to it. Required unless allow_unsigned_trust.
+    coordinator_public_file: ConfigPath | None = None
+    allow_unsigned_trust: bool = False  # accept an unsigned trust store (local experiments only)
+    seal: bool | None = None  # default: true when coordinator_public_file is set
     # Flower connection: the SuperLink's Fleet address, its CA, and this node's auth key (OpenSSH EC).
     superlink_address: str = "127.0.0.1:9092"
     root_cert: ConfigPath | None = None
@@ -37,6 +40,13 @@ class ClientConfig(BaseModel):
     def _one_source(self) -> "ClientConfig":
         if (self.finetuned is None) == (self.adapter is None):
             raise ValueError("give exactly one of 'finetuned' (a model folder) or 'adapter' (a LoRA adapter folder)")
+        if not self.coordinator_public_file and not self.allow_unsigned_trust:
+            raise ValueError(
+                "coordinator_public_file is required: the coordinator's public identity, which the trust store must be signed by "
+                "(allow_unsigned_trust: true skips that check, for local experiments only)"
+            )
+        if self.seal is None:
+            self.seal = self.coordinator_public_file is not None
         if self.seal and not self.coordinator_public_file:
             raise ValueError("seal: true needs coordinator_public_file (the coordinator's public identity)")
         return self

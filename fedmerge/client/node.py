@@ -178,7 +178,8 @@ class HospitalNode:
         for f in plan.files:  # make the received bytes durable before anything points at them
             with open(staging / f.path, "rb") as fh:
                 os.fsync(fh.fileno())
-        trust = deps.load_trust(self.cfg.trust_store)
+        pinned = deps.load_public(self.cfg.coordinator_public_file) if self.cfg.coordinator_public_file else None
+        trust = deps.load_trust(self.cfg.trust_store, pinned, allow_unsigned=self.cfg.allow_unsigned_trust)
         deps.verify_model(staging, trust)
         self.models.mkdir(parents=True, exist_ok=True)
         (self.models / f".{final.name}.plan").write_text(plan_json)

@@ -67,6 +67,7 @@ def build_toy_federation(
     trust.add(coord.public, role="coordinator")
     for name in names:
         trust.add(generate_identity(name, keys).public, role="institution")
+    trust.sign(coord)  # every party checks the store against the coordinator's pinned key
     trust.save()
     fed = {
         "name": "toy",
@@ -95,9 +96,8 @@ def build_toy_federation(
             "finetuned": str(finetunes[name]),
             "state_dir": str(root / "clients" / name),
             "seal": seal,
+            "coordinator_public_file": str(keys / "coordinator.pub.json"),
         }
-        if seal:
-            c["coordinator_public_file"] = str(keys / "coordinator.pub.json")
         p = root / "clients" / f"{name}.yaml"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(yaml.safe_dump(c, sort_keys=False))

@@ -76,6 +76,9 @@ class FederationConfig(BaseModel):
     # float32 deltas make a federated round byte-identical to the offline merge; bfloat16 halves the bytes.
     delta_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seal: bool = False
+    # The trust store must be signed by this coordinator's own key (``coordinator_key``); an
+    # unsigned store is accepted only with this flag, for local experiments.
+    allow_unsigned_trust: bool = False
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     evaluator: EvaluatorHook | None = None
     sample_seed: int = 0

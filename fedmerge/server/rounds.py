@@ -37,7 +37,7 @@ class RoundRunner:
         self.cfg = config
         self.ledger = RoundLedger(config.state_dir)
         self.identity = deps.load_identity(config.coordinator_key, _read_optional(config.coordinator_key_passphrase_file))
-        self.trust = deps.load_trust(config.trust_store)
+        self.trust = deps.load_trust(config.trust_store, self.identity.public, allow_unsigned=config.allow_unsigned_trust)
         self._fingerprints: dict[str, str] = {}
         # Test hook: stop the process abruptly after this many contributions were accepted.
         self._crash_after_accepts = crash_after_accepts
@@ -221,7 +221,7 @@ class RoundRunner:
             protocol.check_complete(pkg, plan)
             shutil.rmtree(spool.unpack_dir(node_id), ignore_errors=True)
             spool.unpack_dir(node_id).parent.mkdir(parents=True, exist_ok=True)
-            verified = deps.verify_package(pkg, self.trust, expected_round=r, expected_reference=ref_fp, opener=self.identity, unpack_to=spool.unpack_dir(node_id))
+            verified = deps.verify_package(pkg, self.trust, expected_round=r, expected_reference=ref_fp, opener=self.identity, unpack_to=spool.unpack_dir(node_id), require_sealed=self.cfg.seal)
             if verified.sender != inst:
                 raise _Rejected(f"the node says it is {inst!r} but the package is signed by {verified.sender!r}")
             if verified.sender in spool.accepted_institutions():
@@ -275,7 +275,7 @@ class RoundRunner:
             metadata={"round": r, "contributors": contributors, "federation": cfg.name},
         )
         record["merge_seconds"] = time.perf_counter() - t0
-        deps.sign_model(out, self.identity)
+        deps.sign_model(out, self.identity, round_id=r, fingerprint=self.fingerprint(out))
         record["output"] = {"path": str(out), "fingerprint": self.fingerprint(out)}
         record["metrics"] = self._evaluate(r, out)
         record["status"] = "merged"
