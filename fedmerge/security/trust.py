@@ -462,13 +462,19 @@ class TrustStore:
             raise TrustStoreSignatureInvalid(f"{where}: signed by {pin}, but the store does not enrol that key as coordinator {pinned.name!r}", sender=pinned.name, path=self.path)
 
     def check_signature(self, pinned: PublicIdentity | None) -> TrustStatus:
-        """What ``load`` would conclude, as a status instead of an exception (for ``trust list``)."""
+        """What ``load`` would conclude, as a status instead of an exception (for ``trust list``).
+        A signature that does not verify is reported as INVALID, never with the name it claims."""
         if self.signature is None:
             return TrustStatus("unsigned", "UNSIGNED: no coordinator signature; refused unless --allow-unsigned-trust is given")
         if pinned is None:
             return TrustStatus("unpinned", f"carries a signature, NOT verified: no pinned coordinator key; {PIN_HINT}")
         try:
             self.verify_signed_by(pinned)
-        except TrustStoreSignatureInvalid as exc:
-            return TrustStatus("invalid", f"INVALID signature: {exc}", None, pinned.key_id)
+        except TrustStoreSignatureInvalid:
+            return TrustStatus(
+                "invalid",
+                f"INVALID: the signature does not verify against the pinned key of {pinned.name!r} ({pinned.key_id}); every verification refuses this store",
+                None,
+                pinned.key_id,
+            )
         return TrustStatus("verified", f"signature verified against the pinned key of {pinned.name!r} ({pinned.key_id})", pinned.name, pinned.key_id)

@@ -271,14 +271,14 @@ class DataCheck:
     ``IN_FLIGHT_BYTES`` of chunks are held at once, whatever the chunk size.
     """
 
-    def __init__(self, pkg: Path, manifest: DeltaManifest, sealer: ChunkSealer | None, writer: DeltaFolderWriter | None, workers: int):
+    def __init__(self, pkg: Path, manifest: DeltaManifest, sealer: ChunkSealer | None, writer: DeltaFolderWriter | None, workers: int, in_flight_bytes: int = IN_FLIGHT_BYTES):
         self.pkg = pkg
         self.manifest = manifest
         self.sealer = sealer
         self.writer = writer
         self.workers = workers
         self.tag = TAG_BYTES if sealer else 0
-        self.budget = ByteBudget(IN_FLIGHT_BYTES)
+        self.budget = ByteBudget(in_flight_bytes)
         self._fds: dict[str, int] = {}
         self._lanes: HashLanes | None = None
 
