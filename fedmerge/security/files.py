@@ -17,6 +17,17 @@ from fedmerge.checkpoints.reader import open_regular
 from fedmerge.security.errors import SecurityError
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for refusals)."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a plain file"
+
+
 def read_capped(
     path: str | os.PathLike[str],
     limit: int,
@@ -41,8 +52,7 @@ def read_capped(
     except OSError as exc:
         raise error(f"{p}: cannot read {what} ({exc.strerror})", path=p) from None
     if not stat.S_ISREG(st.st_mode):
-        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "not a plain file"
-        raise (not_plain or error)(f"{p}: {what} is {kind}; only a plain file is read", path=p)
+        raise (not_plain or error)(f"{p}: {what} is {file_kind(st.st_mode)}; only a plain file is read", path=p)
     if st.st_size > limit:
         raise (too_large or error)(f"{p}: {what} has {st.st_size} bytes, more than the {limit} allowed", path=p)
     try:

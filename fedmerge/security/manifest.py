@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from fedmerge.checkpoints.dtypes import dtype_nbytes
 from fedmerge.security.errors import ManifestInvalid, PackageError
 from fedmerge.security.keys import NAME_RE
 from fedmerge.security.seal import SCHEME, TAG_BYTES
@@ -34,7 +35,8 @@ MAX_CHUNK_BYTES = 64 * 1024 * 1024
 # Bytes of chunks in flight at once while packing or verifying (read, sealed/opened, not yet
 # hashed): with the largest chunks, four; with the default 4 MiB chunks, never the limit.
 IN_FLIGHT_BYTES = 4 * MAX_CHUNK_BYTES
-DELTA_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+# The dtypes a delta may travel in (safetensors codes; sizes come from fedmerge.checkpoints.dtypes).
+DELTA_DTYPES = ("F32", "BF16", "F16")
 DATA_FILE_RE = re.compile(r"^data-\d{5}\.bin$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -267,7 +269,7 @@ def parse_manifest(raw: bytes, require_canonical: bool = True) -> DeltaManifest:
             raise _bad(f"{where}dtype {dtype!r} is not one of {', '.join(DELTA_DTYPES)}"[:300])
         numel = math.prod(shape)
         nbytes = _int(t, "nbytes", where)
-        if nbytes != numel * DELTA_DTYPES[dtype]:
+        if nbytes != numel * dtype_nbytes(dtype):
             raise _bad(f"{where}nbytes {nbytes} does not match shape {shape} in {dtype}")
         chunks = _int(t, "chunks", where, 1, 1 << 40)
         if chunks != chunk_count(nbytes, chunk_bytes):

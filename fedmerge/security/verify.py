@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,7 +49,7 @@ from fedmerge.security.errors import (
     TruncatedData,
     UnsealedPackage,
 )
-from fedmerge.security.files import read_capped
+from fedmerge.security.files import file_kind, read_capped
 from fedmerge.security.finite import has_non_finite
 from fedmerge.security.hashing import HashLanes
 from fedmerge.security.keys import Identity, unb64
@@ -240,15 +241,12 @@ def _check_expected(manifest: DeltaManifest, expected: Shapes) -> None:
 
 def _check_files(pkg: Path, manifest: DeltaManifest) -> None:
     """Exactly the listed data files, plain, with their exact sizes (nothing is opened here)."""
-    import stat
-
     sender = manifest.sender
     listed = dict(manifest.files)
     for p in pkg.iterdir():
         mode = os.lstat(p).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a symbolic link" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "not a plain file"
-            raise NotAPlainFile(f"package from {sender!r}: {p} is {kind}; a package holds only plain files", sender=sender, path=p)
+            raise NotAPlainFile(f"package from {sender!r}: {p} is {file_kind(mode)}; a package holds only plain files", sender=sender, path=p)
         if p.name not in listed and p.name not in (MANIFEST_NAME, SIGNATURE_NAME):
             raise OversizedData(f"package from {sender!r}: unlisted file {p.name!r} in {pkg}", sender=sender, path=p)
     for name, size in manifest.files:
@@ -311,7 +309,7 @@ class DataCheck:
                 pos += want
 
     def _cost(self, item: tuple) -> int:
-        return 2 * item[5]  # the bytes read, and what opening them makes
+        return item[5] * (2 if self.sealer else 1)  # the bytes read, and (sealed) what opening them makes
 
     def _open(self, item: tuple):
         # Reading happens here too, so reads, AES-GCM and finiteness checks of several chunks
