@@ -12,6 +12,7 @@ look (and, under pressure, be) as large as its inputs. Pickled weights (``.bin``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -52,11 +53,15 @@ def require_safetensors_weights(folder: str | os.PathLike[str]) -> None:
         _refuse_pickles(folder)
 
 
-def open_regular(file: str | os.PathLike[str]) -> int:
-    """Open ``file`` read-only, refusing FIFOs, devices and folders (opening a FIFO would block)."""
+def open_regular(file: str | os.PathLike[str], *, follow_symlinks: bool = True) -> int:
+    """Open ``file`` read-only, refusing FIFOs, devices and folders (opening a FIFO would block);
+    with ``follow_symlinks=False`` a symbolic link is refused too, whatever it points at."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(file, flags)
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise CheckpointError(f"{file}: is a symbolic link, not a regular file") from None
         raise CheckpointError(f"{file}: cannot be opened ({exc.strerror})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -101,6 +101,7 @@ class CheckpointWriter:
         self._shard_of: dict[str, int] = {}
         self._early: dict[str, Any] = {}
         self._cursor = 0
+        self._part_bytes = 0  # bytes of the tensor being written in parts so far
         # unplanned mode
         self._spool = None
         self._spool_entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
@@ -157,12 +158,7 @@ class CheckpointWriter:
     def add_part(self, name: str, part, final: bool) -> None:
         """Append the next rows of a planned tensor (the one the writer is waiting for), so a large
         tensor can be written as it is computed, chunk by chunk, without ever being whole in memory."""
-        if self._planned is None:
-            raise CheckpointError(f"{self.out_dir}: add_part needs a plan")
-        if self._done:
-            raise CheckpointError(f"{self.out_dir}: writer already committed or aborted")
-        if self._cursor >= len(self._order) or self._order[self._cursor] != name or self._early:
-            raise CheckpointError(f"{self.out_dir}: tensor {name!r} written in parts out of the planned order")
+        self._check_next_part(name)
         t = part.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -170,15 +166,38 @@ class CheckpointWriter:
         dtype, shape = self._planned_info[name]
         if safetensors_dtype(t.dtype) != dtype or tuple(t.shape[1:]) != shape[1:]:
             raise CheckpointError(f"{self.out_dir}: part of tensor {name!r} is {list(t.shape)} {safetensors_dtype(t.dtype)}, planned {list(shape)} {dtype}")
-        nbytes = t.numel() * t.element_size()
+        self._append_part(name, tensor_bytes(t), final)
+
+    def add_bytes(self, name: str, data, final: bool) -> None:
+        """Append raw little-endian bytes of the planned tensor the writer is waiting for.
+
+        For bytes that were checked elsewhere before they arrive here (a delta package's chunks,
+        whose digests the manifest signs): the pieces need not end on row boundaries, only add up
+        to the planned size by the ``final`` piece.
+        """
+        self._check_next_part(name)
+        self._append_part(name, memoryview(data).cast("B"), final)
+
+    def _check_next_part(self, name: str) -> None:
+        if self._planned is None:
+            raise CheckpointError(f"{self.out_dir}: writing a tensor in parts needs a plan")
+        if self._done:
+            raise CheckpointError(f"{self.out_dir}: writer already committed or aborted")
+        if self._cursor >= len(self._order) or self._order[self._cursor] != name or self._early:
+            raise CheckpointError(f"{self.out_dir}: tensor {name!r} written in parts out of the planned order")
+
+    def _append_part(self, name: str, raw: memoryview, final: bool) -> None:
+        dtype, shape = self._planned_info[name]
+        expect = TensorInfo(name, shape, dtype).nbytes
+        if self._part_bytes + len(raw) > expect:
+            raise CheckpointError(f"{self.out_dir}: tensor {name!r} was given more than its planned {expect} bytes")
         si = self._shard_of[name]
         self._open_shard(si)
         shard = self._planned[si]
-        shard.fh.write(tensor_bytes(t))
-        self._part_bytes = getattr(self, "_part_bytes", 0) + nbytes
-        self._total += nbytes
+        shard.fh.write(raw)
+        self._part_bytes += len(raw)
+        self._total += len(raw)
         if final:
-            expect = TensorInfo(name, shape, dtype).nbytes
             if self._part_bytes != expect:
                 raise CheckpointError(f"{self.out_dir}: tensor {name!r} was written with {self._part_bytes} bytes, planned {expect}")
             self._part_bytes = 0

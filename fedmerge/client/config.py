@@ -18,7 +18,7 @@ class ClientConfig(BaseModel):
     # The coordinator's public identity (``coordinator.pub.json``): the only signer whose trust
     # store and published models this hospital accepts, and the key packages are sealed to.
     coordinator_public_file: ConfigPath
-    allow_unsigned_trust_store: bool = False
+    allow_unsigned_trust: bool = False
     base_model: ConfigPath
     finetuned: ConfigPath | None = None  # a full fine-tune (HF folder)...
     adapter: ConfigPath | None = None  # ...or a PEFT LoRA adapter folder

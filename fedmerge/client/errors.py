@@ -29,9 +29,3 @@ class NothingReceived(ClientError):
     """A commit arrived for a model none of whose parts were received."""
 
 
-class StalePublication(ClientError):
-    """A published model for a round that is not newer than the one installed (a rollback)."""
-
-
-class ForeignCoordinator(ClientError):
-    """A published model signed by another coordinator than the one this hospital pinned."""

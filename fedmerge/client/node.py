@@ -34,13 +34,12 @@ from fedmerge.checkpoints.atomic import write_json_atomic
 from fedmerge.client.config import ClientConfig
 from fedmerge.client.errors import (
     ClientError,
-    ForeignCoordinator,
     NothingReceived,
     RoundNotOpened,
-    StalePublication,
     TrainHookFailed,
     UnknownReference,
 )
+from fedmerge.security.errors import StalePublication
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class HospitalNode:
         source = self._contribution_source(r, reference)
         rdir.mkdir(parents=True, exist_ok=True)
         from fedmerge.security.keys import load_identity, read_passphrase_file
-        from fedmerge.security.package import pack_delta
+        from fedmerge.security.pack import pack_delta
 
         identity = load_identity(self.cfg.identity_key, read_passphrase_file(self.cfg.identity_passphrase_file))
         seal_to = self.pinned_coordinator() if self.cfg.seal else None
@@ -184,12 +183,7 @@ class HospitalNode:
         """The consortium's trust store, refused unless signed by the pinned coordinator."""
         from fedmerge.security.trust import TrustStore
 
-        trust = TrustStore.load(self.cfg.trust_store)
-        if self.cfg.allow_unsigned_trust_store and trust.signature is None:
-            log.warning("%s: %s is not signed; used because allow_unsigned_trust_store is set", self.cfg.institution, self.cfg.trust_store)
-        else:
-            trust.verify_signed_by(self.pinned_coordinator())
-        return trust
+        return TrustStore.load(self.cfg.trust_store, self.pinned_coordinator(), allow_unsigned=self.cfg.allow_unsigned_trust)
 
     def installed_round(self) -> int:
         """The round of the model ``current`` points at (0: none installed)."""
@@ -269,17 +263,8 @@ class HospitalNode:
         """The coordinator's signed publication of ``folder``: pinned signer, round ``r``, newer than installed."""
         from fedmerge.security.model_sign import verify_model
 
-        pinned = self.pinned_coordinator()
-        trust = self.trust()
-        publication = verify_model(folder, trust, expected_round=r)
-        entry = trust.get(publication.signer)
-        if publication.signer != pinned.name or entry is None or entry.public.key_id != pinned.key_id:
-            raise ForeignCoordinator(
-                f"{self.cfg.institution}: round {r}'s model is signed by {publication.signer!r}, not by the pinned coordinator {pinned.name!r}"
-            )
-        if publication.round is None or publication.round <= self.installed_round():
-            raise StalePublication(f"{self.cfg.institution}: the model is published for round {publication.round}; round {self.installed_round()} is installed")
-        return publication
+        # The signed document, not the plan, decides: the pinned coordinator, this round, newer than installed.
+        return verify_model(folder, self.trust(), coordinator=self.pinned_coordinator(), expected_round=r, newer_than=self.installed_round())
 
     def _note_outcome(self, r: int, outcome: str | None) -> None:
         """What the coordinator said of this hospital in round ``r`` (contributed, late, rejected...)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.checkpoints.fingerprint import folder_fingerprint, state_dict_fingerprint
+from fedmerge.checkpoints.reader import require_safetensors_weights
 from fedmerge.eval.config import EvalConfig
 from fedmerge.eval.errors import DatasetUnavailable, EvalError, UnknownTask
 from fedmerge.eval.store import ROLES, ResultsStore, ScoreRecord
@@ -190,9 +191,12 @@ class Evaluator:
             if not (folder / "config.json").is_file():
                 raise EvalError(f"{folder}: not a model folder (no config.json)")
             folder = folder.resolve()
+            # Never unpickle, whatever `fingerprint` says: refuse pickle-only weights before
+            # transformers sees the folder, and forbid its pickle fallback.
+            require_safetensors_weights(folder)
             lm = HFLM(
                 pretrained=str(folder), tokenizer=tokenizer, device=self.device, dtype=self.dtype,
-                batch_size=self.batch_size, max_batch_size=self.config.max_batch_size,
+                batch_size=self.batch_size, max_batch_size=self.config.max_batch_size, use_safetensors=True,
             )
             fp = folder_fingerprint(folder) if self.config.fingerprint else None
             return lm, str(folder), fp

@@ -126,7 +126,7 @@ class LaunchServer:
         import torch  # noqa: F401
 
         import fedmerge.checkpoints  # noqa: F401
-        import fedmerge.security.package  # noqa: F401
+        import fedmerge.security.verify  # noqa: F401
 
         if self.kind == "clientapp":
             import flwr.supernode.cli.flwr_clientapp  # noqa: F401

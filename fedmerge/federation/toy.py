@@ -78,7 +78,7 @@ def build_toy_federation(
     trust.add(coord.public, role="coordinator")
     for name in names:
         trust.add(generate_identity(name, keys).public, role="institution")
-    trust.sign(coord)
+    trust.sign(coord)  # every party checks the store against the coordinator's pinned key
     trust.save()
     fed = {
         "name": "toy",

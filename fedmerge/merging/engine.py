@@ -28,7 +28,6 @@ What it guarantees:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -46,29 +45,17 @@ from fedmerge.checkpoints import (
     FLOAT_DTYPES,
     CheckpointReader,
     CheckpointWriter,
-    IncompatibleCheckpoint,
     TensorInfo,
     combine_digests,
     safetensors_dtype,
     tensor_bytes,
     torch_dtype,
 )
+from fedmerge.checkpoints.compat import CompatibilityCheck
 from fedmerge.merging.taskvector import DeltaCheckpoint, TaskVector, open_delta_source
 
 log = logging.getLogger(__name__)
 
-# Config keys that must agree between every input and the base for tensors to line up.
-ARCH_KEYS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-    "tie_word_embeddings",
-)
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -139,55 +126,19 @@ class MergeResult:
 
 
 # -- pre-flight checks ------------------------------------------------------------------------------
-def tokenizer_fingerprint(folder: Path) -> str | None:
-    """Digest of what decides token ids (vocabulary, merges, added tokens); None without tokenizer.json."""
-    path = Path(folder) / "tokenizer.json"
-    if not path.exists():
-        return None
-    try:
-        tok = json.loads(path.read_text())
-    except ValueError as exc:
-        raise IncompatibleCheckpoint(f"{path}: not valid JSON ({exc})") from None
-    model = tok.get("model") or {}
-    key = {"vocab": model.get("vocab"), "merges": model.get("merges"), "added": [(t.get("id"), t.get("content")) for t in tok.get("added_tokens") or []]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def check_compatible(base: CheckpointReader, sources: Sequence[Any]) -> None:
     """Refuse inputs that cannot be merged with ``base``, naming the input, file and tensor."""
-    base_cfg = base.config
-    base_tok = tokenizer_fingerprint(base.folder)
-    base_names = base.names()
-    base_set = set(base_names)
+    check = CompatibilityCheck(base, config=base.config, folder=base.folder)
     for src in sources:
-        where = f"{src.label} ({getattr(src, 'folder', '?')})"
-        cfg = getattr(src, "config", None) or {}
-        if cfg and base_cfg:
-            for key in ARCH_KEYS:
-                if key in cfg or key in base_cfg:
-                    if cfg.get(key) != base_cfg.get(key):
-                        raise IncompatibleCheckpoint(
-                            f"{where}: config.json {key}={cfg.get(key)!r} but the base {base.folder} has {base_cfg.get(key)!r}; "
-                            "inputs must share the base's architecture"
-                        )
+        full_model = isinstance(src, TaskVector)
         folder = getattr(src, "folder", None)
-        if isinstance(src, TaskVector) and folder is not None:
-            tok = tokenizer_fingerprint(folder)
-            if tok is not None and base_tok is not None and tok != base_tok:
-                raise IncompatibleCheckpoint(f"{where}: tokenizer.json differs from the base's ({base.folder}); token ids would not line up")
-        names = src.names()
-        if isinstance(src, TaskVector):
-            missing = [n for n in base_names if n not in set(names)]
-            if missing:
-                raise IncompatibleCheckpoint(f"{where}: has no tensor {missing[0]!r} that the base has ({len(missing)} missing)")
-        extra = [n for n in names if n not in base_set]
-        if extra:
-            raise IncompatibleCheckpoint(f"{where}: tensor {extra[0]!r} is not in the base {base.folder} ({len(extra)} unknown)")
-        for n in names:
-            s, b = tuple(src.info(n).shape), tuple(base.info(n).shape)
-            if s != b:
-                file = src.file_of(n) if hasattr(src, "file_of") else getattr(src, "folder", "?")
-                raise IncompatibleCheckpoint(f"{file}: tensor {n!r} has shape {list(s)}, the base has {list(b)}")
+        found = check.compare(
+            src, complete=full_model, config=getattr(src, "config", None) or {},
+            tokenizer_folder=folder if full_model and folder is not None else None,
+        )  # fmt: skip
+        where = folder if folder is not None else "?"
+        file_of = src.file_of if hasattr(src, "file_of") else (lambda _name: where)
+        found.raise_first(f"{src.label} ({where})", base.folder, file_of)
 
 
 # -- work items ---------------------------------------------------------------------------------

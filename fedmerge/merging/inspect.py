@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fedmerge.checkpoints import FLOAT_DTYPES, CheckpointError, CheckpointReader
-from fedmerge.merging.engine import ARCH_KEYS, tokenizer_fingerprint
+from fedmerge.checkpoints.compat import CompatibilityCheck
 from fedmerge.merging.taskvector import TaskVector, open_delta_source
 
 log = logging.getLogger(__name__)
@@ -67,42 +67,31 @@ class _Acc:
 
 def check_inputs(base: CheckpointReader, sources: Sequence[Any]) -> list[dict[str, Any]]:
     """One compatibility record per input (no exception: the report shows every problem)."""
-    base_cfg = base.config
-    base_tok = tokenizer_fingerprint(base.folder)
+    check = CompatibilityCheck(base, config=base.config, folder=base.folder)
     out = []
     for src in sources:
+        full_model = isinstance(src, TaskVector)
         rec: dict[str, Any] = {"label": src.label, "kind": getattr(src, "kind", "?"), "path": str(getattr(src, "folder", "")), "problems": []}
-        cfg = getattr(src, "config", None) or {}
-        arch = [k for k in ARCH_KEYS if cfg and (k in cfg or k in base_cfg) and cfg.get(k) != base_cfg.get(k)]
-        rec["architecture"] = "same" if cfg and not arch else ("unknown" if not cfg else "different")
-        for k in arch:
-            rec["problems"].append(f"config {k}={cfg.get(k)!r}, base has {base_cfg.get(k)!r}")
-        names = src.names()
-        base_names = set(base.names())
-        extra = [n for n in names if n not in base_names]
-        missing = [n for n in base.names() if n not in set(names)] if isinstance(src, TaskVector) else []
-        if extra or missing:
+        found = check.compare(src, complete=full_model, config=getattr(src, "config", None) or {}, tokenizer_folder=src.folder if full_model else None)
+        rec["architecture"] = "unknown" if not found.config_known else ("different" if found.architecture else "same")
+        for k, theirs, base_value in found.architecture:
+            rec["problems"].append(f"config {k}={theirs!r}, base has {base_value!r}")
+        if found.extra or found.missing:
             rec["names"] = "different"
         else:  # adapters and delta folders name only the tensors they change
-            rec["names"] = "same" if isinstance(src, TaskVector) or len(names) == len(base_names) else f"subset ({len(names)} of {len(base_names)})"
-        if missing:
-            rec["problems"].append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
-        if extra:
-            rec["problems"].append(f"{len(extra)} tensor(s) not in the base, e.g. {extra[0]!r}")
-        shape_bad = [n for n in names if n in base_names and tuple(src.info(n).shape) != tuple(base.info(n).shape)]
-        rec["shapes"] = "same" if not shape_bad else "different"
-        if shape_bad:
-            n = shape_bad[0]
-            rec["problems"].append(f"{len(shape_bad)} shape mismatch(es), e.g. {n!r} {list(src.info(n).shape)} vs {list(base.info(n).shape)}")
-        dtypes = sorted({src.info(n).dtype for n in names}) if isinstance(src, TaskVector) else []
-        rec["dtypes"] = dtypes
-        if isinstance(src, TaskVector):
-            tok = tokenizer_fingerprint(src.folder)
-            rec["tokenizer"] = "missing" if tok is None or base_tok is None else ("same" if tok == base_tok else "different")
-            if rec["tokenizer"] == "different":
-                rec["problems"].append("tokenizer.json differs from the base's")
-        else:
-            rec["tokenizer"] = "n/a"
+            rec["names"] = "same" if full_model or found.input_tensors == found.base_tensors else f"subset ({found.input_tensors} of {found.base_tensors})"
+        if found.missing:
+            rec["problems"].append(f"{len(found.missing)} tensor(s) missing, e.g. {found.missing[0]!r}")
+        if found.extra:
+            rec["problems"].append(f"{len(found.extra)} tensor(s) not in the base, e.g. {found.extra[0]!r}")
+        rec["shapes"] = "different" if found.shapes else "same"
+        if found.shapes:
+            n, theirs, base_shape = found.shapes[0]
+            rec["problems"].append(f"{len(found.shapes)} shape mismatch(es), e.g. {n!r} {list(theirs)} vs {list(base_shape)}")
+        rec["dtypes"] = sorted({src.info(n).dtype for n in src.names()}) if full_model else []
+        rec["tokenizer"] = found.tokenizer
+        if found.tokenizer == "different":
+            rec["problems"].append("tokenizer.json differs from the base's")
         rec["compatible"] = not rec["problems"]
         out.append(rec)
     return out

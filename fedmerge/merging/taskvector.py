@@ -33,6 +33,7 @@ from fedmerge.checkpoints import (
     combine_digests,
     tensor_bytes,
 )
+from fedmerge.checkpoints.delta import subtract_reference
 from fedmerge.merging.lora import LoraDelta, is_lora_adapter  # noqa: F401  (re-exported: contract name)
 
 DELTA_KIND = "delta"
@@ -111,12 +112,9 @@ class TaskVector:
     def get_delta(self, name: str, *, rows: tuple[int, int] | None = None, base=None):
         raw = self.model.get(name, rows=rows)
         self.digests.feed(self.model.info(name), raw, rows)
-        # The reader hands out fresh tensors, so working in place is safe.
-        delta = raw if raw.dtype == _f32() else raw.float()
         if base is None:
             base = self.base.get(name, rows=rows)
-        # sub_ promotes a lower-precision base on the fly: no float32 copy of it is made.
-        return delta.sub_(base)
+        return subtract_reference(raw, base)  # the reader hands out fresh tensors: raw may be reused
 
     def fingerprint(self) -> str | None:
         return self.digests.fingerprint(self.names())

@@ -34,6 +34,19 @@ class TrustStoreError(SecurityError):
     """The trust store file is malformed, or an operation on it is not allowed."""
 
 
+class TrustStoreUnverified(TrustStoreError):
+    """The trust store cannot be trusted as loaded: unsigned without the explicit flag, signed but
+    no coordinator key was pinned to check it, or opened for editing and then used to verify."""
+
+
+class DuplicateMember(TrustStoreError):
+    """The trust store lists one member id twice; which entry counts would be a guess."""
+
+
+class KeyReuse(TrustStoreError):
+    """One key is enrolled under two ids, or a revoked (or rotated-out) key would be enrolled again."""
+
+
 class UnknownSender(SecurityError):
     """The sender is not in the trust store."""
 
@@ -57,6 +70,18 @@ class ManifestInvalid(PackageError):
 
 class SignatureInvalid(PackageError):
     """The Ed25519 signature does not match the manifest and the sender's enrolled key."""
+
+
+class TrustStoreSignatureInvalid(TrustStoreError, SignatureInvalid):
+    """The trust store's signature does not verify against the pinned coordinator key."""
+
+
+class UnsealedPackage(PackageError):
+    """Sealing is required and the package is not sealed."""
+
+
+class NotAPlainFile(PackageError):
+    """A package folder holds a symbolic link, a FIFO, a device or a folder: only plain files are read."""
 
 
 class ReferenceMismatch(PackageError):
@@ -118,3 +143,11 @@ class ChunkAuthenticationFailed(SealError):
 # -- published models ---------------------------------------------------------------------------
 class ModelVerificationFailed(SecurityError):
     """A model folder does not match the coordinator's signed publication manifest."""
+
+
+class WrongPublisher(ModelVerificationFailed):
+    """The publication is signed by an enrolled coordinator, but not by the pinned one."""
+
+
+class StalePublication(ModelVerificationFailed):
+    """The publication is for another round than expected, or not newer than the installed one."""

@@ -14,7 +14,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from fedmerge.security.errors import ManifestInvalid
+from fedmerge.checkpoints.dtypes import dtype_nbytes
+from fedmerge.security.errors import ManifestInvalid, PackageError
 from fedmerge.security.keys import NAME_RE
 from fedmerge.security.seal import SCHEME, TAG_BYTES
 
@@ -22,16 +23,38 @@ FORMAT = "fedmerge-delta/1"
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "signature.json"
 SIGNATURE_FORMAT = "fedmerge-signature/1"
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-MAX_TENSORS = 1_000_000
+# A 70B model has about a thousand tensors, a few hundred bytes of manifest each: 16 MiB is far
+# more than any real package needs, and bounds what is read before the signature is checked.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_SIGNATURE_BYTES = 4096
+MAX_TENSORS = 100_000
 MAX_DIMS = 8
 MIN_CHUNK_BYTES = 256
-MAX_CHUNK_BYTES = 1 << 30
-DELTA_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+# A chunk is read, opened and checked whole, a few at a time: its size bounds the verifier's memory.
+MAX_CHUNK_BYTES = 64 * 1024 * 1024
+# Bytes of chunks in flight at once while packing or verifying (read, sealed/opened, not yet
+# hashed): with the largest chunks, four; with the default 4 MiB chunks, never the limit.
+IN_FLIGHT_BYTES = 4 * MAX_CHUNK_BYTES
+# The dtypes a delta may travel in (safetensors codes; sizes come from fedmerge.checkpoints.dtypes).
+DELTA_DTYPES = ("F32", "BF16", "F16")
 DATA_FILE_RE = re.compile(r"^data-\d{5}\.bin$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
 B64_32 = re.compile(r"^[A-Za-z0-9+/]{43}=$")
+
+
+def delta_dtype(name: str) -> str:
+    """A delta dtype spelling (``float32``, ``bf16``, ``F16``...) as the manifest writes it."""
+    from fedmerge.checkpoints.dtypes import safetensors_dtype
+    from fedmerge.checkpoints.errors import CheckpointError
+
+    try:
+        code = safetensors_dtype(name)
+    except CheckpointError:
+        code = None
+    if code not in DELTA_DTYPES:
+        raise PackageError(f"delta dtype {name!r} is not supported; use float32 (default), bfloat16 or float16")
+    return code
 
 
 def canonical_bytes(obj: object) -> bytes:
@@ -246,7 +269,7 @@ def parse_manifest(raw: bytes, require_canonical: bool = True) -> DeltaManifest:
             raise _bad(f"{where}dtype {dtype!r} is not one of {', '.join(DELTA_DTYPES)}"[:300])
         numel = math.prod(shape)
         nbytes = _int(t, "nbytes", where)
-        if nbytes != numel * DELTA_DTYPES[dtype]:
+        if nbytes != numel * dtype_nbytes(dtype):
             raise _bad(f"{where}nbytes {nbytes} does not match shape {shape} in {dtype}")
         chunks = _int(t, "chunks", where, 1, 1 << 40)
         if chunks != chunk_count(nbytes, chunk_bytes):

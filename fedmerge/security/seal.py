@@ -2,10 +2,13 @@
 
 The sender draws a fresh ephemeral X25519 key for every package, so every package has its own
 AES key and the nonce only has to be unique inside one package: it is the tensor's index and the
-chunk's index, which never repeat. The associated data of each chunk names the format version,
-the sender, the round, the package nonce, the tensor, the chunk index, the chunk count and
-whether it is the last one: a chunk moved to another place, another tensor, another package or
-round, or a package cut short, fails authentication.
+chunk's index, which never repeat. The key derivation binds the scheme, the format version, the
+sender's id AND its enrolled Ed25519 signing key, the round, the package nonce and both X25519
+keys; the associated data of each chunk names the format version, the sender, the round, the
+package nonce, the tensor, the chunk index, the chunk count and whether it is the last one. So a
+chunk moved to another place, another tensor, another package or round, a package cut short, or
+a package re-signed by another institution as its own (the coordinator then derives the key for
+that institution, not for the one that sealed it) fails authentication.
 """
 
 from __future__ import annotations
@@ -20,26 +23,30 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedmerge.security.errors import ChunkAuthenticationFailed
 
-SCHEME = "x25519-hkdf-sha256-aes256gcm"
+# Version 2 binds the sender's signing key into the key derivation (version 1 bound only its id).
+SCHEME = "x25519-hkdf-sha256-aes256gcm/2"
 TAG_BYTES = 16
 
 
-def _info(format_version: str, sender: str, round_id: int, package_nonce: str, ephemeral: bytes, recipient: bytes) -> bytes:
-    return b"|".join([SCHEME.encode(), format_version.encode(), sender.encode(), str(round_id).encode(), package_nonce.encode(), ephemeral, recipient])
+def _info(format_version: str, sender: str, sender_key: bytes, round_id: int, package_nonce: str, ephemeral: bytes, recipient: bytes) -> bytes:
+    # Length-prefixed fields: no two different contexts can spell the same info bytes.
+    fields = [SCHEME.encode(), format_version.encode(), sender.encode("utf-8"), sender_key, str(round_id).encode(), package_nonce.encode(), ephemeral, recipient]
+    return b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
 
-def derive_key(shared: bytes, format_version: str, sender: str, round_id: int, package_nonce: str, ephemeral: bytes, recipient: bytes) -> bytes:
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_info(format_version, sender, round_id, package_nonce, ephemeral, recipient))
+def derive_key(shared: bytes, format_version: str, sender: str, sender_key: bytes, round_id: int, package_nonce: str, ephemeral: bytes, recipient: bytes) -> bytes:
+    """The package's AES-256 key; ``sender_key`` is the sender's Ed25519 public key (32 bytes)."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_info(format_version, sender, sender_key, round_id, package_nonce, ephemeral, recipient))
     return hkdf.derive(shared)
 
 
-def new_sender_key(recipient: X25519PublicKey, recipient_raw: bytes, format_version: str, sender: str, round_id: int, package_nonce: str) -> tuple[bytes, bytes]:
+def new_sender_key(recipient: X25519PublicKey, recipient_raw: bytes, format_version: str, sender: str, sender_key: bytes, round_id: int, package_nonce: str) -> tuple[bytes, bytes]:
     """(AES key, ephemeral public key bytes) for sealing one package to ``recipient``."""
     from cryptography.hazmat.primitives import serialization
 
     eph = X25519PrivateKey.generate()
     eph_raw = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    key = derive_key(eph.exchange(recipient), format_version, sender, round_id, package_nonce, eph_raw, recipient_raw)
+    key = derive_key(eph.exchange(recipient), format_version, sender, sender_key, round_id, package_nonce, eph_raw, recipient_raw)
     return key, eph_raw
 
 

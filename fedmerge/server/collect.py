@@ -21,7 +21,7 @@ from fedmerge import protocol
 from fedmerge.checkpoints import CheckpointReader
 from fedmerge.errors import FedmergeError
 from fedmerge.server.config import FederationConfig
-from fedmerge.server.errors import ClaimMismatch, DuplicateContribution, NotSealed, SignerNotBound
+from fedmerge.server.errors import ClaimMismatch, DuplicateContribution, SignerNotBound
 from fedmerge.server.exchange import Exchange, NodeFailed, Request, decode
 from fedmerge.server.ledger import RoundJournal
 from fedmerge.server.membership import Participants
@@ -39,14 +39,15 @@ def package_limits(config: FederationConfig, reference: CheckpointReader) -> pro
     Without a configured maximum: the delta of every reference tensor at ``delta_dtype``, plus a
     GCM tag per smallest chunk (sealed), plus the largest manifest and its signature.
     """
-    from fedmerge.security.manifest import DATA_FILE_RE, DELTA_DTYPES, MANIFEST_NAME, MAX_MANIFEST_BYTES, MIN_CHUNK_BYTES, SIGNATURE_NAME
-    from fedmerge.security.package import delta_dtype
+    from fedmerge.checkpoints.dtypes import dtype_nbytes
+    from fedmerge.security.manifest import DATA_FILE_RE, MANIFEST_NAME, MAX_MANIFEST_BYTES, MIN_CHUNK_BYTES, SIGNATURE_NAME
+    from fedmerge.security.manifest import delta_dtype
     from fedmerge.security.seal import TAG_BYTES
 
     names = re.compile("|".join([re.escape(MANIFEST_NAME), re.escape(SIGNATURE_NAME), DATA_FILE_RE.pattern.strip("^$")]))
     limit = config.max_package_bytes
     if limit is None:
-        width = DELTA_DTYPES[delta_dtype(config.delta_dtype)]
+        width = dtype_nbytes(delta_dtype(config.delta_dtype))
         data = sum(info.numel for info in reference.infos()) * width
         limit = data + math.ceil(data / MIN_CHUNK_BYTES) * TAG_BYTES + MAX_MANIFEST_BYTES + 64 * 1024
     return protocol.PlanLimits(names=names, max_total_bytes=limit, part_bytes=config.part_bytes)
@@ -169,24 +170,21 @@ class Collection:
     # -- decisions ---------------------------------------------------------------------------------
     def _finish(self, node: int) -> None:
         """All parts are on disk: verify the package, then accept (durably) or reject with the reason."""
-        from fedmerge.security.package import read_manifest, verify_package
+        from fedmerge.security.verify import verify_package
 
         inst, plan, spool = self.bound[node], self.plans[node], self.spool
         pkg = spool.package_dir(node)
         try:
             protocol.check_complete(pkg, plan)
-            if self.cfg.require_sealed and read_manifest(pkg).sealed is None:  # before any decryption work
-                raise NotSealed(f"{inst}'s package is not sealed to the coordinator, and this federation requires sealing")
             shutil.rmtree(spool.unpack_dir(node), ignore_errors=True)
             spool.unpack_dir(node).parent.mkdir(parents=True, exist_ok=True)
             verified = verify_package(
                 pkg, self.trust, expected_round=self.r, expected_reference=self.record.reference.fingerprint, opener=self.identity,
                 expected_tensors=self.reference, expected_dtype=self.cfg.delta_dtype, unpack_to=spool.unpack_dir(node),
+                require_sealed=self.cfg.require_sealed,
             )  # fmt: skip
             if verified.sender != inst:
                 raise SignerNotBound(f"node {node} is bound to {inst} but the package is signed by {verified.sender!r}")
-            if self.cfg.require_sealed and not verified.sealed:
-                raise NotSealed(f"{inst}'s package is not sealed to the coordinator, and this federation requires sealing")
             if inst in spool.accepted_institutions():
                 raise DuplicateContribution(f"{inst} already contributed to round {self.r}")
         except FedmergeError as exc:

@@ -126,8 +126,8 @@ class FederationConfig(BaseModel):
     base_model: ConfigPath
     coordinator_key: ConfigPath  # the coordinator's private identity file (signs published models)
     coordinator_key_passphrase_file: ConfigPath | None = None
-    trust_store: ConfigPath  # signed by the coordinator's key; refused otherwise unless allow_unsigned_trust_store
-    allow_unsigned_trust_store: bool = False
+    trust_store: ConfigPath  # signed by the coordinator's key; refused otherwise unless allow_unsigned_trust
+    allow_unsigned_trust: bool = False
     rounds: int = Field(1, ge=1)
     min_clients: int = Field(2, ge=1, description="quorum: fewest verified contributions that make a round")
     clients_per_round: int | None = Field(None, ge=1, description="sample size; null: every enrolled, bound institution")

@@ -42,10 +42,5 @@ class SignerNotBound(ContributionRefused):
     """The package is signed by another institution than the one bound to the node that sent it."""
 
 
-class NotSealed(ContributionRefused):
-    """The package is not sealed to the coordinator, and the federation requires sealing."""
-
-
 class DuplicateContribution(ContributionRefused):
     """The institution already has an accepted contribution in this round."""
-

@@ -56,12 +56,7 @@ def load_coordinator_trust(config: FederationConfig, identity):
     """The trust store, refused unless signed by this coordinator's key (or explicitly allowed unsigned)."""
     from fedmerge.security.trust import TrustStore
 
-    trust = TrustStore.load(config.trust_store)
-    if config.allow_unsigned_trust_store and trust.signature is None:
-        log.warning("%s is not signed; used because allow_unsigned_trust_store is set", config.trust_store)
-    else:
-        trust.verify_signed_by(identity.public)
-    return trust
+    return TrustStore.load(config.trust_store, identity.public, allow_unsigned=config.allow_unsigned_trust)
 
 
 def default_directory(grid, config: FederationConfig) -> NodeDirectory:

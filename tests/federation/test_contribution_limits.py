@@ -135,12 +135,12 @@ def test_an_unsealed_contribution_is_refused_when_sealing_is_required(make_feder
     rec = runner(tf, LocalGrid({i + 1: str(tf.client_configs[n]) for i, n in enumerate(sorted(tf.client_configs))})).run()[0]
     assert rec.contributors == ["hospital-a", "hospital-b"]
     assert all(c.sealed for c in rec.contributions.values())
-    assert [(r.institution, r.error) for r in rec.rejections] == [("hospital-c", "NotSealed")]
+    assert [(r.institution, r.error) for r in rec.rejections] == [("hospital-c", "UnsealedPackage")]
     assert _files_under(_spool(tf) / "incoming") == [] and not (_spool(tf) / "unpacking" / "node-3").exists()
     offline = offline_merge(tf.base, [tf.finetunes["hospital-a"], tf.finetunes["hospital-b"]], tmp_path / "off", {"method": "task_arithmetic"})
     assert_same_tensors(tf.root / "clients" / "hospital-c" / "models" / "current", offline)
     rc, text = status(tf)
-    assert "NotSealed" in text
+    assert "UnsealedPackage" in text
 
 
 def test_require_sealed_is_the_default(make_federation):
@@ -153,7 +153,7 @@ def test_require_sealed_is_the_default(make_federation):
     with pytest.raises(RoundFailed, match="quorum not met: 0 verified"):
         runner(tf, LocalGrid({1: str(tf.client_configs["hospital-a"]), 2: str(tf.client_configs["hospital-b"])})).run()
     rec = status_json(tf)["rounds"][0]
-    assert sorted((r["institution"], r["error"]) for r in rec["rejections"]) == [("hospital-a", "NotSealed"), ("hospital-b", "NotSealed")]
+    assert sorted((r["institution"], r["error"]) for r in rec["rejections"]) == [("hospital-a", "UnsealedPackage"), ("hospital-b", "UnsealedPackage")]
 
 
 # -- the limits and the scrubbing, as units --------------------------------------------------------

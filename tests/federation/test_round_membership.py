@@ -68,7 +68,7 @@ def test_unbound_and_revoked_nodes_are_asked_nothing_and_get_no_model(make_feder
     from fedmerge.security.trust import TrustStore
 
     tf = make_federation(4, rounds=1, min_clients=2)
-    trust = TrustStore.load(tf.trust_store)
+    trust = TrustStore.open_for_editing(tf.trust_store)
     trust.revoke("hospital-c", reason="left the consortium")
     trust.sign(load_identity(tf.coordinator_key))
     trust.save()

@@ -39,7 +39,7 @@ def ids(tmp_path_factory) -> dict:
 @pytest.fixture
 def trust(ids, tmp_path) -> TrustStore:
     """hosp-a, hosp-b enrolled; coord and coord-2 coordinators; hosp-x unknown."""
-    store = TrustStore.load(tmp_path / "trust.json", create=True)
+    store = TrustStore(path=tmp_path / "trust.json")  # built in memory: trusted as the test that built it
     store.add(ids["hosp-a"].public)
     store.add(ids["hosp-b"].public)
     store.add(ids["coord"].public, role="coordinator")
@@ -51,7 +51,7 @@ def trust(ids, tmp_path) -> TrustStore:
 @pytest.fixture(scope="session")
 def packages(models, fingerprint, ids, tmp_path_factory) -> dict[str, Path]:
     """Pristine packages from hosp-a, round 3: plain and sealed to coord. Copy before changing."""
-    from fedmerge.security.package import pack_delta
+    from fedmerge.security.pack import pack_delta
 
     base, ft = models
     root = tmp_path_factory.mktemp("pkgs")

@@ -18,7 +18,11 @@ def resign(pkg: Path, doc: dict, identity) -> None:
     Stands for a buggy or malicious but enrolled sender, whose signature is valid: only the
     later checks (data, AEAD, shapes) can stop it.
     """
-    raw = canonical_bytes(doc)
+    sign_raw(pkg, canonical_bytes(doc), identity)
+
+
+def sign_raw(pkg: Path, raw: bytes, identity) -> None:
+    """Write ``raw`` as the manifest and sign exactly those bytes (canonical or not)."""
     (pkg / MANIFEST_NAME).write_bytes(raw)
     (pkg / SIGNATURE_NAME).write_bytes(signature_doc(identity.name, identity.public.key_id, identity.sign(signature_payload("delta", raw))))
 

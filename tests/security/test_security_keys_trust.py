@@ -66,17 +66,17 @@ def test_damaged_key_and_public_files(tmp_path):
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_trust_store_add_revoke_list_round_trip(suffix, ids, tmp_path):
     path = tmp_path / f"trust{suffix}"
-    store = TrustStore.load(path, create=True)
+    store = TrustStore.open_for_editing(path, create=True)
     store.add(ids["hosp-a"].public)
     store.add(ids["coord"].public, role="coordinator")
     store.save()
-    again = TrustStore.load(path)
+    again = TrustStore.load(path, None, allow_unsigned=True)
     assert [(e.name, e.role, e.status) for e in again.entries()] == [("coord", "coordinator", "enrolled"), ("hosp-a", "institution", "enrolled")]
     assert again.require("hosp-a").public == ids["hosp-a"].public
     assert [e.name for e in again.coordinators()] == ["coord"]
     again.revoke("hosp-a", reason="left the consortium")
     again.save()
-    third = TrustStore.load(path)
+    third = TrustStore.load(path, None, allow_unsigned=True)
     e = third.get("hosp-a")
     assert e.status == "revoked" and e.revoked_at and e.reason == "left the consortium"
     with pytest.raises(E.RevokedSender):
@@ -109,22 +109,25 @@ def test_malformed_trust_stores(text, match, tmp_path):
     p = tmp_path / "t.json"
     p.write_text(text)
     with pytest.raises(E.TrustStoreError, match=match):
-        TrustStore.load(p)
+        TrustStore.load(p, None, allow_unsigned=True)
     with pytest.raises(E.TrustStoreError, match="no such trust store"):
-        TrustStore.load(tmp_path / "missing.json")
+        TrustStore.load(tmp_path / "missing.json", None, allow_unsigned=True)
 
 
 def test_trust_store_signed_by_a_pinned_coordinator(trust, ids):
     trust.sign(ids["coord"])
     trust.save()
-    store = TrustStore.load(trust.path)
+    store = TrustStore.load(trust.path, ids["coord"].public)
+    assert store.status.state == "verified" and store.status.pinned_key_id == ids["coord"].public.key_id
     store.verify_signed_by(ids["coord"].public)
     with pytest.raises(E.SignatureInvalid, match="not signed by"):
         store.verify_signed_by(ids["coord-2"].public)
+    with pytest.raises(E.TrustStoreSignatureInvalid, match="not signed by"):
+        TrustStore.load(trust.path, ids["coord-2"].public, allow_unsigned=True)
     data = json.loads(trust.path.read_text())
     data["members"]["hosp-b"]["role"] = "coordinator"  # an edit after signing
     trust.path.write_text(json.dumps(data))
     with pytest.raises(E.SignatureInvalid, match="edited"):
-        TrustStore.load(trust.path).verify_signed_by(ids["coord"].public)
+        TrustStore.load(trust.path, ids["coord"].public)
     with pytest.raises(E.RoleNotAllowed):
         store.sign(ids["hosp-a"])

@@ -9,7 +9,8 @@ import pytest
 
 from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 from fedmerge.security import errors as E
-from fedmerge.security.model_sign import PUBLICATION_NAME, sign_model, verify_model
+from fedmerge.security.manifest import signature_doc, signature_payload
+from fedmerge.security.model_sign import PUBLICATION_NAME, PUBLICATION_SIG_NAME, sign_model, verify_model
 
 
 @pytest.fixture
@@ -55,8 +56,8 @@ def test_signer_must_be_an_enrolled_coordinator(models, ids, trust, tmp_path, pu
     folder = tmp_path / "m"
     shutil.copytree(models[1], folder)
     with pytest.raises(E.RoleNotAllowed):
-        sign_model(folder, ids["hosp-a"], trust=trust)
-    sign_model(folder, ids["hosp-a"], fingerprint="sha256:x")  # without a store nothing stops signing...
+        sign_model(folder, ids["hosp-a"], round_id=5, trust=trust)
+    sign_model(folder, ids["hosp-a"], round_id=5, fingerprint="sha256:x")  # without a store nothing stops signing...
     with pytest.raises(E.RoleNotAllowed):
         verify_model(folder, trust)  # ...but no client accepts it
     trust.revoke("coord")
@@ -69,8 +70,15 @@ def test_edited_publication_or_unsigned_folder(published, trust, models, ids):
     (published / PUBLICATION_NAME).write_bytes(raw.replace(b'"round":5', b'"round":6'))
     with pytest.raises(E.SignatureInvalid):
         verify_model(published, trust)
-    (published / PUBLICATION_NAME).write_bytes(json.dumps(json.loads(raw), indent=2).encode())
-    with pytest.raises(E.ManifestInvalid):
+    # Re-indented: the signature (checked over the raw bytes before parsing) refuses it; signed
+    # so by the coordinator, the parser refuses the non-canonical form.
+    reindented = json.dumps(json.loads(raw), indent=2).encode()
+    (published / PUBLICATION_NAME).write_bytes(reindented)
+    with pytest.raises(E.SignatureInvalid):
+        verify_model(published, trust)
+    coord = ids["coord"]
+    (published / PUBLICATION_SIG_NAME).write_bytes(signature_doc(coord.name, coord.public.key_id, coord.sign(signature_payload("model", reindented))))
+    with pytest.raises(E.ManifestInvalid, match="canonical"):
         verify_model(published, trust)
     with pytest.raises(E.ModelVerificationFailed, match="not published"):
         verify_model(models[0], trust)

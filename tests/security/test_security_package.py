@@ -7,12 +7,13 @@ import shutil
 
 import pytest
 import torch
-from sec_helpers import load_manifest_dict, resign
+from sec_helpers import load_manifest_dict, resign, sign_raw
 
 from fedmerge.checkpoints import CheckpointReader, CheckpointWriter
 from fedmerge.security import errors as E
 from fedmerge.security.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from fedmerge.security.package import pack_delta, verify_package
+from fedmerge.security.pack import pack_delta
+from fedmerge.security.verify import verify_package
 from fedmerge.security.replay import ReplayGuard
 from fedmerge.security.seal import TAG_BYTES
 
@@ -43,7 +44,7 @@ def _big_tensor(pkg):
 # -- round trips ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["plain", "sealed"])
 def test_pack_verify_unpack_is_exactly_model_minus_reference(kind, packages, models, trust, ids, fingerprint, tmp_path):
-    v = verify_package(packages[kind], trust, expected_round=3, expected_reference=fingerprint, opener=ids["coord"], expected_tensors=CheckpointReader(models[0]), expected_dtype="float32")
+    v = verify_package(packages[kind], trust, expected_round=3, expected_reference=fingerprint, opener=ids["coord"], expected_tensors=CheckpointReader(models[0]), expected_dtype="float32", require_sealed=kind == "sealed")
     assert v.sender == "hosp-a" and v.round == 3 and v.data_checked and v.sealed == (kind == "sealed")
     out = v.unpack(tmp_path / "delta")
     _assert_folder_equals(out, _expected_deltas(models))
@@ -103,7 +104,7 @@ def test_untouched_tensors_of_a_source_are_left_out_and_read_as_zero(models, tru
     pkg = pack_delta(OnlyMlp(), None, tmp_path / "pkg", ids["hosp-a"], 3, fingerprint, chunk_bytes=CHUNK)
     names = [t["name"] for t in load_manifest_dict(pkg)["tensors"]]
     assert names and all(".mlp." in n for n in names)
-    out = verify_package(pkg, trust, expected_tensors=CheckpointReader(base), unpack_to=tmp_path / "delta")
+    out = verify_package(pkg, trust, expected_tensors=CheckpointReader(base), unpack_to=tmp_path / "delta", require_sealed=False)
     dc = DeltaCheckpoint(tmp_path / "delta")
     assert dc.get_delta("model.norm.weight") is None
     assert out.manifest.label == "mlp-only"
@@ -119,7 +120,7 @@ def test_packages_span_several_data_files(models, trust, ids, fingerprint, tmp_p
 
 
 def test_unpack_into_several_shards(packages, models, trust, ids, tmp_path):
-    v = verify_package(packages["plain"], trust)
+    v = verify_package(packages["plain"], trust, require_sealed=False)
     out = v.unpack(tmp_path / "delta", max_shard_bytes=30_000)
     assert (out / "model.safetensors.index.json").exists()
     _assert_folder_equals(out, _expected_deltas(models))
@@ -133,7 +134,7 @@ def test_one_flipped_byte_in_one_tensor(copy_pkg, trust, ids):
     data[t["offset"] + CHUNK + 5] ^= 0x01
     (pkg / t["file"]).write_bytes(data)
     with pytest.raises(E.DigestMismatch) as exc:
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     assert exc.value.tensor == name and exc.value.sender == "hosp-a"
     assert name in str(exc.value) and "hosp-a" in str(exc.value)
 
@@ -155,7 +156,7 @@ def test_a_tensor_renamed_in_the_manifest(copy_pkg, trust):
     name = load_manifest_dict(pkg)["tensors"][0]["name"]
     (pkg / MANIFEST_NAME).write_bytes(raw.replace(json.dumps(name).encode(), json.dumps(name + "x").encode(), 1))
     with pytest.raises(E.SignatureInvalid) as exc:
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     assert exc.value.sender == "hosp-a"
 
 
@@ -171,7 +172,7 @@ def test_a_tensor_renamed_by_its_enrolled_sender(copy_pkg, trust, ids, models):
             doc["tensors"][1]["name"] = new = old + ".renamed"
         resign(pkg, doc, ids["hosp-a"])
         with pytest.raises(E.TensorMismatch) as exc:
-            verify_package(pkg, trust, opener=ids["coord"], expected_tensors=CheckpointReader(models[0]))
+            verify_package(pkg, trust, opener=ids["coord"], expected_tensors=CheckpointReader(models[0]), require_sealed=False)
         assert exc.value.tensor == new
         if kind == "sealed":
             with pytest.raises(E.ChunkAuthenticationFailed) as exc:
@@ -190,7 +191,7 @@ def test_two_chunks_swapped(kind, error, copy_pkg, trust, ids):
     data[a : a + step], data[b : b + step] = data[b : b + step], data[a : a + step]
     (pkg / t["file"]).write_bytes(data)
     with pytest.raises(error) as exc:
-        verify_package(pkg, trust, opener=ids["coord"])
+        verify_package(pkg, trust, opener=ids["coord"], require_sealed=kind == "sealed")
     assert exc.value.tensor == name and exc.value.sender == "hosp-a"
 
 
@@ -237,7 +238,7 @@ def test_a_sealed_package_cut_short_at_a_chunk_boundary(copy_pkg, trust, ids):
 def test_a_package_signed_by_a_revoked_key(packages, trust):
     trust.revoke("hosp-a", reason="laptop stolen")
     with pytest.raises(E.RevokedSender) as exc:
-        verify_package(packages["plain"], trust)
+        verify_package(packages["plain"], trust, require_sealed=False)
     assert exc.value.sender == "hosp-a" and "laptop stolen" in str(exc.value)
 
 
@@ -245,7 +246,7 @@ def test_an_unknown_sender(models, ids, fingerprint, trust, tmp_path):
     base, ft = models
     pkg = pack_delta(ft, base, tmp_path / "pkg", ids["hosp-x"], 3, fingerprint, chunk_bytes=CHUNK)
     with pytest.raises(E.UnknownSender) as exc:
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     assert exc.value.sender == "hosp-x"
 
 
@@ -253,7 +254,7 @@ def test_a_package_signed_with_another_enrolled_key(copy_pkg, trust, ids):
     pkg = copy_pkg("plain")
     resign(pkg, load_manifest_dict(pkg), ids["hosp-b"])  # hosp-b signs a package naming hosp-a
     with pytest.raises(E.SignatureInvalid) as exc:
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     assert "hosp-b" in str(exc.value)
 
 
@@ -262,18 +263,18 @@ def test_a_package_replayed_from_an_earlier_round(models, ids, fingerprint, trus
     guard_file = tmp_path / "guard.json"
     r1 = pack_delta(ft, base, tmp_path / "r1", ids["hosp-a"], 1, fingerprint, chunk_bytes=CHUNK)
     r2 = pack_delta(ft, base, tmp_path / "r2", ids["hosp-a"], 2, fingerprint, chunk_bytes=CHUNK)
-    verify_package(r1, trust, expected_round=1, replay_guard=ReplayGuard(guard_file))
-    verify_package(r2, trust, expected_round=2, replay_guard=ReplayGuard(guard_file))
+    verify_package(r1, trust, expected_round=1, replay_guard=ReplayGuard(guard_file), require_sealed=False)
+    verify_package(r2, trust, expected_round=2, replay_guard=ReplayGuard(guard_file), require_sealed=False)
     # The coordinator restarted: the guard comes back from disk.
     guard = ReplayGuard(guard_file)
     assert guard.last_round("hosp-a") == 2
     with pytest.raises(E.StaleRound) as exc:
-        verify_package(r1, trust, replay_guard=guard)
+        verify_package(r1, trust, replay_guard=guard, require_sealed=False)
     assert exc.value.sender == "hosp-a"
     with pytest.raises(E.StaleRound):
-        verify_package(r1, trust, expected_round=2)
+        verify_package(r1, trust, expected_round=2, require_sealed=False)
     with pytest.raises(E.ReplayedNonce):
-        verify_package(r2, trust, expected_round=2, replay_guard=guard)
+        verify_package(r2, trust, expected_round=2, replay_guard=guard, require_sealed=False)
 
 
 def test_a_refused_package_does_not_consume_its_nonce(copy_pkg, trust, tmp_path):
@@ -285,11 +286,11 @@ def test_a_refused_package_does_not_consume_its_nonce(copy_pkg, trust, tmp_path)
     bad[t["offset"]] ^= 1
     (pkg / t["file"]).write_bytes(bad)
     with pytest.raises(E.DigestMismatch):
-        verify_package(pkg, trust, replay_guard=guard)
+        verify_package(pkg, trust, replay_guard=guard, require_sealed=False)
     (pkg / t["file"]).write_bytes(good)
-    verify_package(pkg, trust, replay_guard=guard)  # the intact copy is accepted once...
+    verify_package(pkg, trust, replay_guard=guard, require_sealed=False)  # the intact copy is accepted once...
     with pytest.raises(E.ReplayedNonce):
-        verify_package(pkg, trust, replay_guard=guard)  # ...and only once
+        verify_package(pkg, trust, replay_guard=guard, require_sealed=False)  # ...and only once
 
 
 def test_strict_rounds_allow_one_package_per_round(models, ids, fingerprint, trust, tmp_path):
@@ -297,9 +298,9 @@ def test_strict_rounds_allow_one_package_per_round(models, ids, fingerprint, tru
     guard = ReplayGuard(tmp_path / "g.json", strict_rounds=True)
     a = pack_delta(ft, base, tmp_path / "a", ids["hosp-a"], 4, fingerprint, chunk_bytes=CHUNK)
     b = pack_delta(ft, base, tmp_path / "b", ids["hosp-a"], 4, fingerprint, chunk_bytes=CHUNK)
-    verify_package(a, trust, replay_guard=guard)
+    verify_package(a, trust, replay_guard=guard, require_sealed=False)
     with pytest.raises(E.StaleRound):
-        verify_package(b, trust, replay_guard=guard)
+        verify_package(b, trust, replay_guard=guard, require_sealed=False)
 
 
 def test_an_encrypted_package_opened_with_another_coordinators_key(packages, trust, ids):
@@ -309,14 +310,15 @@ def test_an_encrypted_package_opened_with_another_coordinators_key(packages, tru
 
 
 def test_another_coordinators_key_cannot_decrypt_even_if_the_check_is_bypassed(packages, ids):
-    from fedmerge.security.package import _sealer_for, read_manifest
+    from fedmerge.security.verify import read_manifest, sealer_for
 
     m = read_manifest(packages["sealed"])
     t = m.tensors[0]
+    sender_key = ids["hosp-a"].public.signing_key
     ct = (packages["sealed"] / t.file).read_bytes()[t.offset : t.offset + min(CHUNK, t.nbytes) + TAG_BYTES]
-    assert len(_sealer_for(m, ids["coord"]).open(0, t.name, 0, t.chunks, ct)) == min(CHUNK, t.nbytes)
+    assert len(sealer_for(m, ids["coord"], sender_key).open(0, t.name, 0, t.chunks, ct)) == min(CHUNK, t.nbytes)
     with pytest.raises(E.ChunkAuthenticationFailed):
-        _sealer_for(m, ids["coord-2"]).open(0, t.name, 0, t.chunks, ct)
+        sealer_for(m, ids["coord-2"], sender_key).open(0, t.name, 0, t.chunks, ct)
 
 
 def test_a_sealed_package_needs_the_opener_to_check_data(packages, trust, tmp_path):
@@ -329,40 +331,46 @@ def test_a_sealed_package_needs_the_opener_to_check_data(packages, trust, tmp_pa
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_a_manifest_whose_json_was_edited(copy_pkg, trust):
+def test_a_manifest_whose_json_was_edited(copy_pkg, trust, ids):
     pkg = copy_pkg("plain")
     raw = (pkg / MANIFEST_NAME).read_bytes()
     (pkg / MANIFEST_NAME).write_bytes(raw.replace(b'"round":3', b'"round":4'))
     with pytest.raises(E.SignatureInvalid) as exc:
-        verify_package(pkg, trust, expected_round=4)
+        verify_package(pkg, trust, expected_round=4, require_sealed=False)
     assert exc.value.sender == "hosp-a"
-    # Re-indented but same content: refused too, the manifest is canonical bytes.
-    (pkg / MANIFEST_NAME).write_bytes(json.dumps(json.loads(raw), indent=1, sort_keys=True).encode())
-    with pytest.raises(E.ManifestInvalid, match="canonical"):
-        verify_package(pkg, trust)
+    # Re-indented but same content: refused too, the manifest is canonical bytes. Unsigned, the
+    # signature (checked before any parsing) refuses it; signed so by its sender, the parser does.
+    reindented = json.dumps(json.loads(raw), indent=1, sort_keys=True).encode()
+    (pkg / MANIFEST_NAME).write_bytes(reindented)
+    with pytest.raises(E.SignatureInvalid):
+        verify_package(pkg, trust, require_sealed=False)
+    sign_raw(pkg, reindented, ids["hosp-a"])
+    with pytest.raises(E.ManifestInvalid, match="canonical") as exc:
+        verify_package(pkg, trust, require_sealed=False)
+    assert MANIFEST_NAME in str(exc.value) and exc.value.sender == "hosp-a"
 
 
 def test_wrong_reference_fingerprint(packages, trust):
     with pytest.raises(E.ReferenceMismatch) as exc:
-        verify_package(packages["plain"], trust, expected_reference="sha256:" + "0" * 64)
+        verify_package(packages["plain"], trust, expected_reference="sha256:" + "0" * 64, require_sealed=False)
     assert exc.value.sender == "hosp-a"
 
 
 def test_shape_and_dtype_not_matching(copy_pkg, trust, ids, models):
     pkg = copy_pkg("plain")
     with pytest.raises(E.TensorMismatch):
-        verify_package(pkg, trust, expected_dtype="bfloat16")
+        verify_package(pkg, trust, expected_dtype="bfloat16", require_sealed=False)
     doc = load_manifest_dict(pkg)
     t = next(t for t in doc["tensors"] if len(t["shape"]) == 2 and t["shape"][0] % 2 == 0)
     t["shape"] = [t["shape"][0] // 2, t["shape"][1] * 2]  # same bytes, another shape
     resign(pkg, doc, ids["hosp-a"])
     with pytest.raises(E.TensorMismatch) as exc:
-        verify_package(pkg, trust, expected_tensors=CheckpointReader(models[0]))
+        verify_package(pkg, trust, expected_tensors=CheckpointReader(models[0]), require_sealed=False)
     assert exc.value.tensor == t["name"]
     t["dtype"] = "BF16"  # bytes no longer match shape x dtype
     resign(pkg, doc, ids["hosp-a"])
     with pytest.raises(E.ManifestInvalid, match="nbytes"):
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
 
 
 def test_non_finite_values(models, ids, fingerprint, trust, tmp_path, copy_pkg):
@@ -391,7 +399,7 @@ def test_non_finite_values(models, ids, fingerprint, trust, tmp_path, copy_pkg):
     t["sha256"] = hashlib.sha256(bytes(data[t["offset"] : t["offset"] + t["nbytes"]])).hexdigest()
     resign(pkg, doc, ids["hosp-a"])
     with pytest.raises(E.NonFiniteValues) as exc:
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     assert exc.value.tensor == t["name"]
 
 
@@ -401,28 +409,28 @@ def test_truncated_and_oversized_data(copy_pkg, trust, tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[:-10])
     with pytest.raises(E.TruncatedData) as exc:
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     last = load_manifest_dict(pkg)["tensors"][-1]["name"]
     assert exc.value.tensor == last
     f.write_bytes(data + b"\0")
     with pytest.raises(E.OversizedData):
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     f.write_bytes(data)
     (pkg / "notes.txt").write_text("hello")
     with pytest.raises(E.OversizedData, match="notes.txt"):
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     (pkg / "notes.txt").unlink()
     f.unlink()
     with pytest.raises(E.TruncatedData):
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
     (pkg / SIGNATURE_NAME).unlink()
     with pytest.raises(E.TruncatedData):
-        verify_package(pkg, trust)
+        verify_package(pkg, trust, require_sealed=False)
 
 
 def test_a_failed_unpack_leaves_nothing(copy_pkg, trust, tmp_path):
     pkg = copy_pkg("plain")
-    v = verify_package(pkg, trust)
+    v = verify_package(pkg, trust, require_sealed=False)
     name, t = _big_tensor(pkg)
     data = bytearray((pkg / t["file"]).read_bytes())
     data[t["offset"] + 1] ^= 4
@@ -461,7 +469,7 @@ def test_packing_asks_the_source_for_row_slices_no_bigger_than_a_chunk(models, i
             return d
 
     pkg = pack_delta(Recording(), None, tmp_path / "pkg", ids["hosp-a"], 3, fingerprint, chunk_bytes=CHUNK)
-    big = {t.name for t in verify_package(pkg, trust).manifest.tensors if t.nbytes > CHUNK and len(t.shape) == 2}
+    big = {t.name for t in verify_package(pkg, trust, require_sealed=False).manifest.tensors if t.nbytes > CHUNK and len(t.shape) == 2}
     assert big and all(n <= CHUNK for name, n in asked if name in big)
     assert {name for name, _ in asked} >= big
 

@@ -10,7 +10,7 @@ import pytest
 from roundkit import edit_yaml, status, status_json
 
 from fedmerge.client.config import load_client_config
-from fedmerge.client.errors import ForeignCoordinator, StalePublication
+from fedmerge.security.errors import StalePublication, WrongPublisher
 from fedmerge.client.node import HospitalNode
 from fedmerge.federation.inprocess import run_simulation
 from fedmerge.protocol import plan_folder, read_part
@@ -38,11 +38,12 @@ def _node(tf, name="hospital-a") -> HospitalNode:
 
 
 def test_the_coordinator_signs_each_publication_with_its_round_and_fingerprint(two_rounds):
+    from fedmerge.security.keys import PublicIdentity
     from fedmerge.security.model_sign import verify_model
     from fedmerge.security.trust import TrustStore
 
     tf, report = two_rounds
-    trust = TrustStore.load(tf.trust_store)
+    trust = TrustStore.load(tf.trust_store, PublicIdentity.load(tf.coordinator_public))
     for rr in report.rounds:
         pub = verify_model(rr.model_dir, trust, expected_round=rr.round, expected_fingerprint=rr.record.merge.fingerprint, check_fingerprint=True)
         assert (pub.signer, pub.round) == ("coordinator", rr.round)
@@ -72,20 +73,22 @@ def test_a_replayed_model_under_a_new_round_number_is_refused(two_rounds):
 
 def test_a_model_signed_by_another_coordinator_is_refused(two_rounds, tmp_path):
     from fedmerge.security.keys import generate_identity, load_identity
+    from fedmerge.security.keys import PublicIdentity
     from fedmerge.security.model_sign import sign_model
     from fedmerge.security.trust import TrustStore
 
     tf, report = two_rounds
     # A second coordinator, even one the consortium's store enrols (and the real coordinator signed).
     other = generate_identity("coordinator-b", tmp_path / "keys")
-    trust = TrustStore.load(tf.trust_store)
+    trust = TrustStore.open_for_editing(tf.trust_store)
     trust.add(other.public, role="coordinator")
     trust.sign(load_identity(tf.coordinator_key))
     trust.save()
+    trust = TrustStore.load(tf.trust_store, PublicIdentity.load(tf.coordinator_public))
     model = shutil.copytree(report.rounds[1].model_dir, tmp_path / "model")
     sign_model(model, other, round_id=3, fingerprint=report.rounds[1].record.merge.fingerprint, trust=trust)
     node = _node(tf)
-    with pytest.raises(ForeignCoordinator, match="signed by 'coordinator-b', not by the pinned coordinator 'coordinator'"):
+    with pytest.raises(WrongPublisher, match="published by 'coordinator-b' .*not by the pinned coordinator 'coordinator'"):
         _push(node, model, 3)
     assert node.current.resolve().name == "round-0002"
 
@@ -109,6 +112,7 @@ def test_the_fingerprint_recorded_is_the_signed_one_not_the_plans(two_rounds, tm
 def test_a_trust_store_not_signed_by_the_pinned_coordinator_is_refused(two_rounds, tmp_path):
     import json
 
+    from fedmerge.security.errors import TrustStoreUnverified
     from fedmerge.security.keys import generate_identity
 
     tf, _ = two_rounds
@@ -116,16 +120,17 @@ def test_a_trust_store_not_signed_by_the_pinned_coordinator_is_refused(two_round
     # mallory edits the store to enrol herself as a coordinator; the signature no longer matches
     data = json.loads(tf.trust_store.read_text())
     mallory = generate_identity("mallory", tmp_path / "keys")
-    data["members"]["mallory"] = {**data["members"]["coordinator"], "signing_key": mallory.public.to_dict()["signing_key"]}
+    keys = mallory.public.to_dict()
+    data["members"]["mallory"] = {**data["members"]["coordinator"], "signing_key": keys["signing_key"], "encryption_key": keys["encryption_key"]}
     tf.trust_store.write_text(json.dumps(data))
     with pytest.raises(SignatureInvalid, match="does not match its members"):
         node.trust()
     # unsigned: refused too, unless the hospital says explicitly that it accepts that
     del data["signature"]
     tf.trust_store.write_text(json.dumps(data))
-    with pytest.raises(SignatureInvalid, match="not signed by 'coordinator'"):
+    with pytest.raises(TrustStoreUnverified, match="the trust store is not signed"):
         node.trust()
-    edit_yaml(tf.client_configs["hospital-a"], allow_unsigned_trust_store=True)
+    edit_yaml(tf.client_configs["hospital-a"], allow_unsigned_trust=True)
     assert "mallory" in _node(tf).trust()
 
 
@@ -133,6 +138,7 @@ def test_the_coordinator_refuses_an_unsigned_trust_store_unless_told(make_federa
     import json
 
     from fedmerge.federation.inprocess import LocalGrid
+    from fedmerge.security.errors import TrustStoreUnverified
     from fedmerge.server.config import load_federation_config
     from fedmerge.server.directory import MappingDirectory
     from fedmerge.server.rounds import RoundRunner
@@ -142,9 +148,9 @@ def test_the_coordinator_refuses_an_unsigned_trust_store_unless_told(make_federa
     del data["signature"]
     tf.trust_store.write_text(json.dumps(data))
     grid = LocalGrid({1: str(tf.client_configs["hospital-a"])})
-    with pytest.raises(SignatureInvalid, match="not signed by 'coordinator'"):
+    with pytest.raises(TrustStoreUnverified, match="the trust store is not signed"):
         RoundRunner(grid, load_federation_config(tf.federation_config), directory=MappingDirectory({1: "hospital-a"}))
-    edit_yaml(tf.federation_config, allow_unsigned_trust_store=True)
+    edit_yaml(tf.federation_config, allow_unsigned_trust=True)
     RoundRunner(grid, load_federation_config(tf.federation_config), directory=MappingDirectory({1: "hospital-a"}))
 
 
