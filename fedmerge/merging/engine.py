@@ -364,7 +364,9 @@ class MergeRun:
         from fedmerge.devices import resolve_device
         from fedmerge.merging.strategies import get_strategy_class
 
-        self.cls = get_strategy_class(self.spec.method)
+        # A layout of copies only (mergekit's passthrough) runs no strategy at all.
+        self.cls = get_strategy_class(self.spec.method) if self.layout.parameter_sets else None
+        self.method = self.cls.name if self.cls is not None else self.spec.method
         self.strategies = self._build_strategies()
         if self.layout.identity:
             check_compatible(self.reference, self.sources)
@@ -409,7 +411,7 @@ class MergeRun:
             groups = [tuple(g) for g in strategy.groups(names, self.config)]
             grouped = [nm for g in groups for nm in g]
             if sorted(grouped) != sorted(names):
-                raise MergeError(f"strategy {self.cls.name} grouped {len(grouped)} tensors for {len(names)} inputs; this is a bug in the strategy")
+                raise MergeError(f"strategy {self.method} grouped {len(grouped)} tensors for {len(names)} inputs; this is a bug in the strategy")
             elementwise = bool(getattr(strategy, "elementwise", False))
             for g in groups:
                 items.extend(self._items_for(g, params, elementwise, len(inputs)))
@@ -571,7 +573,7 @@ class MergeRun:
             if self.progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=sum(i.in_bytes for i in self.items), desc=f"merge {self.cls.name}", unit="B", unit_scale=True, dynamic_ncols=True)
+                bar = tqdm(total=sum(i.in_bytes for i in self.items), desc=f"merge {self.method}", unit="B", unit_scale=True, dynamic_ncols=True)
             try:
                 while True:
                     got = _get(loaded, budget)
@@ -600,7 +602,7 @@ class MergeRun:
 
     # -- stage 3 --------------------------------------------------------------------------------
     def finish(self, writer: CheckpointWriter) -> dict[str, Any]:
-        meta = _metadata(self.spec, self.cls, self.reference, self.sources, self.base_done, self.extra_metadata)
+        meta = _metadata(self.spec, self.method, self.cls, self.reference, self.sources, self.base_done, self.extra_metadata)
         written = self.outputs.write(writer.tmp, meta) if self.outputs is not None else set()
         _write_sidecars(writer.tmp, self.reference.folder, self.config, skip=written)
         writer.commit(metadata=meta)
@@ -629,8 +631,8 @@ class MergeRun:
                 self.pool.shutdown(wait=True)
             torch.set_num_threads(prev_threads)
         seconds = time.perf_counter() - t0
-        log.debug("merged %d inputs with %s into %s in %.1f s", n, self.cls.name, self.out_dir, seconds)
-        return MergeResult(self.out_dir, seconds, len(self.plan), writer.bytes_written, self.cls.name, meta)
+        log.debug("merged %d inputs with %s into %s in %.1f s", n, self.method, self.out_dir, seconds)
+        return MergeResult(self.out_dir, seconds, len(self.plan), writer.bytes_written, self.method, meta)
 
 
 def _where_ref(reader, name: str) -> str:
@@ -867,7 +869,7 @@ def _compute(strategy, item: _Item, payload, spec: MergeSpec, device: str, confi
     return outs
 
 
-def _metadata(spec: MergeSpec, cls, base: CheckpointReader, sources: Sequence[Any], base_done: dict[str, str], extra: dict[str, Any] | None) -> dict[str, Any]:
+def _metadata(spec: MergeSpec, method: str, cls, base: CheckpointReader, sources: Sequence[Any], base_done: dict[str, str], extra: dict[str, Any] | None) -> dict[str, Any]:
     from fedmerge import __version__ as version
 
     base_fp = None
@@ -881,7 +883,8 @@ def _metadata(spec: MergeSpec, cls, base: CheckpointReader, sources: Sequence[An
             inputs.append({"label": s.label, "kind": type(s).__name__})
     meta = {
         "fedmerge_version": version,
-        "method": cls.name,
+        "method": method,
+        "paper": getattr(cls, "paper", "") or None,
         "parameters": spec.parameters,
         "model_parameters": spec.model_parameters,
         "seed": spec.seed,

@@ -49,7 +49,7 @@ def test_task_arithmetic_n3_equals_in_memory_with_and_without_chunks(tiny, tmp_p
     params = {"lambda": 0.8}
     spec = MergeSpec(method="task_arithmetic", parameters=params, model_parameters=[{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], device="cpu")
     whole = merge(base, fts, tmp_path / "whole", spec, progress=False)
-    chunked = merge(base, fts, tmp_path / "chunked", spec.model_copy(update={"chunk_elements": 1024, "max_shard_bytes": 50_000}), progress=False)
+    merge(base, fts, tmp_path / "chunked", spec.model_copy(update={"chunk_elements": 1024, "max_shard_bytes": 50_000}), progress=False)
     assert whole.tensors == len(CheckpointReader(base).names())
     assert len(list((tmp_path / "chunked").glob("model-*.safetensors"))) > 2
     b, ms = tensors(base), [tensors(f) for f in fts]
