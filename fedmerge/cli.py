@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmerge", description="Federated model merging for medical LLMs.")
     parser.add_argument("--version", action="version", version=f"fedmerge {__version__}", help="print the version and exit")
     _add_global_flags(parser, top=True)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", help="the sub-command to run (each has its own --help)")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     for sub in _subparsers(parser):

@@ -158,8 +158,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                     raise MergeConfigError(f"{args.config}: {doc.name}: {doc.out_dir} exists but was made from another recipe; pass --overwrite to replace it")
                 result = run_document(doc, progress=progress, overwrite=args.overwrite)
                 label = f"{doc.name}: " if doc.name else ""
+                models = len(result.metadata.get("inputs") or []) + len(result.metadata.get("references") or [])
                 print(
-                    f"{label}merged {len(result.metadata.get('inputs') or [])} inputs with {result.method} into {result.out_dir} "
+                    f"{label}merged {models} inputs with {result.method} into {result.out_dir} "
                     f"({result.tensors} tensors, {human_bytes(result.bytes_written)}, {result.seconds:.1f} s)"
                 )
     except Terminated:

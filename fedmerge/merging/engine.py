@@ -468,7 +468,7 @@ class MergeRun:
                 b32, per_model = self._load_remapped(ot)
             else:
                 raw = ref_reader.get(ot.reference_name, rows=item.rows)
-                if self.spec.fingerprints and ot.reference == 0 and ot.reference_name == nm and self.layout.identity:
+                if self.spec.fingerprints and ot.reference == 0 and ot.reference_name == nm and nm not in self.base_done:
                     _feed_base(self.base_digests, self.base_done, ref_reader.info(nm), raw, item.rows)
                 if item.copy and not raw.is_floating_point():
                     return [raw], None
@@ -603,6 +603,9 @@ class MergeRun:
     # -- stage 3 --------------------------------------------------------------------------------
     def finish(self, writer: CheckpointWriter) -> dict[str, Any]:
         meta = _metadata(self.spec, self.method, self.cls, self.reference, self.sources, self.base_done, self.extra_metadata)
+        others = self.layout.references[1:]
+        if others:  # models only copied or used as a slice's reference (passthrough, frankenmerges)
+            meta["references"] = [r.describe() if hasattr(r, "describe") else {"path": str(r.folder), "kind": "model", "fingerprint": None} for r in others]
         written = self.outputs.write(writer.tmp, meta) if self.outputs is not None else set()
         _write_sidecars(writer.tmp, self.reference.folder, self.config, skip=written)
         writer.commit(metadata=meta)

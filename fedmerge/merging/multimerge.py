@@ -164,7 +164,7 @@ def run_document(doc: MergeDocument, progress: bool = True, overwrite: bool = Fa
     }
     if doc.name is not None:
         metadata["merge_name"] = doc.name
-    outputs = MergeOutputs(doc.text, plan, doc.out_dir.name)
+    outputs = MergeOutputs(doc.text, plan, doc.out_dir.name, progress=progress)
     return plan.run(doc.out_dir, progress=progress, overwrite=overwrite, outputs=outputs, metadata=metadata)
 
 

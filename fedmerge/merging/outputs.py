@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 class MergeOutputs:
-    def __init__(self, config_text: str, plan: Any, name: str, fingerprints: bool = True):
+    def __init__(self, config_text: str, plan: Any, name: str, fingerprints: bool = True, progress: bool = False):
         self.config_text = config_text
         self.name = name
+        self.progress = progress
         self.plan = plan
         self.vocab = None  # set by a recipe that builds a tokenizer
         self.chat_template = getattr(plan, "chat_template", None)
@@ -38,7 +39,7 @@ class MergeOutputs:
         written = self._tokenizer(folder, metadata)
         (folder / CONFIG_COPY).write_text(self.config_text, encoding="utf-8")
         if self.fingerprints and self.plan.spec.fingerprints:
-            _complete_fingerprints(metadata)
+            _complete_fingerprints(metadata, self.progress)
         model_card(metadata, self.config_text, self.name).save(folder / "README.md")
         return written
 
@@ -65,21 +66,16 @@ class MergeOutputs:
         return written
 
 
-def _complete_fingerprints(metadata: dict[str, Any]) -> None:
+def _complete_fingerprints(metadata: dict[str, Any], progress: bool) -> None:
+    """Fingerprint the models the merge read only in part (slices, remapped embeddings): one
+    more pass over each of them, since the record must name every input by its content."""
     from fedmerge.checkpoints import CheckpointReader, model_fingerprint
 
-    base = metadata.get("base") or {}
-    if base.get("path") and not base.get("fingerprint"):
-        try:
-            with CheckpointReader(base["path"]) as r:
-                base["fingerprint"] = model_fingerprint(r)
-        except Exception as exc:  # the record stays useful without it
-            log.debug("no fingerprint for %s: %s", base["path"], exc)
-    for entry in metadata.get("inputs") or []:
-        if entry.get("fingerprint") or entry.get("kind") not in ("model",):
-            continue
-        with CheckpointReader(entry["path"]) as r:
-            entry["fingerprint"] = model_fingerprint(r)
+    entries = [metadata.get("base") or {}, *(metadata.get("inputs") or []), *(metadata.get("references") or [])]
+    for entry in entries:
+        if entry.get("path") and not entry.get("fingerprint") and entry.get("kind", "model") == "model":
+            with CheckpointReader(entry["path"]) as r:
+                entry["fingerprint"] = model_fingerprint(r, progress=progress)
 
 
 def model_card(metadata: dict[str, Any], config_text: str, name: str):
@@ -102,9 +98,10 @@ def model_card(metadata: dict[str, Any], config_text: str, name: str):
     base = metadata.get("base") or {}
     if base.get("path"):
         lines.append(f"| base | `{base['path']}` | model | `{base.get('fingerprint') or '-'}` |")
-    for entry in metadata.get("inputs") or []:
-        what = entry.get("path", "?") + (f" + `{entry['adapter']}`" if entry.get("adapter") else "")
-        lines.append(f"| input | `{what}` | {entry.get('kind', '?')} | `{entry.get('fingerprint') or '-'}` |")
+    for role, key in (("input", "inputs"), ("slice source", "references")):
+        for entry in metadata.get(key) or []:
+            what = entry.get("path", "?") + (f"` + `{entry['adapter']}" if entry.get("adapter") else "")
+            lines.append(f"| {role} | `{what}` | {entry.get('kind', '?')} | `{entry.get('fingerprint') or '-'}` |")
     lines += [
         "",
         f"Compute dtype {metadata.get('dtype')}, written as {metadata.get('out_dtype') or 'the base dtype'}; seed {metadata.get('seed')}.",
