@@ -573,7 +573,9 @@ class MergeRun:
             if self.progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=sum(i.in_bytes for i in self.items), desc=f"merge {self.method}", unit="B", unit_scale=True, dynamic_ncols=True)
+                name = (self.extra_metadata or {}).get("merge_name")
+                desc = f"merge {name} ({self.method})" if name else f"merge {self.method}"
+                bar = tqdm(total=sum(i.in_bytes for i in self.items), desc=desc, unit="B", unit_scale=True, dynamic_ncols=True)
             try:
                 while True:
                     got = _get(loaded, budget)
