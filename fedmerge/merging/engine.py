@@ -466,6 +466,8 @@ class MergeRun:
             ref_reader = self.layout.references[ot.reference]
             if ot.embedding and self.layout.vocab is not None:
                 b32, per_model = self._load_remapped(ot)
+                if item.copy:
+                    return [b32 if ot.scale is None else b32.mul_(ot.scale)], None
             else:
                 raw = ref_reader.get(ot.reference_name, rows=item.rows)
                 if self.spec.fingerprints and ot.reference == 0 and ot.reference_name == nm and nm not in self.base_done:

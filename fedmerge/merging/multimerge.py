@@ -94,7 +94,7 @@ def load_documents(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
             what = f"name {name!r} is used by two documents" if name else "more than one document has no name; only the final merge may be unnamed"
             raise MergeConfigError(f"{cfg_path} (document {d.index + 1}): {what}")
         names.append(name)
-    if len(raw) == 1 and names[0] is None:
+    if len(raw) == 1:  # one document: its name, if any, names nothing else; it goes to OUTPUT_DIR
         plan = read_document(raw[0].data, cfg_path)
         doc = MergeDocument(None, 0, raw[0].text, plan, out_dir)
         doc.digest = _digest(doc.text, [])

@@ -490,3 +490,41 @@ slices:
     got, d = tensors(out), tensors(tmp_path / "delta-ish")
     assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], d["model.layers.1.mlp.up_proj.weight"])
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_passthrough_scale_by_filter(six, tmp_path):
+    """mergekit's passthrough with a per-source scale: here halving o_proj and down_proj only."""
+    rc, out = _merge(
+        tmp_path,
+        six,
+        """
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 4]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.5
+            - filter: down_proj
+              value: 0.5
+            - value: 1.0
+  - sources:
+      - model: {b}
+        layer_range: [2, 6]
+dtype: float32
+""",
+    )
+    assert rc == 0
+    a, bb, got = tensors(six["a"]), tensors(six["b"]), tensors(out)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 8
+    for n, t in got.items():
+        j = layer_of(n)
+        if j is None:
+            src = a[n] if "embed" in n else bb[n]
+        elif j < 4:
+            src = a[n] * (0.5 if ("o_proj" in n or "down_proj" in n) else 1.0)
+        else:
+            src = bb[n.replace(f".layers.{j}.", f".layers.{j - 4 + 2}.")]
+        assert torch.equal(t, src), n
