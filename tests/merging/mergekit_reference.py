@@ -56,10 +56,28 @@ def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return mask.reshape(delta.shape)
 
 
-def ties(base: torch.Tensor, models: list[tuple[torch.Tensor, float, float]], normalize: bool, lam: float = 1.0) -> torch.Tensor:
-    """models: (weights, weight, density). Trim each delta to its top density, weight it, elect the
-    sign of the weighted sum (0 counts as +), keep agreeing entries, divide by the agreeing weights."""
-    tvs = torch.stack([w * topk_mask(m - base, d) * (m - base) for m, w, d in models])
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the int(gamma n) largest |delta| and enough of the smallest to keep
+    int(density n); fewer large ones when the two overlap."""
+    if density >= 1:
+        return torch.ones_like(delta)
+    n = delta.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    order = torch.argsort(delta.abs().reshape(-1))
+    mask = torch.zeros(n)
+    mask[order[bottom : n - top]] = 1
+    return mask.reshape(delta.shape)
+
+
+def ties(base: torch.Tensor, models: list[tuple[torch.Tensor, float, float]], normalize: bool, lam: float = 1.0, mask=None) -> torch.Tensor:
+    """models: (weights, weight, density). Trim each delta to its top density (or ``mask(delta,
+    density)``), weight it, elect the sign of the weighted sum (0 counts as +), keep agreeing
+    entries, divide by the agreeing weights."""
+    mask = mask or topk_mask
+    tvs = torch.stack([w * mask(m - base, d) * (m - base) for m, w, d in models])
     weights = torch.tensor([w for _, w, _ in models]).reshape(-1, *([1] * base.dim()))
     elected = torch.where(tvs.sum(0) >= 0, 1.0, -1.0)
     agree = (tvs.sign() == elected).float()

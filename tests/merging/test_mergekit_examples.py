@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 from engine_helpers import tensors
-from mergekit_reference import layer_of, linear, slerp, t_of, ties, value
+from mergekit_reference import layer_of, linear, outlier_mask, slerp, t_of, ties, value
 
 from fedmerge.cli import main
 from fedmerge.toymodels import TinyMistralSpec, build_tiny_mistral, perturb_checkpoint
@@ -240,3 +240,53 @@ def test_arcee_fusion_example_is_refused_naming_the_method(zoo, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{cfg}: merge_method: 'arcee_fusion' is a mergekit method fedmerge does not implement; use one of:" in err
     assert not (tmp_path / "out").exists()
+
+
+# -- the README's shapes -------------------------------------------------------------------------------
+BREADCRUMBS_TIES = """
+models:
+  - model: {orca}
+  - model: {platypus}
+    parameters:
+      weight: 0.7
+merge_method: breadcrumbs_ties
+base_model: {base}
+parameters:
+  weight: 0.4
+  density: 0.8
+  gamma: 0.1
+dtype: float32
+"""
+
+
+def test_breadcrumbs_ties_with_top_level_parameters_as_per_model_defaults(zoo, tmp_path):
+    """Top-level per-model parameters are every model's default; breadcrumbs_ties does not normalize.
+    (gamma 0.1 keeps int(gamma n) >= 1 on the smallest tensors; below that mergekit's slice
+    drops every entry, see docs/merging.md.)"""
+    b, o, p = tensors(zoo["base"]), tensors(zoo["orca"]), tensors(zoo["platypus"])
+
+    def mask(d, density):
+        return outlier_mask(d, density, 0.1)
+
+    expected = {n: ties(b[n], [(o[n], 0.4, 0.8), (p[n], 0.7, 0.8)], normalize=False, mask=mask) for n in b}
+    _compare(_run(tmp_path, BREADCRUMBS_TIES, zoo, fp32=True), expected)
+
+
+SLERP_SCALAR = """
+merge_method: slerp
+base_model: {platypus}
+slices:
+  - sources:
+      - model: {orca}
+        layer_range: [0, 40]
+      - model: {platypus}
+        layer_range: [0, 40]
+parameters:
+  t: 0.3
+dtype: float32
+"""
+
+
+def test_slerp_with_one_slice_and_a_scalar_t(zoo, tmp_path):
+    o, p = tensors(zoo["orca"]), tensors(zoo["platypus"])
+    _compare(_run(tmp_path, SLERP_SCALAR, zoo, fp32=True), {n: slerp(0.3, p[n], o[n]) for n in o})

@@ -269,6 +269,8 @@ def test_tokenizer_tokens_force_zero_and_model_token_rows_and_padding(six, tmp_p
       force: true
     "<|im_end|>":
       source: {{kind: model_token, model: {base}, token: "</s>"}}
+    "<|im_start|>":
+      source: {{kind: model_token, model: {base}, token_id: 2}}
 """,
     )
     assert rc == 0
@@ -280,6 +282,7 @@ def test_tokenizer_tokens_force_zero_and_model_token_rows_and_padding(six, tmp_p
     assert torch.equal(got[n][vocab["<pad>"]], torch.zeros(16))
     # chat has <|im_end|> itself (not forced); the base gets its own </s> row for it
     torch.testing.assert_close(got[n][vocab["<|im_end|>"]], 0.5 * b[n][1] + 0.5 * c[n][301], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[n][vocab["<|im_start|>"]], 0.5 * b[n][2] + 0.5 * c[n][300], rtol=0, atol=1e-6)
     torch.testing.assert_close(got[n][302:], got[n][:302].mean(0).expand(2, 16), rtol=0, atol=1e-6)
 
 
