@@ -328,7 +328,7 @@ def merge_layout(
 
 
 class MergeRun:
-    """One merge, from open inputs to a committed folder, in four stages:
+    """One merge, from open inputs to a committed folder, in three stages:
 
     ``prepare`` (strategies per parameter set, compatibility, the work items and the output
     plan), ``stream`` (reader thread -> compute in this thread -> writer thread), ``finish``
