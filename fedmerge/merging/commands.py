@@ -148,14 +148,18 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     for doc in docs:
         _apply_overrides(doc.plan, args)
     progress = not args.no_progress and not getattr(args, "quiet", False)
+    for doc in docs:  # refuse before any document runs, not after the intermediate ones
+        if doc.out_dir.exists() and not args.overwrite:
+            if doc.name is None:
+                raise MergeConfigError(f"{doc.out_dir}: already exists; choose another output folder or pass --overwrite")
+            if not reusable(doc):
+                raise MergeConfigError(f"{args.config}: {doc.name}: {doc.out_dir} exists but was made from another recipe; pass --overwrite to replace it")
     try:
         with _sigterm_unwinds():
             for doc in docs:
                 if doc.name is not None and doc.out_dir.exists() and not args.overwrite:
-                    if reusable(doc):
-                        print(f"{doc.name}: {doc.out_dir} already holds this merge; reused")
-                        continue
-                    raise MergeConfigError(f"{args.config}: {doc.name}: {doc.out_dir} exists but was made from another recipe; pass --overwrite to replace it")
+                    print(f"{doc.name}: {doc.out_dir} already holds this merge; reused")
+                    continue
                 result = run_document(doc, progress=progress, overwrite=args.overwrite)
                 label = f"{doc.name}: " if doc.name else ""
                 models = len(result.metadata.get("inputs") or []) + len(result.metadata.get("references") or [])

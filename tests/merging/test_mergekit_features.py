@@ -376,13 +376,19 @@ def test_multi_document_file_runs_in_order_and_names_earlier_outputs(six, tmp_pa
         assert (folder / "merge_config.yaml").read_text().strip() == text.format(**{k: str(v) for k, v in six.items()}).strip()
     assert json.loads((inter / "second-merge" / "fedmerge.json").read_text())["merge_name"] == "second-merge"
     capsys.readouterr()
-    # run again: the intermediate merges are reused, the final one is refused without --overwrite
+    # run again: the existing final output is refused before anything runs
     before = (inter / "first-merge" / "model.safetensors").stat().st_mtime_ns
-    rc, _ = _merge(tmp_path, six, MULTI, extra=())
+    rc, _ = _merge(tmp_path, six, MULTI)
     captured = capsys.readouterr()
-    assert rc == 1 and "already holds this merge; reused" in captured.out and "already exists" in captured.err
+    assert rc == 1 and "already exists" in captured.err and "reused" not in captured.out
+    # without it, the intermediate merges are reused and only the final one runs
+    shutil.rmtree(out)
+    rc, _ = _merge(tmp_path, six, MULTI)
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out.count("already holds this merge; reused") == 2 and (out / "model.safetensors").exists()
     assert (inter / "first-merge" / "model.safetensors").stat().st_mtime_ns == before
     # a changed recipe does not silently reuse an output made from the old one
+    shutil.rmtree(out)
     rc, _ = _merge(tmp_path, six, MULTI.replace("weight: 0.5\n---", "weight: 0.4\n---", 1))
     assert rc == 1 and "exists but was made from another recipe; pass --overwrite" in capsys.readouterr().err
 
