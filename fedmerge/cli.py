@@ -3,6 +3,11 @@
 Each module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its
 sub-commands and sets ``func`` on them. Heavy imports (torch, flwr, lm_eval) happen inside the
 command functions, so ``fedmerge --help`` starts fast.
+
+Global flags work anywhere on the line (``fedmerge -v merge ...`` and ``fedmerge merge ... -v``):
+``-v`` logs debug details and lets libraries speak, ``-q`` keeps to warnings and the result, and
+``--version`` prints the version. Log lines are written through the progress bars, so a bar is
+redrawn below them instead of being broken by them.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
+from fedmerge import __version__
 from fedmerge.errors import FedmergeError
 
 COMMAND_MODULES = [
@@ -25,32 +32,65 @@ COMMAND_MODULES = [
     "fedmerge.federation.commands",
 ]
 
+_VERBOSE_HELP = "log debug details and let libraries print their own progress and warnings"
+_QUIET_HELP = "print only warnings, errors and the result (no progress bars); for scripts"
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    # On sub-commands the defaults are suppressed, so a flag given before the sub-command is
+    # not reset by the sub-command's parser.
+    default_v = 0 if top else argparse.SUPPRESS
+    default_q = False if top else argparse.SUPPRESS
+    parser.add_argument("-v", "--verbose", action="count", default=default_v, help=_VERBOSE_HELP)
+    parser.add_argument("-q", "--quiet", action="store_true", default=default_q, help=_QUIET_HELP)
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield sub
+                yield from _subparsers(sub)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedmerge",
-        description="Federated model merging for medical LLMs.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="fedmerge", description="Federated model merging for medical LLMs.")
+    parser.add_argument("--version", action="version", version=f"fedmerge {__version__}", help="print the version and exit")
+    _add_global_flags(parser, top=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", help="the sub-command to run (each has its own --help)")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for sub in _subparsers(parser):
+        if "-v" not in sub._option_string_actions and "-q" not in sub._option_string_actions:
+            _add_global_flags(sub, top=False)
     return parser
+
+
+def _configure_output(args: argparse.Namespace) -> None:
+    verbose, quiet = getattr(args, "verbose", 0), getattr(args, "quiet", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)
+    if not verbose:
+        # Libraries keep to errors unless asked; fedmerge's own logger keeps the chosen level.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    _configure_output(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        result = args.func(args)
+        with logging_redirect_tqdm():
+            result = args.func(args)
     except FedmergeError as exc:
         print(f"fedmerge {args.command}: error: {exc}", file=sys.stderr)
         return 1

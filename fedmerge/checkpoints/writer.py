@@ -69,6 +69,39 @@ class _Shard:
             self.fh.close()
 
 
+def _partial_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary folders that writers of ``out_dir`` left behind when their process
+    died (``.NAME.partial-PID-*`` whose PID is not running); a live process's folder is kept."""
+    out_dir = Path(out_dir)
+    prefix = _partial_prefix(out_dir)
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for p in out_dir.parent.iterdir():
+        if not p.name.startswith(prefix) or not p.is_dir():
+            continue
+        pid = p.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s, left by process %s that is no longer running", p, pid)
+            removed.append(p)
+    return removed
+
+
 class CheckpointWriter:
     """Writes a complete HF folder atomically: shards + index + sidecar files + metadata.
 
@@ -90,7 +123,10 @@ class CheckpointWriter:
         self.max_shard_bytes = int(max_shard_bytes)
         self.overwrite = overwrite
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        remove_stale_partials(self.out_dir)
+        # The owner's pid is part of the name, so a later run can tell a dead writer's leftovers
+        # from a folder another process is still filling.
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(self.out_dir)}{os.getpid()}-", dir=self.out_dir.parent))
         self._names: set[str] = set()
         self._total = 0
         self._done = False
@@ -287,6 +323,10 @@ class CheckpointWriter:
         for f in self.tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        # mkdtemp makes the folder 0700; the published model gets the mode any new folder would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
         if self.out_dir.exists():
             # Swap in two renames so a reader sees either the old folder or the new one.
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
@@ -296,7 +336,7 @@ class CheckpointWriter:
         else:
             self.tmp.rename(self.out_dir)
         self._done = True
-        log.info("wrote %s (%d shard%s, %.1f MB)", self.out_dir, n, "" if n == 1 else "s", self._total / 1e6)
+        log.debug("wrote %s (%d shard%s, %.1f MB)", self.out_dir, n, "" if n == 1 else "s", self._total / 1e6)
         return self.out_dir
 
     @property

@@ -23,11 +23,18 @@ What it guarantees:
   seeded from (seed, tensor name): the same inputs, method, parameters and seed give the same
   bytes, whatever the device order, chunking or thread timing.
 - **Atomic.** The output appears under ``out_dir`` only complete (see ``CheckpointWriter``).
+- **Loads as written.** ``config.json`` states the dtype the weights are stored in (``dtype`` and
+  ``torch_dtype``), the layer count of a renumbered stack and the size of a new vocabulary.
+
+``merge`` maps every base tensor to the same-named tensor of every input with one parameter set;
+``merge_layout`` follows a ``MergeLayout`` (per-tensor parameters, slices, copies, remapped
+embeddings; see ``fedmerge.merging.layout``). Both run a ``MergeRun``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -36,22 +43,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedmerge.errors import FedmergeError
 from fedmerge.checkpoints import (
     FLOAT_DTYPES,
     CheckpointReader,
     CheckpointWriter,
+    IncompatibleCheckpoint,
     TensorInfo,
     combine_digests,
     safetensors_dtype,
     tensor_bytes,
     torch_dtype,
+    torch_name,
 )
-from fedmerge.checkpoints.compat import CompatibilityCheck
+from fedmerge.checkpoints.compat import (
+    ARCH_KEYS,
+    CompatibilityCheck,
+    tokenizer_fingerprint,
+)
+from fedmerge.errors import FedmergeError
+from fedmerge.merging.layout import MergeLayout, OutputTensor, identity_layout
 from fedmerge.merging.taskvector import DeltaCheckpoint, TaskVector, open_delta_source
 
 log = logging.getLogger(__name__)
@@ -144,33 +158,16 @@ def check_compatible(base: CheckpointReader, sources: Sequence[Any]) -> None:
 # -- work items ---------------------------------------------------------------------------------
 @dataclass
 class _Item:
-    names: tuple[str, ...]
+    names: tuple[str, ...]  # output tensor names
+    strategy: int | None = None  # index into the run's strategies; None: copied from the reference
     rows: tuple[int, int] | None = None  # a row chunk of the single tensor in ``names``
     final: bool = True  # last chunk of its tensor (always True for whole tensors)
-    passthrough: bool = False  # non-float tensor: the base's value is written unchanged
     nbytes: int = 0  # estimated peak bytes while in flight
-    in_bytes: int = 0  # bytes of the base this item covers (for the progress bar)
+    in_bytes: int = 0  # bytes of the reference this item covers (for the progress bar)
 
-
-def _plan_items(base: CheckpointReader, groups: Sequence[tuple[str, ...]], passthrough: Sequence[str], elementwise: bool, chunk_elements: int, n_inputs: int) -> list[_Item]:
-    items: list[_Item] = []
-    for g in groups:
-        infos = [base.info(n) for n in g]
-        numel = sum(i.numel for i in infos)
-        per_elem = 4 * (n_inputs + 2)
-        if elementwise and len(g) == 1 and len(infos[0].shape) >= 1 and infos[0].numel > chunk_elements and infos[0].shape[0] > 1:
-            rows_total = infos[0].shape[0]
-            row_numel = max(1, infos[0].numel // rows_total)
-            step = max(1, chunk_elements // row_numel)
-            for a in range(0, rows_total, step):
-                b = min(rows_total, a + step)
-                row_bytes = infos[0].nbytes // rows_total
-                items.append(_Item(g, (a, b), b == rows_total, nbytes=(b - a) * row_numel * per_elem, in_bytes=(b - a) * row_bytes))
-        else:
-            items.append(_Item(tuple(g), nbytes=numel * per_elem, in_bytes=sum(i.nbytes for i in infos)))
-    for n in passthrough:
-        items.append(_Item((n,), passthrough=True, nbytes=base.info(n).nbytes, in_bytes=base.info(n).nbytes))
-    return items
+    @property
+    def copy(self) -> bool:
+        return self.strategy is None
 
 
 class _Budget:
@@ -222,6 +219,15 @@ def _get(q: queue.Queue, budget: _Budget) -> Any:
                 return _DONE
 
 
+class OutputFiles(Protocol):
+    """Files a caller adds to the output folder beside the weights (model card, tokenizer, the
+    config it ran from). ``write`` is called once every tensor is written, before the folder is
+    committed; it writes into ``folder`` (the hidden temporary folder) and returns the names of
+    the sidecar files it wrote, so the base's copies of them are not copied over them."""
+
+    def write(self, folder: Path, metadata: dict[str, Any]) -> set[str]: ...
+
+
 # -- the merge -----------------------------------------------------------------------------------
 def merge(
     base_dir: str | os.PathLike[str] | None,
@@ -239,13 +245,8 @@ def merge(
     which must then be a model folder, as the reference: its delta is zero and the algebra of
     weight-space methods (linear, slerp) is unchanged.
     """
-    import torch
+    from fedmerge.merging.strategies import get_strategy_class
 
-    from fedmerge.devices import resolve_device
-    from fedmerge.merging.strategies import build_strategy, get_strategy_class
-
-    t0 = time.perf_counter()
-    _tune_malloc()
     if not inputs:
         raise MergeError("no inputs to merge")
     cls = get_strategy_class(spec.method)
@@ -261,130 +262,286 @@ def merge(
     n = len(sources)
     if spec.model_parameters and len(spec.model_parameters) != n:
         raise MergeError(f"model_parameters has {len(spec.model_parameters)} entries for {n} inputs")
-    strategy = build_strategy(spec.method, spec.parameters, spec.model_parameters or [{}] * n, n_models=n)
-    check_compatible(base, sources)
-    device = resolve_device(spec.device)
-    compute_dtype = getattr(torch, spec.dtype)
-    config = base.config
+    layout = identity_layout(base, n, spec.parameters, spec.model_parameters or [{}] * n)
+    return MergeRun(layout, sources, out_dir, spec, progress=progress, metadata=metadata, overwrite=overwrite).run()
 
-    names = base.names()
-    float_names = [nm for nm in names if base.info(nm).dtype in FLOAT_DTYPES]
-    passthrough = [nm for nm in names if base.info(nm).dtype not in FLOAT_DTYPES]
-    groups = [tuple(g) for g in strategy.groups(float_names, config)]
-    grouped = [nm for g in groups for nm in g]
-    if sorted(grouped) != sorted(float_names):
-        raise MergeError(f"strategy {cls.name} grouped {len(grouped)} tensors for {len(float_names)} inputs; this is a bug in the strategy")
-    elementwise = bool(getattr(strategy, "elementwise", False))
-    items = _plan_items(base, groups, passthrough, elementwise, spec.chunk_elements, n)
 
-    def out_info(nm: str) -> TensorInfo:
-        bi = base.info(nm)
-        if bi.dtype not in FLOAT_DTYPES or spec.out_dtype is None:
-            return bi
-        return TensorInfo(nm, bi.shape, safetensors_dtype(spec.out_dtype))
+def merge_layout(
+    layout: MergeLayout,
+    sources: Sequence[Any],
+    out_dir: str | os.PathLike[str],
+    spec: MergeSpec,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    outputs: OutputFiles | None = None,
+) -> MergeResult:
+    """Merge following ``layout`` (per-tensor inputs, references and parameters) into ``out_dir``.
 
-    plan = [out_info(nm) for g in groups for nm in g] + [out_info(nm) for nm in passthrough]
-    out_torch = {i.name: torch_dtype(i.dtype) for i in plan}
-    for s in sources:
-        rec = getattr(s, "digests", None)
-        if rec is not None:
-            rec.enabled = spec.fingerprints
-    base_digests: dict[str, Any] = {}
-    base_done: dict[str, str] = {}
+    ``spec.method`` names the strategy for every tensor that is not a copy; ``spec.parameters`` and
+    ``spec.model_parameters`` are recorded but the layout's parameter sets are what each tensor uses.
+    """
+    return MergeRun(layout, sources, out_dir, spec, progress=progress, metadata=metadata, overwrite=overwrite, outputs=outputs).run()
 
-    budget = _Budget(spec.prefetch_bytes)
-    loaded: queue.Queue = queue.Queue(maxsize=2)
-    written: queue.Queue = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []
 
-    def fail(exc: BaseException) -> None:
-        errors.append(exc)
-        budget.cancel()
+class MergeRun:
+    """One merge, from open inputs to a committed folder, in three stages:
 
-    def load(item: _Item):
+    ``prepare`` (strategies per parameter set, compatibility, the work items and the output
+    plan), ``stream`` (reader thread -> compute in this thread -> writer thread), ``finish``
+    (config, sidecar and caller files, metadata, atomic commit).
+    """
+
+    def __init__(
+        self,
+        layout: MergeLayout,
+        sources: Sequence[Any],
+        out_dir: str | os.PathLike[str],
+        spec: MergeSpec,
+        progress: bool = True,
+        metadata: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        outputs: OutputFiles | None = None,
+    ):
+        self.layout = layout
+        self.sources = list(sources)
+        self.out_dir = Path(out_dir)
+        self.spec = spec
+        self.progress = progress
+        self.extra_metadata = metadata
+        self.overwrite = overwrite
+        self.outputs = outputs
+        self.reference = layout.references[0]
+        self.tensors = layout.by_name()
+
+    # -- stage 1 --------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        import torch
+
+        from fedmerge.devices import resolve_device
+        from fedmerge.merging.strategies import get_strategy_class
+
+        # A layout of copies only (mergekit's passthrough) runs no strategy at all.
+        self.cls = get_strategy_class(self.spec.method) if self.layout.parameter_sets else None
+        self.method = self.cls.name if self.cls is not None else self.spec.method
+        self.strategies = self._build_strategies()
+        if self.layout.identity:
+            check_compatible(self.reference, self.sources)
+        else:
+            check_layout(self.layout, self.sources)
+        self.device = resolve_device(self.spec.device)
+        self.compute_dtype = getattr(torch, self.spec.dtype)
+        self.config = output_config(self.layout, self.spec, self._out_dtype_name())
+        self.items = self._plan_items()
+        self.plan = [self._out_info(nm) for item in self.items if item.final for nm in item.names]
+        self.out_torch = {i.name: torch_dtype(i.dtype) for i in self.plan}
+        for s in self.sources:
+            rec = getattr(s, "digests", None)
+            if rec is not None:
+                rec.enabled = self.spec.fingerprints
+
+    def _build_strategies(self) -> list[Any]:
+        from fedmerge.merging.strategies import build_strategy
+
+        out = []
+        for ps in self.layout.parameter_sets:
+            n = len(ps.model_params)
+            out.append(build_strategy(self.spec.method, ps.params, list(ps.model_params), n_models=n))
+        return out
+
+    def _is_float(self, ot: OutputTensor) -> bool:
+        return self.layout.references[ot.reference].info(ot.reference_name).dtype in FLOAT_DTYPES
+
+    def _plan_items(self) -> list[_Item]:
+        """Items in output order: tensors sharing a parameter set and inputs are grouped as their
+        strategy groups them; a large tensor of an elementwise strategy is cut in row chunks."""
+        buckets: dict[tuple, list[str]] = {}
+        copies: list[str] = []
+        for ot in self.layout.tensors:
+            if ot.is_copy or not self._is_float(ot):
+                copies.append(ot.name)
+            else:
+                buckets.setdefault((ot.params, tuple(i for i, _ in ot.inputs)), []).append(ot.name)
+        items: list[_Item] = []
+        for (params, inputs), names in buckets.items():
+            strategy = self.strategies[params]
+            groups = [tuple(g) for g in strategy.groups(names, self.config)]
+            grouped = [nm for g in groups for nm in g]
+            if sorted(grouped) != sorted(names):
+                raise MergeError(f"strategy {self.method} grouped {len(grouped)} tensors for {len(names)} inputs; this is a bug in the strategy")
+            elementwise = bool(getattr(strategy, "elementwise", False))
+            for g in groups:
+                items.extend(self._items_for(g, params, elementwise, len(inputs)))
+        for nm in copies:
+            info = self._ref_info(self.tensors[nm])
+            items.append(_Item((nm,), None, nbytes=info.nbytes, in_bytes=info.nbytes))
+        return items
+
+    def _ref_info(self, ot: OutputTensor) -> TensorInfo:
+        return self.layout.references[ot.reference].info(ot.reference_name)
+
+    def _items_for(self, g: tuple[str, ...], params: int, elementwise: bool, n_inputs: int) -> list[_Item]:
+        infos = [self._ref_info(self.tensors[nm]) for nm in g]
+        per_elem = 4 * (n_inputs + 2)
+        remapped = self.layout.vocab is not None and any(self.tensors[nm].embedding for nm in g)
+        info = infos[0]
+        chunk = self.spec.chunk_elements
+        if elementwise and not remapped and len(g) == 1 and len(info.shape) >= 1 and info.numel > chunk and info.shape[0] > 1:
+            rows_total = info.shape[0]
+            row_numel = max(1, info.numel // rows_total)
+            step = max(1, chunk // row_numel)
+            row_bytes = info.nbytes // rows_total
+            return [
+                _Item(g, params, (a, min(rows_total, a + step)), min(rows_total, a + step) == rows_total, nbytes=(min(rows_total, a + step) - a) * row_numel * per_elem, in_bytes=(min(rows_total, a + step) - a) * row_bytes)
+                for a in range(0, rows_total, step)
+            ]
+        return [_Item(tuple(g), params, nbytes=sum(i.numel for i in infos) * per_elem, in_bytes=sum(i.nbytes for i in infos))]
+
+    def _out_dtype_name(self) -> str | None:
+        """The dtype every float output tensor has, or None when they differ."""
+        if self.spec.out_dtype is not None:
+            return self.spec.out_dtype
+        found = {self._ref_info(ot).dtype for ot in self.layout.tensors if self._is_float(ot)}
+        return torch_name(found.pop()) if len(found) == 1 else None
+
+    def _out_info(self, nm: str) -> TensorInfo:
+        ot = self.tensors[nm]
+        ri = self._ref_info(ot)
+        shape = tuple(ri.shape)
+        if ot.embedding and self.layout.vocab is not None:
+            shape = (self.layout.vocab.rows, *shape[1:])
+        if ri.dtype not in FLOAT_DTYPES or self.spec.out_dtype is None:
+            return TensorInfo(nm, shape, ri.dtype)
+        return TensorInfo(nm, shape, safetensors_dtype(self.spec.out_dtype))
+
+    # -- stage 2 --------------------------------------------------------------------------------
+    def _load(self, item: _Item):
+        """(references, deltas) for a merged item, or the finished tensors of a copied one."""
         bases, deltas = [], []
         for nm in item.names:
-            raw = base.get(nm, rows=item.rows)
-            if spec.fingerprints:
-                _feed_base(base_digests, base_done, base.info(nm), raw, item.rows)
-            if item.passthrough:
-                return raw, None
-            b32 = raw.float()
-            if spec.check_finite and not _all_finite(b32):
-                raise NonFiniteTensor(f"base {base.file_of(nm)}: tensor {nm!r} holds NaN or infinite values")
-
-            def one_delta(src, nm=nm, b32=b32):
-                d = _get_delta(src, nm, item.rows, b32) if nm in _names_of(src) else None
-                if d is None:
-                    return _to(torch.zeros_like(b32), device, compute_dtype)
-                if spec.check_finite and not _all_finite(d):
-                    file = src.file_of(nm) if hasattr(src, "file_of") else src.folder
-                    raise NonFiniteTensor(f"input {src.label} ({file}): tensor {nm!r} holds NaN or infinite values")
-                return _to(d, device, compute_dtype)
-
-            # Reading, converting, subtracting and hashing each input is independent of the
-            # others (and releases the GIL), so the inputs of one tensor load side by side. Each
-            # input is still visited in tensor order, which its running digest relies on.
-            per_model = list(pool.map(one_delta, sources)) if pool is not None else [one_delta(src) for src in sources]
-            bases.append(_to(b32, device, compute_dtype))
+            ot = self.tensors[nm]
+            ref_reader = self.layout.references[ot.reference]
+            if ot.embedding and self.layout.vocab is not None:
+                b32, per_model = self._load_remapped(ot)
+                if item.copy:
+                    return [b32 if ot.scale is None else b32.mul_(ot.scale)], None
+            else:
+                raw = ref_reader.get(ot.reference_name, rows=item.rows)
+                if self.spec.fingerprints and ot.reference == 0 and ot.reference_name == nm and nm not in self.base_done:
+                    _feed_base(self.base_digests, self.base_done, ref_reader.info(nm), raw, item.rows)
+                if item.copy and not raw.is_floating_point():
+                    return [raw], None
+                b32 = raw.float()
+                if self.spec.check_finite and not _all_finite(b32):
+                    raise NonFiniteTensor(f"{_where_ref(ref_reader, ot.reference_name)}: tensor {ot.reference_name!r} holds NaN or infinite values")
+                if item.copy:
+                    return [raw if ot.scale is None else b32.mul_(ot.scale)], None
+                per_model = self._deltas(ot, item.rows, b32)
+            bases.append(_to(b32, self.device, self.compute_dtype))
             deltas.append(per_model)
         return bases, deltas
 
-    workers = min(n, spec.read_workers or os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
+    def _deltas(self, ot: OutputTensor, rows, b32) -> list[Any]:
+        import torch
 
-    def reader() -> None:
+        spec = self.spec
+
+        def one_delta(pair):
+            i, name = pair
+            src = self.sources[i]
+            d = _get_delta(src, name, rows, b32) if name in _names_of(src) else None
+            if d is None:
+                return _to(torch.zeros_like(b32), self.device, self.compute_dtype)
+            if spec.check_finite and not _all_finite(d):
+                file = src.file_of(name) if hasattr(src, "file_of") else src.folder
+                raise NonFiniteTensor(f"input {src.label} ({file}): tensor {name!r} holds NaN or infinite values")
+            return _to(d, self.device, self.compute_dtype)
+
+        # Reading, converting, subtracting and hashing each input is independent of the others
+        # (and releases the GIL), so the inputs of one tensor load side by side. Each input is
+        # still visited in tensor order, which its running digest relies on.
+        if self.pool is not None:
+            return list(self.pool.map(one_delta, ot.inputs))
+        return [one_delta(p) for p in ot.inputs]
+
+    def _load_remapped(self, ot: OutputTensor):
+        """Embedding rows re-indexed to the output vocabulary, for the reference and every input;
+        deltas are taken after the remap (the vocabulary plan fills rows a model lacks)."""
+        ref_reader = self.layout.references[ot.reference]
+        ref_key = self.layout.reference_keys[ot.reference]
+        weights = {ref_key: ref_reader.get(ot.reference_name).float()}
+        for i, name in ot.inputs:
+            key = self.layout.input_keys[i]
+            if key not in weights:
+                weights[key] = full_weight(self.sources[i], name, weights[ref_key]).float()
+        for key, w in weights.items():
+            if self.spec.check_finite and not _all_finite(w):
+                raise NonFiniteTensor(f"{key}: tensor {ot.reference_name!r} holds NaN or infinite values")
+        remapped = self.layout.vocab.remap(weights)
+        b32 = remapped[ref_key]
+        deltas = [_to(remapped[self.layout.input_keys[i]] - b32, self.device, self.compute_dtype) for i, _ in ot.inputs]
+        return b32, deltas
+
+    def _compute(self, item: _Item, payload) -> list[Any]:
+        if item.copy:
+            return [t.to(self.out_torch[nm]) for nm, t in zip(item.names, payload[0])]
+        return _compute(self.strategies[item.strategy], item, payload, self.spec, self.device, self.config, self.out_torch)
+
+    def stream(self, writer: CheckpointWriter) -> None:
+        budget = _Budget(self.spec.prefetch_bytes)
+        loaded: queue.Queue = queue.Queue(maxsize=2)
+        written: queue.Queue = queue.Queue(maxsize=2)
+        errors: list[BaseException] = []
+
+        def fail(exc: BaseException) -> None:
+            errors.append(exc)
+            budget.cancel()
+
+        def reader() -> None:
+            try:
+                for item in self.items:
+                    if not budget.acquire(item.nbytes):
+                        return
+                    if not _put(loaded, (item, self._load(item)), budget):
+                        return
+                _put(loaded, _DONE, budget)
+            except BaseException as exc:  # surfaced in the caller's thread
+                fail(exc)
+
+        def writer_loop() -> None:
+            try:
+                while True:
+                    got = _get(written, budget)
+                    if got is _DONE:
+                        return
+                    item, outputs = got
+                    for nm, t in zip(item.names, outputs):
+                        if item.rows is None:
+                            writer.add(nm, t)
+                        else:
+                            writer.add_part(nm, t, final=item.final)
+                    budget.release(item.nbytes)
+            except BaseException as exc:
+                fail(exc)
+
+        bar = None
+        threads = [threading.Thread(target=reader, name="fedmerge-read", daemon=True), threading.Thread(target=writer_loop, name="fedmerge-write", daemon=True)]
         try:
-            for item in items:
-                if not budget.acquire(item.nbytes):
-                    return
-                if not _put(loaded, (item, load(item)), budget):
-                    return
-            _put(loaded, _DONE, budget)
-        except BaseException as exc:  # surfaced in the caller's thread
-            fail(exc)
-
-    writer_obj = CheckpointWriter(out_dir, max_shard_bytes=spec.max_shard_bytes, overwrite=overwrite)
-
-    def writer_loop() -> None:
-        try:
-            while True:
-                got = _get(written, budget)
-                if got is _DONE:
-                    return
-                item, outputs = got
-                for nm, t in zip(item.names, outputs):
-                    if item.rows is None:
-                        writer_obj.add(nm, t)
-                    else:
-                        writer_obj.add_part(nm, t, final=item.final)
-                budget.release(item.nbytes)
-        except BaseException as exc:
-            fail(exc)
-
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(spec.threads or os.cpu_count() or 1)
-    bar = None
-    try:
-        with writer_obj:
-            writer_obj.plan(plan)
-            threads = [threading.Thread(target=reader, name="fedmerge-read", daemon=True), threading.Thread(target=writer_loop, name="fedmerge-write", daemon=True)]
             for th in threads:
                 th.start()
-            if progress:
+            if self.progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=sum(base.info(nm).nbytes for nm in names), desc=f"merge {cls.name}", unit="B", unit_scale=True, dynamic_ncols=True)
+                name = (self.extra_metadata or {}).get("merge_name")
+                desc = f"merge {name} ({self.method})" if name else f"merge {self.method}"
+                bar = tqdm(total=sum(i.in_bytes for i in self.items), desc=desc, unit="B", unit_scale=True, dynamic_ncols=True)
             try:
                 while True:
                     got = _get(loaded, budget)
                     if got is _DONE:
                         break
                     item, payload = got
-                    if item.passthrough:
-                        outputs = [payload[0]]
-                    else:
-                        outputs = _compute(strategy, item, payload, spec, device, config, out_torch)
+                    outputs = self._compute(item, payload)
                     # Drop the inputs now, not when the next item arrives: for the largest tensor
                     # they are most of the working set.
                     del got, payload
@@ -396,21 +553,168 @@ def merge(
                     _put(written, _DONE, budget)
             except BaseException as exc:
                 fail(exc)
+        finally:
             for th in threads:
                 th.join()
-            if errors:
-                raise errors[0]
-            meta = _metadata(spec, cls, base, sources, base_done, metadata)
-            writer_obj.commit(sidecars_from=base.folder, metadata=meta)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-        torch.set_num_threads(prev_threads)
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - t0
-    log.info("merged %d inputs with %s into %s in %.1f s", n, cls.name, out_dir, seconds)
-    return MergeResult(Path(out_dir), seconds, len(names), writer_obj.bytes_written, cls.name, meta)
+            if bar is not None:
+                bar.close()
+        if errors:
+            raise errors[0]
+
+    # -- stage 3 --------------------------------------------------------------------------------
+    def finish(self, writer: CheckpointWriter) -> dict[str, Any]:
+        meta = _metadata(self.spec, self.method, self.cls, self.reference, self.sources, self.base_done, self.extra_metadata)
+        others = self.layout.references[1:]
+        if others:  # models only copied or used as a slice's reference (passthrough, frankenmerges)
+            meta["references"] = [r.describe() if hasattr(r, "describe") else {"path": str(r.folder), "kind": "model", "fingerprint": None} for r in others]
+        written = self.outputs.write(writer.tmp, meta) if self.outputs is not None else set()
+        _write_sidecars(writer.tmp, self.reference.folder, self.config, skip=written)
+        writer.commit(metadata=meta)
+        return meta
+
+    def run(self) -> MergeResult:
+        import torch
+
+        t0 = time.perf_counter()
+        _tune_malloc()
+        self.prepare()
+        self.base_digests: dict[str, Any] = {}
+        self.base_done: dict[str, str] = {}
+        n = len(self.sources)
+        workers = min(max(n, 1), self.spec.read_workers or os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(self.spec.threads or os.cpu_count() or 1)
+        try:
+            with CheckpointWriter(self.out_dir, max_shard_bytes=self.spec.max_shard_bytes, overwrite=self.overwrite) as writer:
+                writer.plan(self.plan)
+                self.stream(writer)
+                meta = self.finish(writer)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            torch.set_num_threads(prev_threads)
+        seconds = time.perf_counter() - t0
+        log.debug("merged %d inputs with %s into %s in %.1f s", n, self.method, self.out_dir, seconds)
+        return MergeResult(self.out_dir, seconds, len(self.plan), writer.bytes_written, self.method, meta)
+
+
+def _where_ref(reader, name: str) -> str:
+    try:
+        return f"reference {reader.file_of(name)}"
+    except Exception:  # a reader without files (an adapted model): name its folder
+        return f"reference {reader.folder}"
+
+
+def full_weight(src, name: str, reference):
+    """The full weight an input holds for ``name`` (not its delta): read directly from a model
+    folder, otherwise the reference plus the delta."""
+    from fedmerge.merging.adapted import AdaptedModel
+
+    if isinstance(src, TaskVector):
+        return src.model.get(name)
+    if isinstance(src, AdaptedModel):
+        return src.get(name)
+    d = src.get_delta(name, base=reference) if name in _names_of(src) else None
+    return reference.clone() if d is None else d.add_(reference)
+
+
+def check_layout(layout: MergeLayout, sources: Sequence[Any]) -> None:
+    """Refuse a layout whose inputs cannot make its tensors: each named input tensor exists and
+    has its reference's shape (the rows of remapped embeddings may differ), every model shares the
+    first reference's architecture (layer count and, with a new vocabulary, its size excepted), and
+    adapters and delta folders feed only the same-named tensors of the base they were made on."""
+    from fedmerge.merging.adapted import AdaptedModel
+
+    first = layout.references[0]
+    relaxed = {"num_hidden_layers"} | ({"vocab_size"} if layout.vocab is not None else set())
+    base_cfg = first.config
+    base_tok = None if layout.vocab is not None else tokenizer_fingerprint(first.folder)
+    models = [*layout.references, *[s for s in sources if isinstance(s, (TaskVector, AdaptedModel))]]
+    seen = set()
+    for m in models:
+        folder = Path(m.folder)
+        if folder in seen:
+            continue
+        seen.add(folder)
+        cfg = m.config or {}
+        for key in ARCH_KEYS:
+            if key in relaxed or not cfg or not base_cfg:
+                continue
+            if (key in cfg or key in base_cfg) and cfg.get(key) != base_cfg.get(key):
+                raise IncompatibleCheckpoint(f"{folder}: config.json {key}={cfg.get(key)!r} but {first.folder} has {base_cfg.get(key)!r}; inputs must share the architecture")
+        tok = tokenizer_fingerprint(folder) if base_tok is not None else None
+        if tok is not None and tok != base_tok:
+            raise IncompatibleCheckpoint(f"{folder}: tokenizer.json differs from {first.folder}'s; token ids would not line up (set tokenizer_source to merge vocabularies)")
+    for ot in layout.tensors:
+        ref = layout.references[ot.reference]
+        rshape = tuple(ref.info(ot.reference_name).shape)
+        for i, name in ot.inputs:
+            src = sources[i]
+            full = isinstance(src, (TaskVector, AdaptedModel))
+            if not full and (ot.reference != 0 or name != ot.reference_name or name != ot.name):
+                raise IncompatibleCheckpoint(
+                    f"{src.label} ({getattr(src, 'folder', '?')}): a LoRA adapter or delta folder changes the base's own tensors; "
+                    f"it cannot feed output tensor {ot.name!r} from {name!r}. Give a full model (or MODEL+ADAPTER) instead"
+                )
+            if name not in _names_of(src):
+                if full:
+                    raise IncompatibleCheckpoint(f"{src.label} ({src.folder}): has no tensor {name!r}, needed for output tensor {ot.name!r}")
+                continue
+            sshape = tuple(src.info(name).shape)
+            same = sshape[1:] == rshape[1:] if (ot.embedding and layout.vocab is not None) else sshape == rshape
+            if not same:
+                file = src.file_of(name) if hasattr(src, "file_of") else getattr(src, "folder", "?")
+                raise IncompatibleCheckpoint(f"{file}: tensor {name!r} has shape {list(sshape)}, but {ot.reference_name!r} of {ref.folder} has {list(rshape)}")
+
+
+def output_config(layout: MergeLayout, spec: MergeSpec, out_dtype: str | None) -> dict[str, Any]:
+    """The output's config.json: the first reference's, with the layer count of a renumbered
+    stack (and per-layer lists following their layers), the new vocabulary's size, and the dtype
+    the weights are written in (``dtype`` and the older ``torch_dtype``), so loaders with
+    ``dtype="auto"`` get what is on disk."""
+    import copy
+
+    cfg = copy.deepcopy(layout.references[0].config or {})
+    if not cfg:
+        return cfg
+    if layout.num_layers is not None:
+        old = cfg.get("num_hidden_layers")
+        cfg["num_hidden_layers"] = layout.num_layers
+        for key, value in list(cfg.items()):
+            if isinstance(value, list) and old is not None and len(value) == old and key in PER_LAYER_KEYS:
+                rebuilt = []
+                for out_layer in range(layout.num_layers):
+                    r, in_layer = layout.layer_origin.get(out_layer, (0, out_layer))
+                    src_list = layout.references[r].config.get(key) or value
+                    rebuilt.append(src_list[in_layer] if in_layer < len(src_list) else value[-1])
+                cfg[key] = rebuilt
+    if layout.vocab is not None:
+        cfg["vocab_size"] = layout.vocab.rows
+    if out_dtype is not None:
+        cfg["dtype"] = out_dtype
+        cfg["torch_dtype"] = out_dtype
+    return cfg
+
+
+# Config lists with one entry per layer, rebuilt when slices renumber the stack.
+PER_LAYER_KEYS = ("layer_types", "sliding_window_pattern_layers", "no_rope_layers")
+
+
+def _write_sidecars(folder: Path, source: Path, config: dict[str, Any], skip: set[str]) -> None:
+    import shutil
+
+    from fedmerge.checkpoints import SIDECAR_FILES
+
+    src = Path(source)
+    src = src if src.is_dir() else src.parent
+    for fname in SIDECAR_FILES:
+        if fname in skip:
+            continue
+        if fname == "config.json" and config:
+            (folder / fname).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        elif (src / fname).exists():
+            shutil.copy2(src / fname, folder / fname)
 
 
 def _all_finite(t) -> bool:
@@ -529,7 +833,7 @@ def _compute(strategy, item: _Item, payload, spec: MergeSpec, device: str, confi
     return outs
 
 
-def _metadata(spec: MergeSpec, cls, base: CheckpointReader, sources: Sequence[Any], base_done: dict[str, str], extra: dict[str, Any] | None) -> dict[str, Any]:
+def _metadata(spec: MergeSpec, method: str, cls, base: CheckpointReader, sources: Sequence[Any], base_done: dict[str, str], extra: dict[str, Any] | None) -> dict[str, Any]:
     from fedmerge import __version__ as version
 
     base_fp = None
@@ -543,7 +847,8 @@ def _metadata(spec: MergeSpec, cls, base: CheckpointReader, sources: Sequence[An
             inputs.append({"label": s.label, "kind": type(s).__name__})
     meta = {
         "fedmerge_version": version,
-        "method": cls.name,
+        "method": method,
+        "paper": getattr(cls, "paper", "") or None,
         "parameters": spec.parameters,
         "model_parameters": spec.model_parameters,
         "seed": spec.seed,
@@ -562,4 +867,7 @@ def iter_groups(strategy, names: Sequence[str], config: dict[str, Any]) -> Itera
     yield from (tuple(g) for g in strategy.groups(names, config))
 
 
-__all__ = ["MergeSpec", "MergeResult", "merge", "MergeError", "MissingBase", "NonFiniteTensor", "check_compatible", "DeltaCheckpoint", "TaskVector"]
+__all__ = [
+    "MergeSpec", "MergeResult", "MergeRun", "OutputFiles", "merge", "merge_layout", "MergeError", "MissingBase", "NonFiniteTensor",
+    "check_compatible", "check_layout", "output_config", "DeltaCheckpoint", "TaskVector",
+]  # fmt: skip

@@ -9,6 +9,9 @@ small) and reports:
   task-vector norm, the pairwise cosine similarity of the task vectors, and the sign-conflict
   rate — among elements that at least two inputs change, the share where some push up and
   others down (what TIES' sign election has to resolve);
+- **finiteness**: NaN and infinite values per input (and in the base), counted as the
+  tensors stream; an input holding any is not mergeable (``merge`` refuses it), so the report
+  marks it incompatible and the command exits non-zero;
 - **head alignment**: for each attention block, how far the head permutation that best aligns
   each input's heads to the first input's is from the identity (share of heads moved), using
   the same alignment as the hierarchical merge. Near 0 means heads already correspond.
@@ -122,6 +125,7 @@ def inspect_models(
         return report
     names = [nm for nm in base.names() if base.info(nm).dtype in FLOAT_DTYPES]
     accs: dict[str, _Acc] = {}
+    bad = _NonFinite(n)
     src_names = [set(s.names()) for s in sources]
     it: Any = names
     if progress:
@@ -137,10 +141,14 @@ def inspect_models(
             for a in range(0, rows_total, step):
                 rows = (a, min(rows_total, a + step)) if info.shape else None
                 b32 = base.get(nm, rows=rows).float()
+                base_bad = bad.count(None, nm, b32)
                 ds = []
-                for s, sn in zip(sources, src_names):
+                for i, (s, sn) in enumerate(zip(sources, src_names)):
                     d = s.get_delta(nm, rows=rows, base=b32) if nm in sn else None
                     ds.append(torch.zeros_like(b32).reshape(-1) if d is None else d.reshape(-1))
+                    if d is not None:
+                        # Where the base is non-finite every delta is too; those are the base's, counted once.
+                        bad.count(i, nm, d if base_bad is None else d.masked_fill(base_bad, 0.0))
                 acc.numel += b32.numel()
                 for i in range(n):
                     acc.sq[i] += float(torch.dot(ds[i], ds[i]))
@@ -151,6 +159,7 @@ def inspect_models(
                 both = (signs > 0).any(0) & (signs < 0).any(0)
                 acc.multi += int(nonzero.sum())
                 acc.conflict += int((both & nonzero).sum())
+    bad.report(report, base)
     labels = [s.label for s in sources]
     for row in sorted(accs, key=_row_key):
         acc = accs[row]
@@ -173,6 +182,46 @@ def inspect_models(
     elif alignment:
         report["alignment"] = {"available": False, "reason": "head alignment needs at least two inputs"}
     return report
+
+
+class _NonFinite:
+    """NaN / infinity counts per input (and the base), with the first tensor holding one."""
+
+    def __init__(self, n: int):
+        self.counts = [0] * n
+        self.first: list[str | None] = [None] * n
+        self.base = 0
+        self.base_first: str | None = None
+
+    def count(self, index: int | None, name: str, t):
+        """Count the non-finite values of ``t``; returns their mask (None when there are none)."""
+        import torch
+
+        if bool(torch.isfinite(t.sum())):
+            return None
+        mask = ~torch.isfinite(t)
+        k = int(mask.sum())
+        if k == 0:
+            return None
+        if index is None:
+            self.base += k
+            self.base_first = self.base_first or name
+        else:
+            self.counts[index] += k
+            self.first[index] = self.first[index] or name
+        return mask
+
+    def report(self, report: dict[str, Any], base: CheckpointReader) -> None:
+        report["base_non_finite"] = self.base
+        if self.base:
+            report["compatible"] = False
+            report["base_problems"] = [f"{self.base} NaN/infinite value(s), e.g. in tensor {self.base_first!r}"]
+        for rec, k, first in zip(report["inputs"], self.counts, self.first):
+            rec["non_finite"] = k
+            if k:
+                rec["problems"].append(f"{k} NaN/infinite value(s), e.g. in tensor {first!r}; merge refuses it")
+                rec["compatible"] = False
+                report["compatible"] = False
 
 
 def _alignment_report(base: CheckpointReader, sources: Sequence[Any]) -> dict[str, Any]:
@@ -219,17 +268,21 @@ def _alignment_report(base: CheckpointReader, sources: Sequence[Any]) -> dict[st
 def format_report(report: dict[str, Any]) -> str:
     """The report as a human-readable table."""
     lines = [f"base: {report['base']}"]
+    for p in report.get("base_problems", []):
+        lines.append(f"    - base: {p}")
     for r in report["inputs"]:
         status = "ok" if r["compatible"] else "INCOMPATIBLE"
+        finite = f", non-finite {r['non_finite']}" if "non_finite" in r else ""
         lines.append(
             f"  {r['label']} [{r['kind']}] {status}: architecture {r['architecture']}, names {r['names']}, shapes {r['shapes']}, "
-            f"dtypes {','.join(r['dtypes']) or '-'}, tokenizer {r['tokenizer']}"
+            f"dtypes {','.join(r['dtypes']) or '-'}, tokenizer {r['tokenizer']}{finite}"
         )
         for p in r["problems"]:
             lines.append(f"    - {p}")
     if not report["compatible"]:
         lines.append("not mergeable: fix the problems above")
-        return "\n".join(lines)
+        if not report["layers"]:
+            return "\n".join(lines)
     labels = [r["label"] for r in report["inputs"]]
     pairs = list(report["layers"][0]["cosine"]) if report["layers"] else []
     head = f"{'layer':10s} {'params':>11s} " + " ".join(f"{'|d ' + l + '|':>14s}" for l in labels) + " " + " ".join(f"{'cos ' + p:>16s}" for p in pairs) + f" {'sign-conflict':>13s}"

@@ -116,6 +116,11 @@ def test_out_dtype(tiny, tmp_path):
     r = CheckpointReader(tmp_path / "bf16")
     assert {r.info(n).dtype for n in r.names()} == {"BF16"}
     assert (tmp_path / "bf16" / "tokenizer.json").exists() and (tmp_path / "bf16" / "config.json").exists()
+    # the config says what is on disk, so transformers' dtype="auto" loads bfloat16, not float32
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
+    merge(base, fts[:2], tmp_path / "f32", MergeSpec(method="task_arithmetic", device="cpu"), progress=False)
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
 
 
 def test_failure_mid_merge_leaves_nothing(tiny, tmp_path, monkeypatch):
@@ -222,3 +227,40 @@ def test_contract_only_delta_source_is_sliced_by_the_engine(tiny, tmp_path):
     merge(base, fts[:2], tmp_path / "a", spec, progress=False)
     merge(base, [fts[0], _ContractOnlySource(fts[1], base)], tmp_path / "b", spec, progress=False)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_merge_layout_per_tensor_parameters_and_scaled_copies(tiny, tmp_path):
+    """The library's layout path: two parameter sets, a tensor taken from another tensor of the
+    inputs, and a scaled copy of the reference, each as the layout says."""
+    from fedmerge.merging.engine import merge_layout
+    from fedmerge.merging.layout import MergeLayout, OutputTensor, ParameterTable
+
+    base, fts = tiny
+    b = CheckpointReader(base)
+    sources = [TaskVector(f, b) for f in fts[:2]]
+    table = ParameterTable()
+    low = table.add({"lambda": 0.5}, [{"weight": 1.0}, {"weight": 0.0}])
+    high = table.add({"lambda": 2.0}, [{"weight": 0.5}, {"weight": 0.5}])
+    assert table.add({"lambda": 0.5}, [{"weight": 1.0}, {"weight": 0.0}]) == low  # equal sets share one index
+    q0, q1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    tensors_out = []
+    for n in b.names():
+        if n == "model.norm.weight":
+            tensors_out.append(OutputTensor(n, 0, n, params=None, scale=0.25))
+        elif n == q1:  # layer 1's query from the inputs' layer 0, against the base's layer 0
+            tensors_out.append(OutputTensor(n, 0, q0, ((0, q0), (1, q0)), high))
+        else:
+            tensors_out.append(OutputTensor(n, 0, n, ((0, n), (1, n)), low if ".layers.0." in n else high))
+    layout = MergeLayout([b], tensors_out, table.sets)
+    merge_layout(layout, sources, tmp_path / "out", MergeSpec(method="task_arithmetic", device="cpu"), progress=False)
+    got, bt, m1, m2 = tensors(tmp_path / "out"), tensors(base), tensors(fts[0]), tensors(fts[1])
+    for n in bt:
+        if n == "model.norm.weight":
+            expected = 0.25 * bt[n]
+        elif n == q1:
+            expected = bt[q0] + 2.0 * (0.5 * (m1[q0] - bt[q0]) + 0.5 * (m2[q0] - bt[q0]))
+        elif ".layers.0." in n:
+            expected = bt[n] + 0.5 * (m1[n] - bt[n])
+        else:
+            expected = bt[n] + 2.0 * (0.5 * (m1[n] - bt[n]) + 0.5 * (m2[n] - bt[n]))
+        torch.testing.assert_close(got[n], expected, rtol=0, atol=1e-6, msg=n)

@@ -96,3 +96,25 @@ def test_layer_of():
     assert layer_of("model.embed_tokens.weight") == "embed"
     assert layer_of("lm_head.weight") == "head"
     assert layer_of("model.norm.weight") == "norm"
+
+
+def test_non_finite_weights_are_counted_and_make_inspect_fail(built, tmp_path, capsys):
+    from fedmerge.cli import main
+
+    base, plus, *_ = built
+    ts = tensors(plus)
+    ts["model.layers.1.mlp.up_proj.weight"][0, :3] = float("nan")
+    ts["lm_head.weight"][2, 2] = float("inf")
+    bad = _write(tmp_path / "bad", ts, base)
+    rep = inspect_models(base, [plus, bad], progress=False, chunk_elements=256, alignment=False)
+    assert not rep["compatible"] and rep["base_non_finite"] == 0
+    assert [r["non_finite"] for r in rep["inputs"]] == [0, 4]
+    assert rep["inputs"][0]["compatible"] and not rep["inputs"][1]["compatible"]
+    assert any(p.startswith("4 NaN/infinite value(s), e.g. in tensor ") for p in rep["inputs"][1]["problems"])
+    assert main(["inspect", str(base), str(plus), str(bad), "--no-alignment", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "bad [model] INCOMPATIBLE" in out and "non-finite 4" in out and "not mergeable" in out
+    # a non-finite base is reported once, as the base's, not again for every input
+    bad_base = _write(tmp_path / "bad-base", {**tensors(base), "model.norm.weight": torch.full((SPEC.hidden_size,), float("nan"))}, base)
+    rep = inspect_models(bad_base, [plus], progress=False, alignment=False)
+    assert rep["base_non_finite"] == SPEC.hidden_size and rep["inputs"][0]["non_finite"] == 0 and not rep["compatible"]
