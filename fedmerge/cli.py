@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
+from fedmerge import console
 from fedmerge.errors import FedmergeError
 
 COMMAND_MODULES = [
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated model merging for medical LLMs.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only (and a command's result)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -40,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    console.setup(console.verbosity_from_args(args))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
