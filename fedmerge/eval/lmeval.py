@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import subprocess
 import threading
 from contextlib import contextmanager
@@ -158,6 +159,10 @@ def task_version(task) -> str | None:
 # ----------------------------------------------------------------------------- models
 
 
+def _tqdm_disabled_by_env() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+
+
 @functools.lru_cache(maxsize=None)
 def _classes():
     """(the HFLM subclass fedmerge scores with, a cache hook that counts answered requests)."""
@@ -181,7 +186,8 @@ def _classes():
         stage = None
 
         def _quiet(self, disable_tqdm: bool) -> bool:
-            return disable_tqdm or console.libraries_quiet()
+            # HFLM passes disable=False to tqdm explicitly, which overrides TQDM_DISABLE: honour it here.
+            return disable_tqdm or console.libraries_quiet() or _tqdm_disabled_by_env()
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             if self.stage is not None:
