@@ -78,7 +78,8 @@ def test_verbose_shows_the_libraries_but_not_gits_complaint(workdir, tiny_model,
     assert done.returncode == 0, done.stderr
     err = done.stderr
     assert re.search(r"INFO lm_eval\.evaluator: Setting random seed to 1234", err)  # lm-eval's own logging
-    assert "Running loglikelihood requests: 100%" in err and "Generating test split" in err  # lm-eval's and datasets' bars
+    # lm-eval's, datasets' and transformers' bars
+    assert "Running loglikelihood requests: 100%" in err and "Generating test split" in err and "Loading weights" in err
     assert not any(line.startswith("fatal:") for line in err.replace("\r", "\n").splitlines())
     assert re.search(r"DEBUG fedmerge\.eval\.lmeval: git probe: fatal: not a git repository", err)  # kept, as a debug line
     _match(done.stdout.splitlines(), STDOUT)
