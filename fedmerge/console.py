@@ -197,7 +197,9 @@ def _unquiet_libraries() -> None:
         import datasets
 
         datasets.utils.logging.set_verbosity_warning()
-        datasets.enable_progress_bars()
+        # datasets reads its switch from the environment once, at import; it then wins for good.
+        if not datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS:
+            datasets.enable_progress_bars()
     if "huggingface_hub" in modules:
         from huggingface_hub.utils import enable_progress_bars
 
