@@ -22,9 +22,13 @@ Other parts use only this module's functions::
     with console.stage("merge ties", total=n_tensors, unit="tensor") as st:
         for ...:
             st.advance()
-    with console.stage("write") as st:   # no total: a spinner-less timer, then "write: done in 1.2 s"
+    with console.stage("write") as st:   # no total: a timer, then "write: 3 shards, done in 1.2 s"
         ...
         st.note("3 shards")
+    with console.stage("score models", total=len(models), unit="models") as outer:
+        for m in models:
+            evaluator.evaluate(m)           # its own stages show while they run, then give way
+            outer.advance()
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ _OWN_LOGGERS = ("fedmerge", "__main__")
 
 class _State:
     verbosity: int = NORMAL
+    depth: int = 0  # stages open right now (a stage inside another is shown only while it runs)
     stream: TextIO | None = None  # None: whatever sys.stderr is at the time of writing
     handler: logging.Handler | None = None
     env_set: dict[str, str] = {}
@@ -209,13 +214,14 @@ def _unquiet_libraries() -> None:
 class Stage:
     """One unit of fedmerge's work with a progress bar; made by ``stage``."""
 
-    def __init__(self, name: str, total: int | None, unit: str):
+    def __init__(self, name: str, total: int | None, unit: str, nested: bool = False):
         self.name = name
         self.total = total
         self.unit = unit
         self.count = 0
         self.notes: list[str] = []
         self.t0 = time.perf_counter()
+        self.nested = nested
         self._bar = None
         stream = _stream()
         self._shown = _State.verbosity > QUIET
@@ -223,7 +229,7 @@ class Stage:
         if self._interactive:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=name, unit=unit, file=stream, leave=True, dynamic_ncols=True,
+            self._bar = tqdm(total=total, desc=name, unit=unit, file=stream, leave=not nested, dynamic_ncols=True,
                              disable=False, mininterval=0.2)
 
     def advance(self, n: int = 1) -> None:
@@ -258,19 +264,26 @@ class Stage:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self._shown:
+        elif self._shown and not self.nested:
             write_line(self.summary(failed))
 
 
 @contextmanager
 def stage(name: str, total: int | None = None, unit: str = "it") -> Iterator[Stage]:
-    """A stage of work: a bar on a terminal, one summary line elsewhere, nothing when quiet."""
-    st = Stage(name, total, unit)
+    """A stage of work: a bar on a terminal, one summary line elsewhere, nothing when quiet.
+
+    A stage opened inside another (a model scored within "score 17 models") is a bar only while
+    it runs and leaves no line: the outer stage speaks for it.
+    """
+    st = Stage(name, total, unit, nested=_State.depth > 0)
+    _State.depth += 1
     try:
         yield st
     except BaseException:
         st.close(failed=True)
         raise
+    finally:
+        _State.depth -= 1
     st.close()
 
 

@@ -177,6 +177,20 @@ def test_stage_lines_on_a_log_stream(stream):
     assert len(stream.getvalue().splitlines()) == 2
 
 
+def test_a_stage_inside_another_leaves_no_line(stream):
+    console.setup(console.NORMAL, stream=stream)
+    with console.stage("score models", total=2, unit="models") as outer:
+        for label in ("base", "ties"):
+            with console.stage(f"score {label}", total=3, unit="requests") as inner:
+                inner.advance(3)
+            outer.advance()
+    with console.stage("report"):
+        pass
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(r"score models: 2/2 models, done in \d+\.\d s", lines[0]) and lines[1].startswith("report: done in")
+
+
 def test_log_lines_go_through_a_terminal_bar():
     tty = _Tty()
     try:
