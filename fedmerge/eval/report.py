@@ -155,9 +155,9 @@ def comparisons(all_runs: list[ReportRow]) -> list[Comparison]:
     groups: dict[Settings | None, list[ReportRow]] = {}
     for row in all_runs:
         groups.setdefault(row.settings, []).append(row)
+    position = {id(r): i for i, r in enumerate(all_runs)}
     out = [Comparison(s, rs, table_rows(rs), task_columns(rs)) for s, rs in groups.items()]
-    last_seen = {id(c): max(all_runs.index(r) for r in c.runs) for c in out}
-    return sorted(out, key=lambda c: (-len(c.rows), -last_seen[id(c)]))
+    return sorted(out, key=lambda c: (-len(c.rows), -max(position[id(r)] for r in c.runs)))
 
 
 def _cell(value: float | None, stderr: float | None, bold: bool = False) -> str:

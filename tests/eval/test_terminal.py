@@ -121,9 +121,9 @@ def test_log_lines_own_and_libraries(stream):
     console.setup(console.NORMAL, stream=stream)
     logging.getLogger("fedmerge.demo").info("merged %d models", 3)
     logging.getLogger("fedmerge.demo").warning("slow disk")
-    logging.getLogger("lm_eval.evaluator").info("Setting random seed")
-    logging.getLogger("lm_eval.evaluator").warning("Overwriting default num_fewshot")
-    logging.getLogger("lm_eval.models").error("cannot load")
+    logging.getLogger("somelib.evaluator").info("Setting random seed")
+    logging.getLogger("somelib.evaluator").warning("Overwriting default num_fewshot")
+    logging.getLogger("somelib.models").error("cannot load")
     logging.getLogger("fedmerge.demo").debug("details")
     assert stream.getvalue().splitlines() == ["merged 3 models", "warning: slow disk", "error: cannot load"]
 
@@ -139,12 +139,12 @@ def test_log_lines_own_and_libraries(stream):
     stream.seek(0)
     stream.truncate()
     console.setup(console.VERBOSE, stream=stream)
-    logging.getLogger("lm_eval.evaluator").info("Setting random seed")
-    logging.getLogger("lm_eval.evaluator").debug("too much")
+    logging.getLogger("somelib.evaluator").info("Setting random seed")
+    logging.getLogger("somelib.evaluator").debug("too much")
     logging.getLogger("fedmerge.demo").debug("details")
     lines = stream.getvalue().splitlines()
     assert [re.sub(r"^\d\d:\d\d:\d\d ", "", ln) for ln in lines] == [
-        "INFO lm_eval.evaluator: Setting random seed", "DEBUG fedmerge.demo: details"]
+        "INFO somelib.evaluator: Setting random seed", "DEBUG fedmerge.demo: details"]
     assert not console.libraries_quiet()
 
 
