@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import os
 import sys
 
-from fedmerge import __version__
+from fedmerge import __version__, console
 from fedmerge.errors import FedmergeError
 
 COMMAND_MODULES = [
@@ -66,31 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_output(args: argparse.Namespace) -> None:
-    verbose, quiet = getattr(args, "verbose", 0), getattr(args, "quiet", False)
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(level)
-    if not verbose:
-        # Libraries keep to errors unless asked; fedmerge's own logger keeps the chosen level.
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_output(args)
+    console.setup(console.verbosity_from_args(args))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     try:
-        with logging_redirect_tqdm():
-            result = args.func(args)
+        result = args.func(args)
     except FedmergeError as exc:
         print(f"fedmerge {args.command}: error: {exc}", file=sys.stderr)
         return 1

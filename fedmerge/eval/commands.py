@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,22 +87,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from fedmerge.checkpoints.atomic import write_text_atomic
     from fedmerge.eval.evaluator import Evaluator
 
     cfg = _config_from_args(args)
     ev = Evaluator(cfg)
     label = args.label or Path(args.model).resolve().name
     result = ev.evaluate(args.model, round=args.round, label=label, role=args.role, strategy=args.strategy)
-    print(f"{'task':28s} {'metric':10s} {'value':>8s} {'stderr':>8s} {'n':>6s}")
+    items = "all items" if cfg.limit is None else f"limit {cfg.limit}"
+    log.info("%s: %d-shot, %s, seed %d", label, cfg.num_fewshot, items, cfg.seed)
+    print(f"{'task':28s} {'metric':10s} {'value':>8s} {'stderr':>8s} {'n':>6s} {'version':>8s}")
     for s in result.scores:
         se = f"{s.stderr:8.4f}" if s.stderr is not None else f"{'-':>8s}"
-        print(f"{s.task:28s} {s.metric:10s} {s.value:8.4f} {se} {s.n if s.n is not None else '-':>6}")
+        print(f"{s.task:28s} {s.metric:10s} {s.value:8.4f} {se} {s.n if s.n is not None else '-':>6} {s.version or '-':>8}")
     if cfg.store is not None:
-        print(f"stored {len(result.scores)} score(s) in {cfg.store} (run {result.run_id})")
+        log.info("stored %d score(s) in %s (run %s)", len(result.scores), cfg.store, result.run_id)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({
+        write_text_atomic(Path(args.json_out), json.dumps({
             "run_id": result.run_id, "label": result.label, "round": result.round, "fingerprint": result.fingerprint,
-            "seconds": result.seconds,
+            "seconds": result.seconds, "num_fewshot": result.num_fewshot, "limit": result.limit, "seed": result.seed,
             "scores": [s.__dict__ for s in result.scores],
         }, indent=2))
     return 0

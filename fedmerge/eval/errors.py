@@ -34,3 +34,7 @@ class DatasetUnavailable(EvalError):
 
 class StoreError(EvalError):
     """The results store cannot be opened or written."""
+
+
+class MixedSettings(EvalError):
+    """Scores measured with different settings (shots, items, seed, task versions) were put side by side."""

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmerge import console
 from fedmerge.checkpoints.fingerprint import folder_fingerprint, state_dict_fingerprint
 from fedmerge.checkpoints.reader import require_safetensors_weights
+from fedmerge.eval import lmeval
+from fedmerge.eval.catalog import TaskCatalog
 from fedmerge.eval.config import EvalConfig
-from fedmerge.eval.errors import DatasetUnavailable, EvalError, UnknownTask
+from fedmerge.eval.errors import EvalError
 from fedmerge.eval.store import ROLES, ResultsStore, ScoreRecord
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class TaskScore:
     value: float | None
     stderr: float | None
     n: int | None
+    version: str | None = None  # the task's version (its config's metadata), as lm-eval reports it
 
 
 @dataclass
@@ -64,6 +68,9 @@ class EvalResult:
     scores: list[TaskScore]
     seconds: float
     params: dict[str, Any] = field(default_factory=dict)
+    num_fewshot: int | None = None
+    limit: int | float | None = None
+    seed: int | None = None
 
     def value(self, task: str, metric: str = "acc") -> float:
         for s in self.scores:
@@ -115,76 +122,24 @@ class Evaluator:
             return self._tasks
         force_offline()
         t0 = time.perf_counter()
-        from lm_eval.tasks import TaskManager
-
-        from fedmerge.eval import tasks as task_defs
-
         cfg = self.config
-        local = task_defs.discover(cfg.task_dirs) if cfg.task_dirs else {}
-        unknown_datasets = set(cfg.builtin_datasets) - set(task_defs.BUILTIN_TASKS)
-        if unknown_datasets:
-            raise UnknownTask(
-                f"builtin_datasets names {sorted(unknown_datasets)}, which are not built-in tasks fedmerge configures "
-                f"({', '.join(task_defs.BUILTIN_TASKS)})"
-            )
-        # Local tasks only: lm-eval's index of its ~10k built-in task files is never built here.
-        self._task_manager = TaskManager(include_defaults=False, include_path=[str(d) for d in cfg.task_dirs] or None)
+        names = list(dict.fromkeys(cfg.tasks))
         built: dict[str, Any] = {}
-        for name in cfg.tasks:
-            if name in built:
-                continue
-            if name in local:
-                spec = task_defs.load_local_task(local[name]).config
-                built[name] = self._load_one(name, spec, source=f"local task file {local[name]}")
-            elif name in task_defs.BUILTIN_TASKS:
-                spec = task_defs.builtin_config(name, cfg.builtin_datasets.get(name))
-                built[name] = self._load_builtin(name, spec)
-            else:
-                known = sorted(set(local) | set(task_defs.BUILTIN_TASKS))
-                where = ", ".join(str(d) for d in cfg.task_dirs) or "no task folder configured"
-                raise UnknownTask(f"task {name!r} is neither a local task ({where}) nor a built-in one; known tasks: {', '.join(known)}")
+        with console.stage("load tasks", total=len(names), unit="tasks") as st:
+            catalog = TaskCatalog(cfg.task_dirs, cfg.builtin_datasets)
+            for name in names:
+                built[name] = catalog.build(name)
+                st.advance()
+        self._task_manager = catalog.task_manager
         self._tasks = built
         self.build_seconds = time.perf_counter() - t0
-        log.info("built %d task(s) in %.1f s: %s", len(built), self.build_seconds, ", ".join(built))
+        log.debug("built %d task(s) in %.1f s: %s", len(built), self.build_seconds, ", ".join(built))
         return built
-
-    def _load_one(self, name: str, spec: dict[str, Any], source: str):
-        loaded = self._task_manager.load([spec])["tasks"]
-        if len(loaded) != 1:
-            raise EvalError(f"{source}: expected one task named {name!r}, lm-eval built {sorted(loaded)}")
-        return next(iter(loaded.values()))
-
-    def _load_builtin(self, name: str, spec: dict[str, Any]):
-        from fedmerge.eval.tasks import BUILTIN_COLUMNS, hub_dataset_of
-
-        local = self.config.builtin_datasets.get(name)
-        try:
-            return self._load_one(name, spec, source=f"built-in task {name}")
-        except EvalError:
-            raise
-        except Exception as exc:  # datasets raises many types when something is not on disk
-            import datasets.config as ds_config
-
-            if local is None:
-                raise DatasetUnavailable(
-                    f"built-in task {name} needs dataset {hub_dataset_of(name)}, which is not in the local datasets cache "
-                    f"({ds_config.HF_DATASETS_CACHE}) and the network is never used; point it at a local copy: "
-                    f"builtin_datasets: {{{name}: PATH}} in the eval config or --dataset {name}=PATH "
-                    f"(a folder copy of the dataset repository, or a .jsonl/.parquet file with columns {BUILTIN_COLUMNS[name]}). "
-                    f"[{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]"
-                ) from None
-            raise DatasetUnavailable(
-                f"built-in task {name}: the local copy {local} could not be read as {hub_dataset_of(name)} "
-                f"(expected columns {BUILTIN_COLUMNS[name]}): {type(exc).__name__}: {exc}"
-            ) from None
 
     # ----------------------------------------------------------------- scoring
 
     def _make_lm(self, model, tokenizer):
-        from lm_eval.api.model import LM
-        from lm_eval.models.huggingface import HFLM
-
-        if isinstance(model, LM):
+        if lmeval.is_lm(model):
             return model, "<lm>", None
         if isinstance(model, (str, Path)):
             folder = Path(model)
@@ -194,7 +149,7 @@ class Evaluator:
             # Never unpickle, whatever `fingerprint` says: refuse pickle-only weights before
             # transformers sees the folder, and forbid its pickle fallback.
             require_safetensors_weights(folder)
-            lm = HFLM(
+            lm = lmeval.hf_lm(
                 pretrained=str(folder), tokenizer=tokenizer, device=self.device, dtype=self.dtype,
                 batch_size=self.batch_size, max_batch_size=self.config.max_batch_size, use_safetensors=True,
             )
@@ -208,7 +163,7 @@ class Evaluator:
             raise EvalError("an in-memory model needs its tokenizer: evaluate((model, tokenizer)) or tokenizer=")
         # With a model object lm-eval takes the batch size from HFLM itself (simple_evaluate's
         # own batch_size is ignored), and the model stays on the device it is on.
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_batch_size=self.config.max_batch_size)
+        lm = lmeval.hf_lm(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_batch_size=self.config.max_batch_size)
         fp = state_dict_fingerprint(model.state_dict()) if self.config.fingerprint else None
         return lm, "<in-memory>", fp
 
@@ -232,12 +187,12 @@ class Evaluator:
         if role not in ROLES:
             raise EvalError(f"role {role!r} is not one of {', '.join(ROLES)}")
         tasks = self.build_tasks()
-        import lm_eval
-
         cfg = self.config
         t0 = time.perf_counter()
-        lm, source, fp = self._make_lm(model, tokenizer)
-        fingerprint = fingerprint or fp
+        with console.stage("load model") as st:
+            lm, source, fp = self._make_lm(model, tokenizer)
+            fingerprint = fingerprint or fp
+            st.note(Path(source).name if not source.startswith("<") else source)
         label = label or strategy or (Path(source).name if not source.startswith("<") else role)
         for task in tasks.values():
             # The sampler's generator advances as prompts are built: without a reset each round
@@ -245,29 +200,30 @@ class Evaluator:
             task.set_fewshot_seed(seed=cfg.seed)
         threads = _cpu_threads(cfg.cpu_threads if self.device == "cpu" else None)
         try:
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(tasks.values()),
-                num_fewshot=cfg.num_fewshot,
-                limit=cfg.limit,
-                task_manager=self._task_manager,
-                log_samples=False,
-                bootstrap_iters=cfg.bootstrap_iters,
-                random_seed=cfg.seed,
-                numpy_random_seed=cfg.seed,
-                torch_random_seed=cfg.seed,
-                fewshot_random_seed=cfg.seed,
-            )
+            with console.stage(f"score {label}" + (f" (round {round})" if round is not None else ""), unit="requests") as st:
+                out = lmeval.evaluate(
+                    lm, list(tasks.values()), tm=self._task_manager, stage=st,
+                    num_fewshot=cfg.num_fewshot,
+                    limit=cfg.limit,
+                    bootstrap_iters=cfg.bootstrap_iters,
+                    random_seed=cfg.seed,
+                    numpy_random_seed=cfg.seed,
+                    torch_random_seed=cfg.seed,
+                    fewshot_random_seed=cfg.seed,
+                )
+                scores = _scores_from(out, tasks)
+                accs = [x.value for x in scores if x.metric == "acc" and x.value is not None]
+                if accs:
+                    st.note(f"mean acc {sum(accs) / len(accs):.4f} over {len(accs)} task(s)")
         finally:
             threads.restore()
-        scores = _scores_from(out, list(tasks))
         seconds = time.perf_counter() - t0
         run_id = uuid.uuid4().hex
         result = EvalResult(run_id=run_id, label=label, role=role, round=round, fingerprint=fingerprint,
-                            scores=scores, seconds=seconds, params=dict(params or {}))
+                            scores=scores, seconds=seconds, params=dict(params or {}),
+                            num_fewshot=cfg.num_fewshot, limit=cfg.limit, seed=cfg.seed)
         for s in scores:
-            if s.metric == "acc":
-                log.info("%s round=%s %s acc=%.4f ± %.4f (n=%s)", label, round, s.task, s.value, s.stderr or 0.0, s.n)
+            log.debug("%s round=%s %s %s=%.4f ± %.4f (n=%s, version %s)", label, round, s.task, s.metric, s.value, s.stderr or 0.0, s.n, s.version)
         if self.store is not None:
             self.store.append_scores(
                 ScoreRecord(
@@ -275,6 +231,7 @@ class Evaluator:
                     role=role, round=round, strategy=strategy, params=dict(params or {}), fingerprint=fingerprint,
                     model=source, n=s.n, num_fewshot=cfg.num_fewshot,
                     item_limit=float(cfg.limit) if cfg.limit is not None else None, seed=cfg.seed,
+                    task_version=s.version,
                 )
                 for s in scores
             )
@@ -303,15 +260,14 @@ class _cpu_threads:
             torch.set_num_threads(self._old)
 
 
-def _scores_from(out: dict[str, Any] | None, task_names: list[str]) -> list[TaskScore]:
-    if not out or "results" not in out:
-        raise EvalError("lm-eval returned no results")
+def _scores_from(out: dict[str, Any], tasks: dict[str, Any]) -> list[TaskScore]:
     scores = []
-    for name in task_names:
+    for name, task in tasks.items():
         res = out["results"].get(name)
         if res is None:
             raise EvalError(f"lm-eval returned no results for task {name!r}")
         n = out.get("n-samples", {}).get(name, {}).get("effective")
+        version = lmeval.task_version(task)
         for key, value in res.items():
             if "," not in key or "_stderr," in key:
                 continue
@@ -321,5 +277,5 @@ def _scores_from(out: dict[str, Any] | None, task_names: list[str]) -> list[Task
             stderr = res.get(f"{metric}_stderr,{filt}")
             stderr = float(stderr) if isinstance(stderr, (int, float)) else None
             scores.append(TaskScore(task=name, metric=metric if filt == "none" else f"{metric}:{filt}",
-                                    value=float(value), stderr=stderr, n=n))
+                                    value=float(value), stderr=stderr, n=n, version=version))
     return scores

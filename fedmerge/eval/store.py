@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS scores (
     n           INTEGER,           -- items scored
     num_fewshot INTEGER,
     item_limit  REAL,
-    seed        INTEGER
+    seed        INTEGER,
+    task_version TEXT              -- the task's version (its config's metadata), as lm-eval reports it
 );
 CREATE INDEX IF NOT EXISTS scores_label_round ON scores(label, round);
 CREATE INDEX IF NOT EXISTS scores_run ON scores(run_id);
@@ -61,6 +62,9 @@ CREATE TABLE IF NOT EXISTS gate_decisions (
 );
 """
 
+# Columns added after the first stores were written: (table, column, SQL type).
+_ADDED_COLUMNS = [("scores", "task_version", "TEXT")]
+
 
 @dataclass(frozen=True)
 class ScoreRecord:
@@ -80,6 +84,7 @@ class ScoreRecord:
     num_fewshot: int | None = None
     item_limit: float | None = None
     seed: int | None = None
+    task_version: str | None = None
     time: str = ""
     id: int | None = None
 
@@ -173,10 +178,26 @@ class ResultsStore:
         con = self._connect()
         try:
             con.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            self._add_missing_columns(con)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: cannot create the results tables: {exc}") from None
         finally:
             con.close()
+
+    def _add_missing_columns(self, con: sqlite3.Connection) -> None:
+        """Stores written before a column existed get it (empty for their old rows)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {row["name"] for row in con.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._begin_immediate(con)
+                try:
+                    have = {row["name"] for row in con.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
 
     # ----------------------------------------------------------------- writing
 
@@ -191,14 +212,14 @@ class ResultsStore:
                 (
                     r.run_id, r.time or now, r.round, r.label, r.role, r.strategy,
                     json.dumps(r.params, sort_keys=True, default=str), r.fingerprint, r.model,
-                    r.task, r.metric, r.value, r.stderr, r.n, r.num_fewshot, r.item_limit, r.seed,
+                    r.task, r.metric, r.value, r.stderr, r.n, r.num_fewshot, r.item_limit, r.seed, r.task_version,
                 )
             )
         with self._write() as con:
             con.executemany(
                 "INSERT INTO scores (run_id, time, round, label, role, strategy, params, fingerprint, model,"
-                " task, metric, value, stderr, n, num_fewshot, item_limit, seed)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " task, metric, value, stderr, n, num_fewshot, item_limit, seed, task_version)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
         return len(rows)

@@ -1,4 +1,4 @@
-"""Task definitions for the evaluator: local JSONL tasks and lm-eval's built-in medical tasks.
+"""Local tasks: items in JSONL, the five packaged prompt templates, and the task YAML files.
 
 A *local task* is a YAML file plus a JSONL file of items, one JSON object a line::
 
@@ -7,65 +7,42 @@ A *local task* is a YAML file plus a JSONL file of items, one JSON object a line
 with an optional ``"context"`` (the abstract, for PubMedQA-style items). For continuation tasks
 (HellaSwag-style) ``question`` is the context and ``choices`` are the candidate endings.
 
-Two YAML forms are read from a task folder:
+Two YAML forms live in a task folder:
 
 * the full lm-eval form, as ``write_local_task`` writes it (``dataset_path: json`` and
   ``dataset_kwargs.data_files``); ``python -m lm_eval --include_path FOLDER`` reads it as is.
-  Relative ``data_files`` are taken relative to the YAML file (lm-eval itself needs absolute
-  paths, so fedmerge resolves them before lm-eval sees the config);
+  Relative ``data_files`` are taken relative to the YAML file (lm-eval itself would take them
+  relative to the working directory, so fedmerge hands lm-eval the resolved paths);
 * the short form ``task: NAME`` + ``template: KIND`` (one of ``KINDS``), which fedmerge expands
   with the packaged template of that kind and ``NAME.jsonl`` (and ``NAME.fewshot.jsonl`` when
   present) next to the YAML. Any other key overrides the template (``description``, ...).
 
 Every JSONL file is checked line by line here, before lm-eval or ``datasets`` reads it, so a bad
-line is reported as ``file:line: what is wrong`` rather than as a pyarrow traceback.
-
-Built-in tasks (``BUILTIN_TASKS``) are built from lm-eval's own YAML files, optionally pointed at
-a local copy of their dataset; nothing is ever downloaded.
+line is reported as ``file:line: what is wrong`` rather than as a pyarrow traceback. Finding the
+task files in their folders is lm-eval's job (``fedmerge.eval.catalog``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
 from fedmerge.checkpoints.atomic import write_text_atomic
-from fedmerge.eval.errors import DatasetUnavailable, TaskFileError, UnknownTask
+from fedmerge.eval.errors import TaskFileError, UnknownTask
 
 KINDS = ("medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag")
 # Kinds whose prompt letters the options A-D: their items must have exactly four choices.
 _FOUR_OPTION_KINDS = {"medqa", "mmlu", "medmcqa"}
 _TEMPLATES = Path(__file__).parent / "task_templates"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-# Where write_local_task records the kind, so a folder scan can validate items fully.
+# Where the kind is recorded in a task's metadata, so its items can be checked fully.
 KIND_METADATA_KEY = "fedmerge_kind"
-
-# lm-eval built-in tasks the paper reports, with their YAML inside lm_eval/tasks. Building them
-# from these files directly avoids indexing all of lm-eval's tasks (~10 s) on every start.
-BUILTIN_TASKS: dict[str, str] = {
-    "medqa_4options": "medqa/medqa.yaml",
-    "pubmedqa": "pubmedqa/pubmedqa.yaml",
-    "mmlu_professional_medicine": "mmlu/default/mmlu_professional_medicine.yaml",
-    "medmcqa": "medmcqa/medmcqa.yaml",
-    "hellaswag": "hellaswag/hellaswag.yaml",
-}
-# Columns a local copy of each built-in dataset must have (those of its hub dataset).
-BUILTIN_COLUMNS: dict[str, str] = {
-    "medqa_4options": "sent1, ending0..ending3, label",
-    "pubmedqa": "QUESTION, CONTEXTS (list of strings), final_decision (yes/no/maybe)",
-    "mmlu_professional_medicine": "question, choices (4 strings), answer (0-3)",
-    "medmcqa": "question, opa, opb, opc, opd, cop (0-3)",
-    "hellaswag": "activity_label, ctx_a, ctx_b, endings (4 strings), label",
-}
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-# --------------------------------------------------------------------------- items
+_SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
 def template(kind: str) -> dict[str, Any]:
@@ -73,6 +50,29 @@ def template(kind: str) -> dict[str, Any]:
     if kind not in KINDS:
         raise UnknownTask(f"unknown task kind {kind!r}: expected one of {', '.join(KINDS)}")
     return yaml.safe_load((_TEMPLATES / f"{kind}.yaml").read_text())
+
+
+def task_config(kind: str, name: str, data_files: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The complete lm-eval config of a local task of ``kind`` reading ``data_files``.
+
+    ``data_files`` maps 'test' (the items) and optionally 'train' (the few-shot examples) to
+    files. Without 'train' every split the template names 'train' becomes 'test': few-shot
+    examples are then drawn from the items, and lm-eval leaves the item being scored out.
+    """
+    cfg = template(kind)
+    if "train" not in data_files:
+        for key in _SPLIT_KEYS:
+            if cfg.get(key) == "train":
+                cfg[key] = "test"
+    overrides = dict(overrides or {})
+    body: dict[str, Any] = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": dict(data_files)}}
+    body.update(cfg)
+    body.update(overrides)
+    body["metadata"] = {**cfg.get("metadata", {}), **(overrides.get("metadata") or {}), KIND_METADATA_KEY: kind}
+    return body
+
+
+# --------------------------------------------------------------------------- items
 
 
 def check_item(item: Any, kind: str | None, where: str, line: int | None) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def write_local_task(
     """
     if not _NAME_RE.match(name):
         raise UnknownTask(f"task name {name!r} is not usable: letters, digits, '_', '.', '-' only")
-    cfg = template(kind)
+    template(kind)
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{name}.jsonl"
@@ -182,17 +182,7 @@ def write_local_task(
         fs = folder / f"{name}.fewshot.jsonl"
         fewshot_text = _jsonl_text(fewshot_items, kind, str(fs))
         data_files["train"] = str(fs)
-    body: dict[str, Any] = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": data_files},
-        "test_split": "test",
-        "fewshot_split": "train" if fewshot_text is not None else "test",
-    }
-    if description:
-        body["description"] = description
-    body.update(cfg)
-    body["metadata"] = {**cfg.get("metadata", {}), KIND_METADATA_KEY: kind}
+    body = task_config(kind, name, data_files, {"description": description} if description else None)
     if fewshot_text is not None:
         write_text_atomic(folder / f"{name}.fewshot.jsonl", fewshot_text)
     write_text_atomic(data, text)
@@ -201,64 +191,66 @@ def write_local_task(
     return out
 
 
-# --------------------------------------------------------------------------- task folders
+# --------------------------------------------------------------------------- task YAML files
 
 
 @dataclass(frozen=True)
 class LocalTask:
+    """A local task file, ready for lm-eval.
+
+    ``config`` is the complete config when fedmerge builds it (a short-form file, or any file read
+    here without lm-eval's help); otherwise lm-eval reads the YAML itself and ``overrides`` holds
+    the keys fedmerge replaces (data files resolved against the YAML's folder).
+    """
+
     name: str
     yaml_path: Path
     kind: str | None
-    config: dict[str, Any]  # ready for lm-eval: absolute data files, template expanded
+    config: dict[str, Any] | None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def _load_yaml_file(path: Path) -> dict[str, Any]:
-    from lm_eval.tasks._yaml_loader import load_yaml
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> TaskFileError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, yaml.constructor.ConstructorError) and "!function" in str(exc):
+        problem = ("uses lm-eval's !function tag, which a short-form (template:) task cannot; write a full lm-eval "
+                   "task YAML and put it in a task folder")
+        return TaskFileError(path, mark.line + 1 if mark else None, problem)
+    return TaskFileError(path, mark.line + 1 if mark else None, f"invalid YAML: {problem}")
 
+
+def read_task_yaml(path: str | Path) -> dict[str, Any]:
+    """A task YAML read safely (no code runs); errors name the file and the line."""
+    path = Path(path)
     try:
-        cfg = load_yaml(path, resolve_func=True)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise TaskFileError(path, mark.line + 1 if mark else None, f"invalid YAML: {exc.problem or exc}") from None
-    except (ValueError, OSError, ImportError, AttributeError) as exc:
-        raise TaskFileError(path, None, f"cannot load task config: {exc}") from None
-    return cfg
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    except OSError as exc:
+        raise TaskFileError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    if not isinstance(raw, dict):
+        raise TaskFileError(path, None, f"expected a mapping of task settings, got {type(raw).__name__}")
+    return raw
 
 
-def _task_name_of(path: Path) -> str | None:
-    """The ``task:`` of a YAML file without resolving functions (cheap, for discovery)."""
+def yaml_problem(path: str | Path) -> TaskFileError | None:
+    """Why lm-eval could not read a YAML file (syntax), or None when it is well-formed YAML."""
+    path = Path(path)
     try:
-        head = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader)  # noqa: S506 - no object construction
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise TaskFileError(path, mark.line + 1 if mark else None, f"invalid YAML: {exc.problem or exc}") from None
-    if isinstance(head, dict) and isinstance(head.get("task"), str):
-        return head["task"]
+        yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader)  # noqa: S506 - constructs no objects
+    except yaml.YAMLError as exc:
+        return _yaml_error(path, exc)
+    except OSError as exc:
+        return TaskFileError(path, None, f"cannot read: {exc.strerror or exc}")
     return None
 
 
 class _TolerantLoader(yaml.SafeLoader):
-    """Safe YAML loading that keeps lm-eval's ``!function`` tags as plain strings."""
+    """Safe loading that accepts lm-eval's tags (``!function``) without resolving them."""
 
 
 _TolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
-def discover(task_dirs: Iterable[str | Path]) -> dict[str, Path]:
-    """Map task name -> YAML file for every ``*.yaml`` task in the folders (not recursive)."""
-    found: dict[str, Path] = {}
-    for d in task_dirs:
-        d = Path(d)
-        if not d.is_dir():
-            raise TaskFileError(d, None, "task folder not found")
-        for path in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
-            name = _task_name_of(path)
-            if name is None:
-                continue
-            if name in found and found[name] != path:
-                raise TaskFileError(path, None, f"task {name!r} is also defined in {found[name]}")
-            found[name] = path
-    return found
 
 
 def _resolve_data_files(data_files: Any, base: Path, yaml_path: Path) -> Any:
@@ -288,125 +280,62 @@ def _data_paths(data_files: Any) -> list[str]:
     return [p for v in data_files.values() for p in _data_paths(v)]
 
 
-def load_local_task(yaml_path: str | Path) -> LocalTask:
-    """Read one task YAML, expand a ``template:``, resolve and check its data files."""
+def _expand_short_form(yaml_path: Path, cfg: dict[str, Any]) -> LocalTask:
+    name = cfg["task"]
+    kind = cfg.pop("template")
+    if kind not in KINDS:
+        raise TaskFileError(yaml_path, None, f"template {kind!r} is not one of {', '.join(KINDS)}")
+    base = yaml_path.parent
+    kwargs = cfg.pop("dataset_kwargs", None)
+    if kwargs is None:
+        files = {"test": f"{name}.jsonl"}
+        if (base / f"{name}.fewshot.jsonl").exists():
+            files["train"] = f"{name}.fewshot.jsonl"
+        kwargs = {"data_files": files}
+    files = kwargs.get("data_files")
+    if not isinstance(files, dict) or "test" not in files:
+        raise TaskFileError(yaml_path, None, "a template task's dataset_kwargs.data_files must map 'test' (and optionally 'train') to files")
+    resolved = _resolve_data_files(files, base, yaml_path)
+    for p in _data_paths(resolved):
+        read_jsonl(p, kind)
+    config = task_config(kind, name, resolved, cfg)
+    config["dataset_kwargs"] = {**kwargs, "data_files": resolved}
+    return LocalTask(name=name, yaml_path=yaml_path, kind=kind, config=config)
+
+
+def load_local_task(yaml_path: str | Path, raw: Mapping[str, Any] | None = None) -> LocalTask:
+    """Read one task YAML: expand a ``template:``, resolve and check its data files.
+
+    ``raw`` is the config lm-eval's index read from the file (includes merged, functions not
+    resolved); without it the file is read here, safely, and must not use ``!function``.
+    """
     yaml_path = Path(yaml_path).resolve()
-    cfg = _load_yaml_file(yaml_path)
-    name = cfg.get("task")
+    if raw is None or "template" in raw:
+        read = read_task_yaml(yaml_path)
+        if "template" in read:
+            name = read.get("task")
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise TaskFileError(yaml_path, None, f"'task' must be a task name, got {name!r}")
+            return _expand_short_form(yaml_path, read)
+        complete = raw is None
+        raw = read if raw is None else raw
+    else:
+        complete = False
+    name = raw.get("task")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise TaskFileError(yaml_path, None, f"'task' must be a task name, got {name!r}")
-    base = yaml_path.parent
-    kind = cfg.pop("template", None)
-    if kind is not None:
-        if kind not in KINDS:
-            raise TaskFileError(yaml_path, None, f"template {kind!r} is not one of {', '.join(KINDS)}")
-        merged = template(kind)
-        merged.update({"dataset_path": "json", "test_split": "test"})
-        if "dataset_kwargs" not in cfg:
-            files = {"test": f"{name}.jsonl"}
-            if (base / f"{name}.fewshot.jsonl").exists():
-                files["train"] = f"{name}.fewshot.jsonl"
-            cfg["dataset_kwargs"] = {"data_files": files}
-        files = cfg["dataset_kwargs"].get("data_files", {})
-        merged["fewshot_split"] = "train" if isinstance(files, dict) and "train" in files else "test"
-        merged.update(cfg)
-        merged["metadata"] = {**template(kind).get("metadata", {}), **(cfg.get("metadata") or {}), KIND_METADATA_KEY: kind}
-        cfg = merged
-    else:
-        meta = cfg.get("metadata")
-        kind = meta.get(KIND_METADATA_KEY) if isinstance(meta, dict) else None
-    kwargs = cfg.get("dataset_kwargs") or {}
+    meta = raw.get("metadata")
+    kind = meta.get(KIND_METADATA_KEY) if isinstance(meta, dict) else None
+    overrides: dict[str, Any] = {}
+    kwargs = raw.get("dataset_kwargs") or {}
     if "data_files" in kwargs:
-        kwargs = dict(kwargs)
-        kwargs["data_files"] = _resolve_data_files(kwargs["data_files"], base, yaml_path)
-        cfg["dataset_kwargs"] = kwargs
+        resolved = _resolve_data_files(kwargs["data_files"], yaml_path.parent, yaml_path)
         # Our own kinds (and JSON tasks using our columns) get the full item check; other JSON
         # tasks at least get a line-by-line syntax check before pyarrow sees them.
-        if cfg.get("dataset_path") == "json":
-            for p in _data_paths(kwargs["data_files"]):
+        if raw.get("dataset_path") == "json":
+            for p in _data_paths(resolved):
                 read_jsonl(p, kind, contract=kind is not None)
-    return LocalTask(name=name, yaml_path=yaml_path, kind=kind, config=cfg)
-
-
-# --------------------------------------------------------------------------- built-in tasks
-
-
-def _lm_eval_tasks_dir() -> Path:
-    import lm_eval.tasks
-
-    return Path(lm_eval.tasks.__file__).parent
-
-
-def builtin_config(name: str, local: str | Path | Mapping[str, str] | None = None) -> dict[str, Any]:
-    """lm-eval's own config of a built-in task, pointed at a local copy of its dataset if given.
-
-    ``local`` is a folder (a copy of the hub dataset repository, or anything
-    ``datasets.load_dataset(folder, name)`` reads), one data file used for every split, or a
-    mapping split -> file. Without it the dataset must already be in the local ``datasets`` cache.
-    """
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    rel = BUILTIN_TASKS.get(name)
-    if rel is None:
-        raise UnknownTask(f"{name!r} is not one of the built-in tasks fedmerge configures: {', '.join(BUILTIN_TASKS)}")
-    cfg = load_yaml(_lm_eval_tasks_dir() / rel, resolve_func=True)
-    for key in ("tag", "group"):
-        cfg.pop(key, None)
-    hub = cfg.get("dataset_path")
-    if local is None:
-        if name == "pubmedqa":
-            raise DatasetUnavailable(
-                f"built-in task pubmedqa reads {hub} through a dataset loading script, which the installed "
-                f"'datasets' no longer runs; give a local copy in the same columns ({BUILTIN_COLUMNS[name]}): "
-                "builtin_datasets: {pubmedqa: /path/to/pubmedqa.jsonl} in the eval config, "
-                "or --dataset pubmedqa=/path/to/pubmedqa.jsonl on the command line"
-            )
-        return cfg
-    splits = [cfg.get(k) for k in ("training_split", "validation_split", "test_split", "fewshot_split")]
-    splits = [s for s in dict.fromkeys(splits) if s]
-    if isinstance(local, Mapping):
-        files = {}
-        for split, p in local.items():
-            q = Path(p).expanduser().resolve()
-            if not q.is_file():
-                raise DatasetUnavailable(f"local copy of {hub} for task {name}, split {split}: {q} not found")
-            files[split] = str(q)
-        needed = cfg.get("test_split") or cfg.get("validation_split")
-        if needed not in files:
-            raise DatasetUnavailable(f"local copy of {hub} for task {name} gives splits {sorted(files)} but not {needed!r}, which the task scores")
-        builder = _builder_of(Path(next(iter(files.values()))), name)
-        for key in ("training_split", "validation_split", "fewshot_split"):
-            if cfg.get(key) and cfg[key] not in files:
-                cfg[key] = None
-        if cfg.get("fewshot_split") is None and cfg.get("training_split") is None:
-            cfg["fewshot_split"] = needed
-    else:
-        q = Path(local).expanduser().resolve()
-        if q.is_dir():
-            cfg["dataset_path"] = str(q)
-            return cfg
-        if not q.is_file():
-            raise DatasetUnavailable(f"local copy of {hub} for task {name}: {q} not found (give a folder or a .jsonl/.json/.parquet/.csv file with columns {BUILTIN_COLUMNS[name]})")
-        builder = _builder_of(q, name)
-        files = {s: str(q) for s in splits}
-    cfg["dataset_path"] = builder
-    cfg["dataset_name"] = None
-    cfg["dataset_kwargs"] = {**(cfg.get("dataset_kwargs") or {}), "data_files": files}
-    cfg["dataset_kwargs"].pop("trust_remote_code", None)
-    return cfg
-
-
-def _builder_of(path: Path, name: str) -> str:
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DatasetUnavailable(f"local copy for task {name}: {path} is not a .jsonl, .json, .parquet or .csv file")
-    return builder
-
-
-def hub_dataset_of(name: str) -> str:
-    """The hub dataset id a built-in task reads (for messages)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    cfg = load_yaml(_lm_eval_tasks_dir() / BUILTIN_TASKS[name], resolve_func=False)
-    ds = cfg.get("dataset_path", "?")
-    return f"{ds} ({cfg['dataset_name']})" if cfg.get("dataset_name") else str(ds)
+        if resolved != kwargs["data_files"]:
+            overrides["dataset_kwargs"] = {**kwargs, "data_files": resolved}
+    config = {**raw, **overrides} if complete else None
+    return LocalTask(name=name, yaml_path=yaml_path, kind=kind, config=config, overrides=overrides)

@@ -44,3 +44,43 @@ KINDS = ("medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag")
 ITEMS_PER_TASK = 6
 SHOTS = 2
 SEED = 1234
+
+
+# lm-eval's built-in task for each kind, and the split names its local copy gives to
+# (the scored items, the few-shot examples).
+BUILTIN_OF_KIND = {
+    "medqa": ("medqa_4options", "test", "train"),
+    "pubmedqa": ("pubmedqa", "test", "train"),
+    "mmlu": ("mmlu_professional_medicine", "test", "dev"),
+    "medmcqa": ("medmcqa", "validation", "train"),
+    "hellaswag": ("hellaswag", "validation", "train"),
+}
+MMLU_DESCRIPTION = "The following are multiple choice questions (with answers) about professional medicine.\n\n"
+HELLASWAG_ACTIVITY = "Health"
+
+
+def parity_items(kind: str, n: int, seed: int = 0, prefix: str = "") -> list[dict]:
+    """Items of ``kind`` that the kind's lm-eval task renders identically from hub columns:
+    a HellaSwag context reads 'activity: context', as lm-eval's hellaswag builds its query."""
+    items = make_items(kind, n, seed=seed, prefix=prefix)
+    if kind == "hellaswag":
+        items = [{**i, "question": f"{HELLASWAG_ACTIVITY}: {i['question']}"} for i in items]
+    return items
+
+
+def hub_row(kind: str, item: dict) -> dict:
+    """One fedmerge item in the columns of the hub dataset lm-eval's built-in task reads."""
+    q, choices, answer = item["question"], item["choices"], item["answer"]
+    if kind == "medqa":
+        return {"sent1": q, **{f"ending{k}": c for k, c in enumerate(choices)}, "label": answer}
+    if kind == "pubmedqa":
+        return {"QUESTION": q, "CONTEXTS": [item["context"]], "final_decision": choices[answer]}
+    if kind == "mmlu":
+        return {"question": q, "choices": choices, "answer": answer, "subject": "professional_medicine"}
+    if kind == "medmcqa":
+        return {"question": q, **{f"op{'abcd'[k]}": c for k, c in enumerate(choices)}, "cop": answer}
+    if kind == "hellaswag":
+        prefix = f"{HELLASWAG_ACTIVITY}: "
+        assert q.startswith(prefix)
+        return {"activity_label": HELLASWAG_ACTIVITY, "ctx_a": q[len(prefix):], "ctx_b": "", "endings": choices, "label": str(answer)}
+    raise ValueError(kind)

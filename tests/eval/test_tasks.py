@@ -13,7 +13,9 @@ from eval_helpers import make_items
 from fedmerge.eval.config import EvalConfig
 from fedmerge.eval.errors import DatasetUnavailable, TaskFileError, UnknownTask
 from fedmerge.eval.evaluator import Evaluator
-from fedmerge.eval.tasks import BUILTIN_TASKS, builtin_config, discover, load_local_task, read_jsonl, write_local_task
+from fedmerge.eval.builtin import BUILTIN_TASKS, builtin_config
+from fedmerge.eval.catalog import TaskCatalog
+from fedmerge.eval.tasks import load_local_task, read_jsonl, write_local_task
 
 
 def _lm_eval_module(rel: str):
@@ -96,7 +98,7 @@ def test_malformed_file_in_task_folder_fails_before_lm_eval(tmp_path):
 def test_malformed_yaml_names_file_and_line(tmp_path):
     (tmp_path / "neuro.yaml").write_text("task: neuro\ntemplate: medqa\ndescription: [unclosed\n")
     with pytest.raises(TaskFileError, match=rf"^{tmp_path / 'neuro.yaml'}:\d+: invalid YAML"):
-        discover([tmp_path])
+        Evaluator(EvalConfig(tasks=["neuro"], task_dirs=[tmp_path]), store=None).build_tasks()
 
 
 def test_short_form_yaml_relative_paths_resolved(tmp_path):
@@ -109,7 +111,8 @@ def test_short_form_yaml_relative_paths_resolved(tmp_path):
     assert files == {"test": str((tmp_path / "onc.jsonl").resolve()), "train": str((tmp_path / "onc.fewshot.jsonl").resolve())}
     assert task.kind == "pubmedqa" and task.config["fewshot_split"] == "train"
     assert task.config["description"] == "Oncology.\n\n" and "template" not in task.config
-    assert discover([tmp_path]) == {"onc": tmp_path / "onc.yaml"}
+    catalog = TaskCatalog([tmp_path])
+    assert catalog.local_names() == ["onc"] and catalog.entry("onc").yaml_path == tmp_path / "onc.yaml"
 
 
 def test_local_prompts_match_lm_eval_builtin_formats(tmp_path):
@@ -144,7 +147,7 @@ def test_local_prompts_match_lm_eval_builtin_formats(tmp_path):
 
     h = make_items("hellaswag", 1)[0]
     task = _build(load_local_task(write_local_task(tmp_path, "p_hella", [h], kind="hellaswag")).config)
-    doc = task.test_docs()[0]
+    doc = task.eval_docs[0]  # scored as the validation split, as lm-eval's hellaswag scores its own
     assert task.doc_to_text(doc) == h["question"] and task.doc_to_choice(doc) == h["choices"]
 
 
