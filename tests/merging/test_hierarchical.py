@@ -87,7 +87,8 @@ def test_hierarchical_records_the_alignment_it_used(tiny_pair):
     blocks = [g for g in groups if len(g) > 1]
     assert len(blocks) == 2 and sorted(n for g in groups for n in g) == sorted(names)
     for group in blocks:
-        ctxs = [TensorContext(n, s.model_params, 0) for n in group]
+        # Grouping is stateless: each group's contexts carry the base's config it is read from.
+        ctxs = [TensorContext(n, s.model_params, 0, config=cfg.to_dict()) for n in group]
         s.merge_group(ctxs, [base[n] for n in group], [[a[n] - base[n], pa[n] - base[n]] for n in group])
     rec = s.alignments[(0, 1)]
     assert rec.heads_moved == 8 and rec.kv_perm == (1, 0)
