@@ -38,13 +38,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
-    from fedmerge.merging.strategies import available
+    from fedmerge.merging.strategies import available, describe, plugin_errors
 
-    for name, entry in available().items():
-        params = ", ".join(entry.cls.Params.model_fields)
-        per_model = ", ".join(entry.cls.PerModel.model_fields)
-        print(f"{name:18s} {entry.summary}")
-        print(f"{'':18s}   parameters: {params or '-'}; per model: {per_model or '-'}")
+    def yaml_value(v) -> str:  # defaults as a config would spell them
+        return {True: "true", False: "false", None: "null"}[v] if v is None or isinstance(v, bool) else str(v)
+
+    def fmt(params) -> str:
+        return ", ".join(p.name + ("" if p.required else f"={yaml_value(p.default)}") for p in params) or "-"
+
+    for name in available():
+        info = describe(name)
+        models = f"{info.min_models}" + (f"-{info.max_models}" if info.max_models else "+")
+        print(f"{name:18s} {info.summary}")
+        print(f"{'':18s}   parameters: {fmt(info.parameters)}")
+        print(f"{'':18s}   per model: {fmt(info.per_model)}; models: {models}{'; needs a base' if info.needs_base else ''}")
+        print(f"{'':18s}   paper: {info.paper}" + ("" if info.origin == "fedmerge" else f"; from {info.origin}"))
+    for name, why in plugin_errors().items():
+        print(f"{name:18s} (not loaded) {why}")
     return 0
 
 

@@ -14,7 +14,7 @@ TWO_ONLY = {"slerp"}
 # definitions give no identity there: see test_spectral.py for what they do give); every other
 # tensor they merge by the weighted mean, which is the identity.
 SPECTRAL = {"iso_c", "iso_cts", "tsv_m"}
-MATRICES = {"model.layers.0.mlp.up_proj.weight"}  # the one tensor of _state they treat spectrally
+MATRICES = {"model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"}  # the 2-D tensors of _state
 
 
 def _state(seed: int, scale: float = 1.0) -> dict:
