@@ -37,6 +37,11 @@ MERGES: list[tuple[str, str, dict]] = [
     ("iso_c a=1.0", "iso_c", {"alpha": 1.0}),
     ("iso_cts a=1.0", "iso_cts", {"alpha": 1.0}),
     ("tsv_m a=1.0", "tsv_m", {"alpha": 1.0}),
+    # the same with embeddings and LM head merged by the mean instead of spectrally
+    ("iso_c a=0.75 tables=mean", "iso_c", {"alpha": 0.75, "token_tables": "mean"}),
+    ("iso_c a=1.0 tables=mean", "iso_c", {"alpha": 1.0, "token_tables": "mean"}),
+    ("iso_cts a=1.0 tables=mean", "iso_cts", {"alpha": 1.0, "token_tables": "mean"}),
+    ("tsv_m a=1.0 tables=mean", "tsv_m", {"alpha": 1.0, "token_tables": "mean"}),
     ("model_stock", "model_stock", {}),
     ("hierarchical reference", "hierarchical", {"mode": "reference"}),
     ("hierarchical symmetric", "hierarchical", {"mode": "symmetric"}),
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluator.evaluate(str(folder), label=label, role=role, strategy=method, params=params)
         acc = {t: res.value(t) for t in tasks}
         rows.append({"label": label, "role": role, "method": method, "parameters": params or {}, "acc": acc, "mean": sum(acc.values()) / len(acc), "merge_seconds": merge_s})
-        print(f"{label:26s} " + "  ".join(f"{t.removeprefix('demo_')[:10]} {100 * a:5.1f}" for t, a in acc.items()) + f"  mean {100 * rows[-1]['mean']:5.1f}", flush=True)
+        print(f"{label:28s} " + "  ".join(f"{t.removeprefix('demo_')[:10]} {100 * a:5.1f}" for t, a in acc.items()) + f"  mean {100 * rows[-1]['mean']:5.1f}", flush=True)
 
     score("base", "base", world.base)
     for specialty, folder in world.hospitals.items():
