@@ -60,27 +60,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_inspect)
 
 
-def _default(field) -> str:
-    from pydantic_core import PydanticUndefined
-
-    if field.default is PydanticUndefined:
-        return "required"
-    return repr(field.default).lower() if isinstance(field.default, bool) else repr(field.default).strip("'")
-
-
-def _describe_params(model) -> str:
-    return ", ".join(f"{f.alias or name}={_default(f)}" for name, f in model.model_fields.items()) or "-"
-
-
 def _cmd_strategies(args: argparse.Namespace) -> int:
-    from fedmerge.merging.strategies import available
+    from fedmerge.merging.strategies import available, describe, plugin_errors
 
-    for name, entry in available().items():
-        print(f"{name:18s} {entry.summary}")
-        if entry.cls.paper:
-            print(f"{'':18s}   paper: {entry.cls.paper}")
-        print(f"{'':18s}   parameters: {_describe_params(entry.cls.Params)}")
-        print(f"{'':18s}   per model:  {_describe_params(entry.cls.PerModel)}")
+    def yaml_value(v) -> str:  # defaults as a config would spell them
+        return {True: "true", False: "false", None: "null"}[v] if v is None or isinstance(v, bool) else str(v)
+
+    def fmt(params) -> str:
+        return ", ".join(p.name + ("" if p.required else f"={yaml_value(p.default)}") for p in params) or "-"
+
+    for name in available():
+        info = describe(name)
+        models = f"{info.min_models}" + (f"-{info.max_models}" if info.max_models else "+")
+        print(f"{name:18s} {info.summary}")
+        print(f"{'':18s}   parameters: {fmt(info.parameters)}")
+        print(f"{'':18s}   per model: {fmt(info.per_model)}; models: {models}{'; needs a base' if info.needs_base else ''}")
+        print(f"{'':18s}   paper: {info.paper}" + ("" if info.origin == "fedmerge" else f"; from {info.origin}"))
+    for name, why in plugin_errors().items():
+        print(f"{name:18s} (not loaded) {why}")
     return 0
 
 

@@ -642,6 +642,8 @@ class _Compiler:
                 out[name] = v
         if self.cls is not None and "rescale_mode" in self.glob and "rescale_mode" not in out:
             out["rescale_mode"] = "l1"  # mergekit rescales to the original L1 norm
+        if self.r.method == "model_stock" and "negative_cosine" not in out:
+            out["negative_cosine"] = "keep"  # mergekit does not clamp a negative cosine to 0
         if self.r.method == "slerp" and "t" not in out:
             raise MergeConfigError(f"{self.where}: parameters.t: slerp needs t (0 gives base_model) for tensor {tensor!r}")
         return out

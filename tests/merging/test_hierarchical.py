@@ -87,7 +87,8 @@ def test_hierarchical_records_the_alignment_it_used(tiny_pair):
     blocks = [g for g in groups if len(g) > 1]
     assert len(blocks) == 2 and sorted(n for g in groups for n in g) == sorted(names)
     for group in blocks:
-        ctxs = [TensorContext(n, s.model_params, 0) for n in group]
+        # Grouping is stateless: each group's contexts carry the base's config it is read from.
+        ctxs = [TensorContext(n, s.model_params, 0, config=cfg.to_dict()) for n in group]
         s.merge_group(ctxs, [base[n] for n in group], [[a[n] - base[n], pa[n] - base[n]] for n in group])
     rec = s.alignments[(0, 1)]
     assert rec.heads_moved == 8 and rec.kv_perm == (1, 0)
@@ -99,3 +100,87 @@ def test_three_models_with_alignment(tiny_pair):
     merged = merge_states("hierarchical", base, [a, pa, a], config=cfg.to_dict())
     for k in a:
         assert torch.allclose(merged[k], a[k], atol=1e-5), k
+
+
+# -- mode: symmetric ---------------------------------------------------------------------------------
+
+
+def test_symmetric_mode_by_hand():
+    # A = (1, 0), B = (1, 1), C = (0, 1), equal shares 1/3: w_AB = w_BC = 1/sqrt2, w_AC = 0.
+    # n_A = n_C = (1 + 1/sqrt2) / 3, n_B = (1 + sqrt2) / 3; votes (1/3) / n: 2 - sqrt2, sqrt2 - 1, 2 - sqrt2
+    # sum 3 - sqrt2; theta = [(2 - sqrt2) A + (sqrt2 - 1) B + (2 - sqrt2) C] / (3 - sqrt2) = (1, 1) / (3 - sqrt2)
+    ds = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])]
+    out = hier(torch.zeros(2), ds, {"mode": "symmetric"})
+    assert torch.allclose(out, torch.full((2,), 1 / (3 - 2**0.5)), atol=1e-6)
+    # two models: the mean, whatever their cosine (the only symmetric convex rule)
+    base = torch.tensor([1.0, 1.0])
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    assert torch.allclose(hier(base, [a, b], {"mode": "symmetric"}), base + (a + b) / 2, atol=1e-6)
+
+
+def test_symmetric_mode_counts_a_duplicated_model_once():
+    # [A, A, B] with A orthogonal to B: each copy of A agrees with the other, so they share one
+    # vote: the result is the mean of A and B, as with [A, B].
+    a, b = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([0.0, 3.0, 0.0])
+    base = torch.tensor([1.0, 2.0, 3.0])
+    once = hier(base, [a, b], {"mode": "symmetric"})
+    twice = hier(base, [a, a, b], {"mode": "symmetric"})
+    assert torch.allclose(twice, once, atol=1e-6) and torch.allclose(once, base + (a + b) / 2, atol=1e-6)
+    # identical inputs give the input back
+    assert torch.allclose(hier(base, [a, a, a], {"mode": "symmetric"}), base + a, atol=1e-6)
+
+
+def test_symmetric_mode_is_invariant_to_the_order_of_the_models_and_reference_mode_is_not():
+    import itertools
+
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randn(40, generator=g)
+    ds = [shared * s + torch.randn(40, generator=g) for s in (1.0, 0.5, 2.0, 0.0)]
+    weights = [1.0, 2.0, 0.5, 1.5]
+    base = torch.randn(40, generator=g)
+    sym = {"mode": "symmetric"}
+    first = hier(base, ds, sym, [{"weight": w} for w in weights])
+    for perm in itertools.permutations(range(4)):
+        out = hier(base, [ds[i] for i in perm], sym, [{"weight": weights[i]} for i in perm])
+        assert torch.allclose(out, first, atol=1e-6), perm
+    # the paper's rule stays at its reference: swapping the first two inputs moves the result
+    ref = hier(base, ds, None, [{"weight": w} for w in weights])
+    swapped = hier(base, [ds[1], ds[0], *ds[2:]], None, [{"weight": w} for w in [weights[1], weights[0], *weights[2:]]])
+    assert (ref - swapped).abs().max() > 0.1
+
+
+def test_symmetric_mode_aligns_every_model_to_the_base(tiny_pair):
+    # A and perm(A), in either order: both are brought back to the base's head layout, where they
+    # are the same model, so the symmetric merge computes A's function.
+    base, a, pa, cfg = tiny_pair
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    config = cfg.to_dict()
+    want = logits_of(cfg, a, ids)
+    for models in ([a, pa], [pa, a]):
+        merged = merge_states("hierarchical", base, models, {"mode": "symmetric"}, config=config)
+        assert torch.allclose(logits_of(cfg, merged, ids), want, atol=1e-4)
+
+
+def test_symmetric_mode_has_no_reference():
+    from fedmerge.merging.strategies import StrategyError
+
+    with pytest.raises(StrategyError, match="parameters: .*reference"):
+        build_strategy("hierarchical", {"mode": "symmetric", "reference": 1}, [{}, {}])
+    with pytest.raises(StrategyError, match="parameters.mode"):
+        build_strategy("hierarchical", {"mode": "average"}, [{}, {}])
+    with pytest.raises(StrategyError, match="weights sum to zero"):
+        build_strategy("hierarchical", {"mode": "symmetric"}, [{"weight": 0.0}, {"weight": 0.0}])
+
+
+def test_merge_group_needs_nothing_from_groups(tiny_pair):
+    # Stateless grouping: a fresh strategy object merges a block from its contexts alone, with the
+    # same result as the object that planned the groups.
+    base, a, pa, cfg = tiny_pair
+    config = cfg.to_dict()
+    planner = build_strategy("hierarchical", {}, [{}, {}])
+    block = next(g for g in planner.groups(list(base), config) if len(g) > 1)
+    ctxs = [TensorContext(n, planner.model_params, 0, config=config) for n in block]
+    args = ([base[n] for n in block], [[a[n] - base[n], pa[n] - base[n]] for n in block])
+    fresh = build_strategy("hierarchical", {}, [{}, {}])
+    for x, y in zip(planner.merge_group(ctxs, *args), fresh.merge_group(ctxs, *args)):
+        assert torch.equal(x, y)

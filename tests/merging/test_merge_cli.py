@@ -277,14 +277,6 @@ def test_a_later_run_removes_partial_folders_of_dead_processes_only(tiny, tmp_pa
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-# -- methods another part adds to the registry ---------------------------------------------------------
-def _min_models(name):
-    from fedmerge.merging.strategies import get_strategy_class
-
-    return get_strategy_class(name).min_models
-
-
-@pytest.mark.xfail(_min_models("task_arithmetic") > 1, reason="single-model task_arithmetic comes with the strategy registry's change", strict=True)
 def test_single_model_task_arithmetic_both_formats(tiny, tmp_path):
     base, fts = tiny
     b, f = (CheckpointReader(base), CheckpointReader(fts[0]))
@@ -300,13 +292,6 @@ def test_single_model_task_arithmetic_both_formats(tiny, tmp_path):
             torch.testing.assert_close(r.get(n), b.get(n) + 0.7 * (f.get(n) - b.get(n)), rtol=0, atol=1e-6)
 
 
-def _has(name):
-    from fedmerge.merging.strategies import available
-
-    return name in available()
-
-
-@pytest.mark.xfail(not _has("model_stock"), reason="model_stock comes with the strategy registry's change", strict=True)
 def test_mergekit_model_stock_maps_to_the_registry(tiny, tmp_path):
     """mergekit's model_stock: t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the
     task vectors (each tensor flattened); w = t * mean(models) + (1 - t) * base."""

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from fedmerge.merging.strategies import TensorContext, build_strategy
 from fedmerge.merging.strategies import sparsify as sp
@@ -222,63 +219,3 @@ def test_random_masks_do_not_depend_on_chunking():
     big = sp.generalized_merge(ctx, base, ds, plans, **kw)
     small = sp.generalized_merge(ctx, base, ds, plans, chunk=8192, **kw)
     assert torch.equal(big, small)
-
-
-# -- exact selection ---------------------------------------------------------------------------------
-
-
-def _reference_topk_mask(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Elements whose ascending rank by (|x|, index) is in [lo, hi): a stable sort, the slow way."""
-    order = torch.sort(x.abs(), stable=True).indices
-    mask = torch.zeros(x.numel())
-    mask[order[lo:hi]] = 1.0
-    return mask
-
-
-def _band_mask(x: torch.Tensor, lo: int, hi: int, chunk: int, sample: int = sp._SAMPLE) -> torch.Tensor:
-    f = torch.empty(chunk)
-    i = torch.empty(chunk, dtype=torch.int32)
-    band = sp._RankBand(x, lo, hi, f, i, sample)
-    k1, k2 = torch.empty(chunk), torch.empty(chunk)
-    out = [band.mask(x[s:e].abs(), k1, k2).clone() for s, e in sp._chunks(x.numel(), chunk)]
-    return torch.cat(out)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    values=st.lists(st.integers(-6, 6), min_size=1, max_size=300),
-    lo_frac=st.floats(0, 1),
-    width=st.floats(0, 1),
-    chunk=st.sampled_from([7, 64, 1024]),
-)
-def test_rank_band_matches_a_stable_sort_with_heavy_ties(values, lo_frac, width, chunk):
-    x = torch.tensor(values, dtype=torch.float32) * 0.25
-    n = x.numel()
-    lo = int(lo_frac * n)
-    hi = min(n, lo + int(width * n))
-    assert torch.equal(_band_mask(x, lo, hi, chunk), _reference_topk_mask(x, lo, hi))
-
-
-@pytest.mark.parametrize("kind", ["ties", "continuous"])
-def test_rank_band_on_large_tensors_uses_the_sampled_bracket_exactly(kind):
-    g = torch.Generator().manual_seed(6)
-    n = 40_000  # a 2048-element sample brackets the ranks; the bracket pass does the rest
-    x = torch.randn(n, generator=g)
-    if kind == "ties":
-        x = (x * 4).round() / 4  # a handful of distinct magnitudes: a bracket holds one value
-    for lo, hi in ((n // 2, n), (n // 10, n - n // 100)):
-        assert torch.equal(_band_mask(x, lo, hi, 1 << 13, sample=2048), _reference_topk_mask(x, lo, hi))
-
-
-def test_radix_fallback_finds_exact_values():
-    g = torch.Generator().manual_seed(7)
-    x = torch.cat([torch.randn(5000, generator=g), torch.zeros(100), torch.full((300,), 0.5)])
-    ranks = [0, 99, 2000, 5399]
-    chunk = 1000
-    got = sp._radix_boundaries(x, ranks, torch.empty(chunk), torch.empty(chunk, dtype=torch.int32))
-    ordered = x.abs().sort().values
-    for r, b in zip(ranks, got):
-        assert b.value == float(ordered[r])
-        assert b.less == int((x.abs() < b.value).sum())
-        assert b.equal == int((x.abs() == b.value).sum())
-        assert sum(b.equal_per_chunk) == b.equal

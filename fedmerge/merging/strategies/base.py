@@ -1,13 +1,21 @@
-"""What a merge strategy is, and the one registry that names them all.
+"""What a merge strategy is: the contract between the engine and every method.
 
 Every strategy sees the same thing for each tensor: the base (reference) tensor and one task
-vector (delta = model - base) per input model, in float32 on the compute device. It returns the
-merged *weights* for that tensor. Working on deltas is what lets the same code merge offline
-checkpoints, LoRA adapters and the spooled contributions of a federation round.
+vector (delta = model - base) per input model, in the compute dtype on the compute device
+(``TensorContext.device``). It returns the merged *weights* for that tensor. Working on deltas is
+what lets the same code merge offline checkpoints, LoRA adapters and the spooled contributions of
+a federation round. A strategy never sees a whole model: only one tensor, or one group of tensors
+(``groups``), at a time.
 
 A strategy that must see several tensors at once (hierarchical head alignment needs q/k/v/o of
 one attention block) overrides ``groups`` and ``merge_group``; all others implement
-``merge_tensor`` only.
+``merge_tensor`` only. Grouping is stateless: ``merge_group`` receives the group's contexts, and
+everything it needs (tensor names, the base model's config) is in them, so it never depends on an
+earlier ``groups`` call on the same object.
+
+The registry that names strategies lives in ``registry``; methods are registered with
+``registry.register`` or, from another package, through the ``fedmerge.strategies`` entry-point
+group.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from fedmerge.errors import FedmergeError
 
@@ -26,15 +34,16 @@ class StrategyError(FedmergeError):
 
 
 class StrategyParams(BaseModel):
-    """Global parameters of a strategy. Unknown fields are errors, so typos are caught."""
+    """Global parameters of a strategy. Unknown fields and non-finite numbers are errors, so typos
+    and NaN weights are caught when the config is loaded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelParams(BaseModel):
-    """Per-model parameters (weight, density, ...). Unknown fields are errors."""
+    """Per-model parameters (weight, density, ...). Unknown fields and non-finite numbers are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass
@@ -63,7 +72,8 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 class Strategy:
-    """Base class. Subclasses set ``name``, ``Params``, ``PerModel`` and implement ``merge_tensor``.
+    """Base class. Subclasses set ``name``, ``paper``, ``Params``, ``PerModel`` and implement
+    ``merge_tensor`` (or ``groups`` and ``merge_group``).
 
     ``needs_base``: the method is defined relative to a shared base (TIES, DARE, ...). Methods on
     raw weights (linear, slerp) may run without one: the engine then uses the first model as the
@@ -89,6 +99,7 @@ class Strategy:
 
     # -- grouping: default one tensor per group ---------------------------------------------------
     def groups(self, names: Sequence[str], config: dict[str, Any]) -> list[tuple[str, ...]]:
+        """The tensors to merge together, as tuples of names covering ``names`` exactly once."""
         return [(n,) for n in names]
 
     def merge_group(self, contexts: Sequence[TensorContext], bases: Sequence[Any], deltas: Sequence[Sequence[Any]]) -> list[Any]:
@@ -97,78 +108,3 @@ class Strategy:
 
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence[Any]):
         raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class RegisteredStrategy:
-    cls: type[Strategy]
-    summary: str
-
-
-_REGISTRY: dict[str, RegisteredStrategy] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: adds a strategy to the registry under ``cls.name``."""
-    if not cls.name:
-        raise TypeError(f"{cls.__qualname__} has no name")
-    if cls.name in _REGISTRY:
-        raise TypeError(f"strategy {cls.name!r} registered twice")
-    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-    _REGISTRY[cls.name] = RegisteredStrategy(cls, summary)
-    return cls
-
-
-def available() -> dict[str, RegisteredStrategy]:
-    _load_builtin()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_strategy_class(name: str) -> type[Strategy]:
-    _load_builtin()
-    key = name.strip().lower()
-    if key not in _REGISTRY:
-        raise StrategyError(f"unknown merge method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[key].cls
-
-
-def _format_validation(where: str, exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
-        parts.append(f"{where}.{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def build_strategy(name: str, params: dict[str, Any] | None, model_params: Sequence[dict[str, Any] | None], n_models: int | None = None) -> Strategy:
-    """Validate parameters and instantiate a strategy; errors name the field that is wrong.
-
-    As in mergekit, a per-model parameter (``weight``, ``density``, ...) given among the global
-    ``params`` is the default for every model that does not set its own.
-    """
-    cls = get_strategy_class(name)
-    params = dict(params or {})
-    per_model_fields = set(cls.PerModel.model_fields)
-    shared = {k: params.pop(k) for k in list(params) if k in per_model_fields and k not in cls.Params.model_fields}
-    model_params = [{**shared, **(mp or {})} for mp in model_params]
-    n = len(model_params) if n_models is None else n_models
-    if n < cls.min_models:
-        raise StrategyError(f"{cls.name} needs at least {cls.min_models} models, got {n}")
-    if cls.max_models is not None and n > cls.max_models:
-        raise StrategyError(f"{cls.name} is defined for at most {cls.max_models} models, got {n}")
-    try:
-        p = cls.Params(**params)
-    except ValidationError as exc:
-        raise StrategyError(f"{cls.name} parameters: " + _format_validation("parameters", exc)) from None
-    mps = []
-    for i, mp in enumerate(model_params):
-        try:
-            mps.append(cls.PerModel(**(mp or {})))
-        except ValidationError as exc:
-            raise StrategyError(f"{cls.name} model #{i}: " + _format_validation(f"models[{i}].parameters", exc)) from None
-    return cls(p, mps)
-
-
-def _load_builtin() -> None:
-    # Importing the package registers every built-in strategy exactly once.
-    import fedmerge.merging.strategies  # noqa: F401

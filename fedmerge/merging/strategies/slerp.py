@@ -7,7 +7,8 @@ from typing import Sequence
 
 from pydantic import Field
 
-from fedmerge.merging.strategies.base import ModelParams, Strategy, StrategyError, StrategyParams, TensorContext, register
+from fedmerge.merging.strategies.base import ModelParams, Strategy, StrategyError, StrategyParams, TensorContext
+from fedmerge.merging.strategies.registry import register
 
 
 class SlerpParams(StrategyParams):
