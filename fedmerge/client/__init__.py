@@ -1,1 +1,1 @@
-"""The hospital side: the Flower ClientApp and the client daemon."""
+"""The hospital side: the Flower ClientApp and the node that builds, sends and installs (its daemon is in fedmerge.federation)."""
