@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory, toy_models):
     root = tmp_path_factory.mktemp("supervision")
-    layout = make_layout(root, toy_models, 2, rounds=2, part_bytes=128 * 1024)
+    layout = make_layout(root, toy_models, 2, rounds=1, part_bytes=128 * 1024)
     clients = {name: start_client(layout, name) for name in layout.names}
     try:
         yield layout
@@ -104,14 +104,13 @@ def test_sigkill_mid_round_leaves_no_process_and_a_restart_resumes(layout, tmp_p
 
     restarted = start_coordinator(layout)
     assert restarted.wait(600) == 0, restarted.text()[-3000:]
-    records = [json.loads((layout.state / "rounds" / f"round-000{r}" / "record.json").read_text()) for r in (1, 2)]
-    assert [r["status"] for r in records] == ["completed", "completed"]
-    assert all(r["contributors"] == layout.names for r in records)
+    record = json.loads((layout.state / "rounds" / "round-0001" / "record.json").read_text())
+    assert record["status"] == "completed" and record["contributors"] == layout.names
     # what was accepted before the kill was kept, not asked for again
     assert {name: (accepted / name).stat().st_ino for name in before} == before
     offline = offline_merge(layout.toy.base, [layout.toy.finetunes[n] for n in layout.names], tmp_path / "offline", {"method": "task_arithmetic"})
     for name in layout.names:
-        assert layout.installed(name).resolve().name == "round-0002"
+        assert layout.installed(name).resolve().name == "round-0001"
         assert_same_tensors(layout.installed(name), offline)
 
 

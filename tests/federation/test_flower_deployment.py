@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow
 class Deployment:
     def __init__(self, root: Path, toy_models):
         self.root = root
-        self.layout = make_layout(root, toy_models, 3, extra_keys=("intruder",), rounds=2)
+        self.layout = make_layout(root, toy_models, 3, extra_keys=("intruder",), rounds=1)
         self.names = self.layout.names
         self.probe = write_probe_app(root / "probe-app")
         ProbePinningSuperLink.extra_pins = [flower.app_hash(self.probe)]
@@ -116,18 +116,17 @@ def _https_status(url: str, ca_cert: Path) -> int:
         return exc.code
 
 
-def test_clients_started_first_wait_then_two_rounds_install_the_offline_merge(deployment, tmp_path):
+def test_clients_started_first_wait_then_install_the_offline_merge(deployment, tmp_path):
     d = deployment
-    assert [(r["round"], r["status"]) for r in d.records] == [(1, "completed"), (2, "completed")]
+    assert [(r["round"], r["status"]) for r in d.records] == [(1, "completed")]
     offline = _offline_fedmerge_merge(d, d.names, tmp_path / "offline")
     for rec in d.records:
         assert rec["contributors"] == d.names
         assert rec["dropped"] == [] and rec["rejections"] == []
     for name in d.names:
         current = d.layout.installed(name)
-        assert current.resolve().name == "round-0002"
+        assert current.resolve().name == "round-0001"
         assert assert_same_tensors(current, offline) == 21
-        assert (current.parent / "round-0001").is_dir()  # the previous model is kept
         out = d.clients[name].text()
         # each hospital said what it waited for, then that it was in
         assert out.index("waiting for the SuperLink") < out.index("connected to the SuperLink")
@@ -276,19 +275,46 @@ def test_a_second_hospital_on_the_same_runtime_port_is_refused_before_flower_sta
     assert not (d.root / "clash-state" / "supernode" / "supernode.log").exists()  # no Flower process was started
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_stopping_or_killing_a_client_daemon_leaves_no_flower_process(deployment, sig):
+def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_quorum(deployment, tmp_path):
+    """The coordinator restarts with a second round (a changed config needs a restart: it is pinned);
+    hospital-b's daemon is SIGKILLed once it is sending its parts."""
     d = deployment
-    name = {signal.SIGTERM: "hospital-c", signal.SIGKILL: "hospital-b"}[sig]
-    daemon = d.clients[name]
-    state = d.layout.root / "fed" / "clients" / name
-    tree = processes_mentioning(state)
-    kinds = " ".join(tree.values())
+    d.coordinator.stop()
+    config = d.layout.set_federation(rounds=2, min_clients=2, straggler_grace_s=5.0, part_bytes=128 * 1024)
+    d.coordinator = CoordinatorDaemon(config, superlink_class=ProbePinningSuperLink)
+    victim = d.layout.root / "fed" / "clients" / "hospital-b"
+    log = victim / "supernode" / "supernode.log"
+    offset = log.stat().st_size
+    d.coordinator.start()
+    d.coordinator.submit()
+    deadline = time.monotonic() + 300
+    while log.read_bytes()[offset:].count(b"Receiving: query.") < 2:  # the round's open request, then a part request
+        assert time.monotonic() < deadline, "hospital-b was never asked for a part"
+        time.sleep(0.1)
+    d.clients["hospital-b"].signal(signal.SIGKILL)
+    assert d.clients["hospital-b"].wait(30) == -signal.SIGKILL
+    assert wait_until_gone(victim, 30) == {}  # SuperNode, SuperExec, launcher, ClientApps
+    assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-b"])
+
+    rec = d.coordinator.wait(timeout=400, poll_s=1.0)[1]
+    assert rec["status"] == "completed"
+    assert rec["contributors"] == ["hospital-a", "hospital-c"]
+    assert [x["institution"] for x in rec["dropped"]] == ["hospital-b"]
+    offline = _offline_fedmerge_merge(d, ["hospital-a", "hospital-c"], tmp_path / "offline")
+    current = d.layout.installed("hospital-a")
+    assert current.resolve().name == "round-0002"
+    assert_same_tensors(current, offline)
+    assert (current.parent / "round-0001").is_dir()  # the previous model is kept
+
+
+def test_stopping_a_client_daemon_leaves_no_flower_process(deployment):
+    d = deployment
+    daemon = d.clients["hospital-c"]
+    state = d.layout.root / "fed" / "clients" / "hospital-c"
+    kinds = " ".join(processes_mentioning(state).values())
     assert "flower-supernode" in kinds and "guard --serve clientapp" in kinds and "flower-superexec" in kinds
-    daemon.signal(sig)
-    code = daemon.wait(60)
-    assert code == (128 + sig if sig == signal.SIGTERM else -sig)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 128 + signal.SIGTERM
     assert wait_until_gone(state, 30) == {}
-    assert port_is_free("127.0.0.1", d.layout.runtime_ports[name])
-    if sig == signal.SIGTERM:
-        assert f"stopped by SIGTERM; the SuperNode and its ClientApps are stopped (log: {state / 'supernode' / 'supernode.log'})" in daemon.text()
+    assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-c"])
+    assert f"stopped by SIGTERM; the SuperNode and its ClientApps are stopped (log: {state / 'supernode' / 'supernode.log'})" in daemon.text()
