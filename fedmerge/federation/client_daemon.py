@@ -22,28 +22,15 @@ from pathlib import Path
 
 from fedmerge.client.config import ClientConfig, load_client_config
 from fedmerge.federation import flower
+from fedmerge.federation.flower_internals import (
+    SUPERNODE_CONNECTED_MARK,
+    SUPERNODE_CONNECTION_ERROR,
+    SUPERNODE_FATAL_EXIT_CODES,
+    SUPERNODE_UNREACHABLE_MARK,
+)
 from fedmerge.federation.errors import DaemonConfigError, SuperNodeGaveUp
 
 log = logging.getLogger(__name__)
-
-# Flower's exit codes that another try cannot change (flwr.supercore.exit.ExitCode, 1.41).
-FATAL_EXIT_CODES = {
-    302: "the SuperNode auth key is invalid",
-    303: "node authentication needs TLS",
-    304: "invalid trusted entities",
-    600: "the SuperLink address cannot be parsed",
-    602: "TLS is not supported here",
-    603: "the root certificate is not usable",
-    604: "a path is invalid",
-    605: "the TLS certificates are invalid",
-    606: "this Flower version cannot talk to the SuperLink's",
-    607: "the app cannot be imported",
-}
-CONNECTION_ERROR = 305
-# What Flower's SuperNode logs when the SuperLink accepted it, and when it cannot reach it (it retries by itself).
-CONNECTED_MARK = "SuperNode ID:"
-UNREACHABLE_MARK = "Connection attempt failed"
-
 
 class ClientDaemon:
     """A hospital's SuperNode kept running: started, restarted with backoff while it cannot connect, stopped with the daemon."""
@@ -98,12 +85,12 @@ class ClientDaemon:
                 delay = self.retry_first_s  # it was in: a later loss starts the backoff afresh
             code, reason = self.node.exit_status()
             reason = reason or "no output"
-            if code in FATAL_EXIT_CODES:
-                raise SuperNodeGaveUp(f"{self.cfg.institution}: the SuperNode stopped: {FATAL_EXIT_CODES[code]} (Flower exit {code}: {reason}); log {self.node.log_file}")
+            if code in SUPERNODE_FATAL_EXIT_CODES:
+                raise SuperNodeGaveUp(f"{self.cfg.institution}: the SuperNode stopped: {SUPERNODE_FATAL_EXIT_CODES[code]} (Flower exit {code}: {reason}); log {self.node.log_file}")
             waiting = (
                 f"for the SuperLink at {self.cfg.superlink_address} to accept this node (the coordinator must be up and have "
                 f"registered this node's public key, the .pub of {self.cfg.supernode_key})"
-                if code == CONNECTION_ERROR
+                if code == SUPERNODE_CONNECTION_ERROR
                 else "to restart the SuperNode"
             )
             log.warning(
@@ -122,11 +109,11 @@ class ClientDaemon:
         follower = self.node.follow_log()
         while self.node.running() and not self._stopping.is_set():
             for line in follower.new_lines():
-                if CONNECTED_MARK in line:
+                if SUPERNODE_CONNECTED_MARK in line:
                     connected, waiting = True, False
-                    node_id = line.split(CONNECTED_MARK, 1)[1].strip()
+                    node_id = line.split(SUPERNODE_CONNECTED_MARK, 1)[1].strip()
                     log.info("%s: connected to the SuperLink at %s as SuperNode %s", self.cfg.institution, self.cfg.superlink_address, node_id)
-                elif UNREACHABLE_MARK in line and not waiting:
+                elif SUPERNODE_UNREACHABLE_MARK in line and not waiting:
                     waiting = True
                     log.info(
                         "%s: waiting for the SuperLink at %s to accept connections (%s); the SuperNode retries by itself",

@@ -186,7 +186,10 @@ class SuperLink:
         return [app_hash()]
 
     def env(self) -> dict[str, str]:
-        return guarded_env(self.home, "serverapp", self.serverapp_pins(), self.serverapp_env)
+        extra = dict(self.serverapp_env)
+        if self.loopback is not None:  # where the ServerApp reaches Control (e.g. a node id's public key)
+            extra.update(internals.control_endpoint_env(self.control))
+        return guarded_env(self.home, "serverapp", self.serverapp_pins(), extra)
 
     @property
     def control(self) -> internals.ControlEndpoint:

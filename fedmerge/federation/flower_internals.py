@@ -316,6 +316,24 @@ def run_app_process(kind: str, argv: list[str]) -> None:
 
 # -- what Flower's processes say when they stop ---------------------------------------------------------
 
+# Flower's exit codes (flwr.supercore.exit.ExitCode) that another start of a SuperNode cannot change.
+SUPERNODE_FATAL_EXIT_CODES = {
+    302: "the SuperNode auth key is invalid",
+    303: "node authentication needs TLS",
+    304: "invalid trusted entities",
+    600: "the SuperLink address cannot be parsed",
+    602: "TLS is not supported here",
+    603: "the root certificate is not usable",
+    604: "a path is invalid",
+    605: "the TLS certificates are invalid",
+    606: "this Flower version cannot talk to the SuperLink's",
+    607: "the app cannot be imported",
+}
+SUPERNODE_CONNECTION_ERROR = 305  # could not connect, or the SuperLink refused to activate it
+# What a SuperNode logs once the SuperLink accepted it, and each time it cannot reach it (it retries by itself).
+SUPERNODE_CONNECTED_MARK = "SuperNode ID:"
+SUPERNODE_UNREACHABLE_MARK = "Connection attempt failed"
+
 
 def flower_exit(log_text: str) -> tuple[int, str] | None:
     """The last exit code and reason a Flower process logged (``Exit Code: N`` and the lines after it).
@@ -357,6 +375,21 @@ class ControlEndpoint:
 
     address: str
     ca_cert: Path
+
+
+CONTROL_ADDRESS_ENV = "FEDMERGE_CONTROL_ADDRESS"
+CONTROL_CA_ENV = "FEDMERGE_CONTROL_CA_CERT"
+
+
+def control_endpoint_env(endpoint: ControlEndpoint) -> dict[str, str]:
+    """The environment entries that tell a process the coordinator starts where Control listens."""
+    return {CONTROL_ADDRESS_ENV: endpoint.address, CONTROL_CA_ENV: str(endpoint.ca_cert)}
+
+
+def control_endpoint_from_env(environ=os.environ) -> ControlEndpoint | None:
+    """The loopback Control endpoint of the coordinator that started this process (its ServerApp), if any."""
+    address, ca = environ.get(CONTROL_ADDRESS_ENV), environ.get(CONTROL_CA_ENV)
+    return ControlEndpoint(address, Path(ca)) if address and ca else None
 
 
 def _control_client(endpoint: ControlEndpoint):

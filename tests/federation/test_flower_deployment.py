@@ -39,6 +39,7 @@ from fedmerge.cli import main as fedmerge_main
 from fedmerge.federation import flower, flower_internals
 from fedmerge.federation.coordinator_daemon import CoordinatorDaemon
 from fedmerge.federation.supervision import free_port
+from fedmerge.server.app import PINNED_CONFIG_ENV, PINNED_CONFIG_SHA256_ENV, file_sha256
 
 pytestmark = pytest.mark.slow
 
@@ -200,6 +201,12 @@ def test_public_key_of_a_node_id_comes_from_loopback_control(deployment):
         assert len(matching) == 1
         assert flower_internals.same_public_key(flower_internals.supernode_public_key(d.superlink.control, matching[0]), pub)
     assert flower_internals.supernode_public_key(d.superlink.control, 12345) is None
+    # The ServerApp finds the same endpoint in the environment the coordinator gave its launcher.
+    launcher_env = dict(
+        kv.split(b"=", 1) for kv in Path(f"/proc/{d.superlink.launcher.pid}/environ").read_bytes().split(b"\0") if b"=" in kv
+    )
+    env = {k.decode(): v.decode() for k, v in launcher_env.items()}
+    assert flower_internals.control_endpoint_from_env(env) == d.superlink.control
 
 
 def test_an_unregistered_node_is_refused_and_its_daemon_keeps_waiting(deployment):
@@ -244,6 +251,10 @@ def test_a_run_naming_another_federation_config_is_refused(deployment, tmp_path)
     assert not (tmp_path / "other-state").exists()
     log = (d.layout.state / "superlink" / "superlink.log").read_text(errors="replace")
     assert f"names federation config {other}" in log and "UnpinnedFederationConfig" in log
+    # The pin travels in the environment of the processes the coordinator started, not in the run.
+    env = Path(f"/proc/{d.superlink.launcher.pid}/environ").read_bytes().split(b"\0")
+    assert f"{PINNED_CONFIG_ENV}={d.layout.toy.federation_config.resolve()}".encode() in env
+    assert f"{PINNED_CONFIG_SHA256_ENV}={file_sha256(d.layout.toy.federation_config)}".encode() in env
 
 
 def test_an_unpinned_app_bundle_is_refused_by_every_hospital(deployment, tmp_path):

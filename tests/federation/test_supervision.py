@@ -162,3 +162,30 @@ def test_a_dead_superlink_in_the_status_file_is_no_obstacle(tmp_path):
     dead.wait()
     _status(sl, dead.pid, os.getpid())
     sl._refuse_leftover(grace_s=30)  # returns at once
+
+
+@pytest.mark.slow
+def test_a_client_whose_supernode_cannot_start_for_good_says_why_and_exits(make_federation, tmp_path):
+    """An unusable node key is not retried: the daemon exits 1 with Flower's reason and the log's path."""
+    import yaml
+
+    from fedmerge.federation.credentials import make_tls
+    from fedmerge.federation.supervision import free_port
+
+    tf = make_federation(1)
+    tls = make_tls(tmp_path / "tls", ["127.0.0.2"])
+    bad_key = tmp_path / "bad.node"
+    bad_key.write_text("not a key\n")
+    path = tf.client_configs["hospital-a"]
+    cfg = yaml.safe_load(path.read_text())
+    cfg.update(superlink_address=f"127.0.0.2:{free_port('127.0.0.2')}", root_cert=str(tls.ca_cert), supernode_key=str(bad_key), runtime_port=free_port())
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "fedmerge", "client", "--config", str(path)], capture_output=True, text=True, timeout=300)
+    log = tf.root / "clients" / "hospital-a" / "supernode" / "supernode.log"
+    assert proc.returncode == 1
+    assert (
+        f"fedmerge client: error: hospital-a: the SuperNode stopped: the SuperNode auth key is invalid "
+        f"(Flower exit 302: Unable to parse the private key file." in proc.stderr
+    ), proc.stderr[-2000:]
+    assert f"log {log}" in proc.stderr
+    assert proc.stderr.count("SuperNode started towards") == 1  # not retried
