@@ -356,7 +356,7 @@ class SuperNode:
         env = self.env()
         if self.launcher is None or self.launcher.poll() is not None:
             self.launcher = _start_launcher("clientapp", env, self._log)
-        self.proc = start_child(cmd, env, self._log, die_signal=signal.SIGTERM)
+        self.proc = start_child(cmd, env, self._log, die_signal=signal.SIGKILL)
         return self
 
     def running(self) -> bool:
