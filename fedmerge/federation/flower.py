@@ -232,7 +232,10 @@ class SuperLink:
         self.home.mkdir(parents=True, exist_ok=True)
         self._refuse_leftover(leftover_grace_s)
         require_free_port(self.public, "superlink.address")
-        self.loopback = Address("127.0.0.1", free_port("127.0.0.1"))
+        port = free_port("127.0.0.1")
+        while port == self.public.port:  # a public 0.0.0.0:port covers 127.0.0.1:port too
+            port = free_port("127.0.0.1")
+        self.loopback = Address("127.0.0.1", port)
         self.write_connection()
         env = self.env()
         cmd = [

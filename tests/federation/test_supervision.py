@@ -184,8 +184,8 @@ def test_a_client_whose_supernode_cannot_start_for_good_says_why_and_exits(make_
     log = tf.root / "clients" / "hospital-a" / "supernode" / "supernode.log"
     assert proc.returncode == 1
     assert (
-        f"fedmerge client: error: hospital-a: the SuperNode stopped: the SuperNode auth key is invalid "
-        f"(Flower exit 302: Unable to parse the private key file." in proc.stderr
+        "fedmerge client: error: hospital-a: the SuperNode stopped: the SuperNode auth key is invalid "
+        "(Flower exit 302: Unable to parse the private key file." in proc.stderr
     ), proc.stderr[-2000:]
     assert f"log {log}" in proc.stderr
     assert proc.stderr.count("SuperNode started towards") == 1  # not retried
