@@ -417,9 +417,13 @@ def _control_call(endpoint: ControlEndpoint, what: str, call: Callable[[Any], An
 
 
 def _openssh(public_key: bytes) -> str:
+    """OpenSSH form of a key as Flower stores it (PEM); empty for a node registered without one."""
     from cryptography.hazmat.primitives import serialization
 
-    key = serialization.load_pem_public_key(public_key)
+    try:
+        key = serialization.load_pem_public_key(public_key)
+    except ValueError:
+        return ""
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
