@@ -92,17 +92,18 @@ def _layout(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: i
 def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str, bare: bool = True, bare_only_bytes: int | None = None) -> dict:
     import yaml
 
-    from fedmerge.federation import flower
+    from fedmerge.federation import flower, flower_internals
+    from fedmerge.federation.coordinator_daemon import CoordinatorDaemon
     from fedmerge.federation.credentials import make_node_key, make_tls
+    from fedmerge.federation.supervision import free_port
     from fedmerge.merging.engine import MergeSpec, merge
     from fedmerge.merging.taskvector import DeltaCheckpoint
-    from fedmerge.server.coordinator import Coordinator
 
     names, tf = _layout(work, n, base, finetunes, part_bytes, delta_dtype)
     tls = make_tls(work / "tls", ["127.0.0.1"])
     (work / "nodekeys").mkdir()
     keys = {nm: make_node_key(work / "nodekeys", nm) for nm in names}
-    address = f"127.0.0.1:{flower.free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     fed = yaml.safe_load(tf.federation_config.read_text())
     fed["superlink"] = {
         "start": True, "address": address, "ca_cert": str(tls.ca_cert), "server_cert": str(tls.server_cert),
@@ -111,17 +112,19 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
     tf.federation_config.write_text(yaml.safe_dump(fed))
     bare_app = Path(__file__).resolve().parent / "bare_flower_app"
     pins = [flower.app_hash(), flower.app_hash(bare_app)]
-    coord = Coordinator(tf.federation_config)
+    class BareAppSuperLink(flower.SuperLink):  # the baseline app runs at the coordinator too
+        def serverapp_pins(self) -> list[str]:
+            return [*super().serverapp_pins(), flower.app_hash(bare_app)]
+
+    coord = CoordinatorDaemon(tf.federation_config, superlink_class=BareAppSuperLink)
     fed_cfg = coord.cfg
-    coord.superlink.in_process_cli = True
-    coord.superlink.extra_pins = [flower.app_hash(bare_app)]
     coord.start()
     nodes = []
     result: dict = {"clients": n}
     try:
         for nm in names:
             cfg = tf.client_configs[nm]
-            nodes.append(flower.SuperNode(work / "nodes" / nm, address, str(tls.ca_cert), str(keys[nm][0]), str(cfg), flower.free_port(), pins).start())
+            nodes.append(flower.SuperNode(work / "nodes" / nm, address, str(tls.ca_cert), str(keys[nm][0]), str(cfg), free_port(), pins).start())
         if bare_only_bytes is None:
             labels = {"coordinator_serverapp": "guard --serve serverapp", "superlink": "fedmerge.federation.superlink_main", "client_apps": "guard --serve clientapp"}
             with PeakRss(labels) as rss:
@@ -148,7 +151,7 @@ def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes:
                                     "total_window": fed_cfg.parts_in_flight_total, "out": str(out)}))
         with PeakRss({"bare_serverapp": "guard --serve serverapp"}) as bare_rss:
             t0 = time.perf_counter()
-            coord.superlink.flwr("run", str(bare_app), flower.CONNECTION_NAME, "--run-config", f'plan="{plan}"', "--format", "json")
+            flower_internals.start_run(coord.superlink.control, bare_app, {"plan": str(plan)})
             while not out.exists():
                 time.sleep(1.0)
             bare_wall = time.perf_counter() - t0

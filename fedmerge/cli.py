@@ -24,8 +24,7 @@ COMMAND_MODULES = [
     "fedmerge.eval.commands",
     "fedmerge.security.commands",
     "fedmerge.demo.commands",
-    "fedmerge.client.commands",
-    "fedmerge.server.commands",
+    "fedmerge.federation.deployment_commands",
     "fedmerge.server.status",
     "fedmerge.federation.commands",
 ]

@@ -2,5 +2,5 @@
 published model) over the hospital's own disk.
 
 Shares only ``fedmerge.protocol`` (and the lower layers: merging, security, checkpoints) with
-``fedmerge.server``; never imports the server or ``fedmerge.federation``.
+``fedmerge.server``; never imports the server or ``fedmerge.federation`` (which holds the daemon that runs it).
 """

@@ -1,6 +1,10 @@
-"""What the coordinator and the hospital share beyond the wire protocol: config loading, the
-Flower app descriptor, launching Flower processes, and the in-process federation for tests.
+"""Running the federation: Flower processes launched and supervised, and simulated federations.
 
-Imports ``fedmerge.server`` and ``fedmerge.client`` only where it launches them; neither of those
-imports this package's launch code.
+The coordinator's SuperLink and a hospital's SuperNode (``flower``, ``superlink_main``), the
+app-pinning launcher (``guard``), the daemons behind ``fedmerge coordinator`` and ``fedmerge
+client`` (``coordinator_daemon``, ``client_daemon``), and simulations on one machine. Every use
+of Flower beyond its public API is in ``flower_internals``.
+
+This package imports the apps of ``fedmerge.server`` and ``fedmerge.client``; neither of those
+imports it.
 """

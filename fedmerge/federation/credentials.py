@@ -24,8 +24,16 @@ class TlsFiles:
     server_key: Path
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def make_tls(out_dir: str | os.PathLike[str], hosts: list[str], days: int = 365) -> TlsFiles:
-    """A self-signed CA and a server certificate for ``hosts`` (names or IP addresses), signed by it."""
+    """A self-signed CA and a server certificate for ``hosts`` (names or IP addresses) and 127.0.0.1, signed by it.
+
+    The coordinator reaches its own SuperLink's Control and runtime APIs on 127.0.0.1 with the
+    same certificate, so the loopback address is always in it.
+    """
+    hosts = list(dict.fromkeys([*hosts, LOOPBACK]))
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -80,6 +88,18 @@ def make_tls(out_dir: str | os.PathLike[str], hosts: list[str], days: int = 365)
         ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
     return files
+
+
+def certificate_hosts(cert_file: str | os.PathLike[str]) -> list[str]:
+    """The names and IP addresses a PEM certificate is valid for (its subject alternative names)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] + list(sans.get_values_for_type(x509.DNSName))
 
 
 def make_node_key(out_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path]:

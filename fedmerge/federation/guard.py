@@ -7,11 +7,13 @@ launchers written by ``write_guard_bin``:
 
 - the bundle's SHA-256 is checked against ``FEDMERGE_PINNED_APP_HASHES`` *before* Flower installs
   the bundle or imports any of its code; a bundle that is not pinned ends the task with an error
-  and nothing of it runs (Control is unauthenticated in open-source Flower: anyone reaching the
-  SuperLink can submit an app, which would otherwise run at every hospital and at the coordinator);
+  and nothing of it runs;
 - the launcher asks a ``LaunchServer`` (a process with Flower, torch and fedmerge already
   imported) to fork the app process, so a message costs a fork instead of seconds of imports.
   Without a launch server the same guarded code runs in a fresh interpreter.
+
+A forked app process dies with its launch server, and the launch server with the daemon that
+started it (``PR_SET_PDEATHSIG``), so no app outlives ``fedmerge client`` or ``fedmerge coordinator``.
 """
 
 from __future__ import annotations
@@ -26,15 +28,13 @@ import stat
 import sys
 from pathlib import Path
 
+from fedmerge.federation.errors import UnpinnedApp
+
 PINNED_ENV = "FEDMERGE_PINNED_APP_HASHES"
-SOCKET_ENV = "FEDMERGE_LAUNCH_SOCKET"
+LAUNCH_SOCKET_ENV = "FEDMERGE_LAUNCH_SOCKET"
 KINDS = ("clientapp", "serverapp")
 
 log = logging.getLogger(__name__)
-
-
-class UnpinnedApp(Exception):
-    """The SuperLink sent an app bundle this hospital did not pin."""
 
 
 def pinned_hashes(env=None) -> set[str]:
@@ -46,7 +46,7 @@ def check_bundle(content: bytes) -> str:
     digest = hashlib.sha256(content).hexdigest()
     allowed = pinned_hashes()
     if digest not in allowed:
-        raise UnpinnedApp(f"app bundle sha256:{digest} is not pinned by this hospital (pinned: {', '.join(sorted(allowed)) or 'none'}); refusing to run it")
+        raise UnpinnedApp(f"app bundle sha256:{digest} is not pinned on this host (pinned: {', '.join(sorted(allowed)) or 'none'}); refusing to run it")
     return digest
 
 
@@ -76,39 +76,23 @@ def write_guard_bin(folder: str | os.PathLike[str], kinds: tuple[str, ...] = ("c
     return d
 
 
-def _install_guard(kind: str) -> None:
-    import importlib
-
-    # The module, not the same-named function its package re-exports.
-    name = "flwr.supernode.runtime.run_clientapp" if kind == "clientapp" else "flwr.superlink.runtime.run_serverapp"
-    runner = importlib.import_module(name)
-
-    if getattr(runner.install_from_fab, "_fedmerge_guard", False):
-        return
-    install = runner.install_from_fab
-
-    def install_if_pinned(fab_content, *args, **kwargs):
-        check_bundle(bytes(fab_content))
-        return install(fab_content, *args, **kwargs)
-
-    install_if_pinned._fedmerge_guard = True  # type: ignore[attr-defined]
-    runner.install_from_fab = install_if_pinned
-
-
 def run_guarded(kind: str, argv: list[str]) -> None:
     """Flower's own entry point for ``kind``, with the bundle check in front of its install step."""
+    from fedmerge.federation.flower_internals import guard_bundle_install, run_app_process
+
     if kind not in KINDS:
         raise SystemExit(f"unknown app kind {kind!r}")
-    _install_guard(kind)
-    sys.argv = [f"flwr-{kind}", *argv]
-    if kind == "clientapp":
-        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    guard_bundle_install(kind, check_bundle)
+    run_app_process(kind, argv)
 
-        flwr_clientapp()
-    else:
-        from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
 
-        flwr_serverapp()
+def _die_with(parent: int) -> None:
+    """In a forked app process: die when the launch server does (it may already have)."""
+    from fedmerge.federation.supervision import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class LaunchServer:
@@ -127,21 +111,20 @@ class LaunchServer:
 
         import fedmerge.checkpoints  # noqa: F401
         import fedmerge.security.verify  # noqa: F401
+        from fedmerge.federation.flower_internals import guard_bundle_install, preload_app_process
 
+        preload_app_process(self.kind)
         if self.kind == "clientapp":
-            import flwr.supernode.cli.flwr_clientapp  # noqa: F401
-
             import fedmerge.client.app  # noqa: F401
             import fedmerge.client.node  # noqa: F401
         else:
-            import flwr.superlink.cli.flwr_serverapp  # noqa: F401
-
             import fedmerge.merging.engine  # noqa: F401
             import fedmerge.server.app  # noqa: F401
             import fedmerge.server.rounds  # noqa: F401
-        _install_guard(self.kind)
+        guard_bundle_install(self.kind, check_bundle)
 
     def serve_forever(self) -> None:
+        launcher = os.getpid()
         self._preload()
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
         self.path.unlink(missing_ok=True)
@@ -159,6 +142,7 @@ class LaunchServer:
                 pid = os.fork()
                 if pid == 0:
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    _die_with(launcher)
                     srv.close()
                     conn.close()
                     code = 0

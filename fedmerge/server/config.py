@@ -65,14 +65,17 @@ class StrategyConfig(BaseModel):
 
 
 class SuperLinkConfig(BaseModel):
-    """The SuperLink the coordinator starts (``start: true``) or one already running."""
+    """The SuperLink the coordinator starts and owns (it never attaches to one it did not start).
+
+    ``address`` is the public Fleet listener, the only one hospitals reach; the full API (Control,
+    the ServerApp's runtime) listens on loopback only.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    start: bool = True
     address: str = "0.0.0.0:9092"
     ca_cert: ConfigPath
-    server_cert: ConfigPath | None = None
-    server_key: ConfigPath | None = None
+    server_cert: ConfigPath  # TLS is not optional
+    server_key: ConfigPath
     database_path: ConfigPath | None = None  # default: <state_dir>/superlink.db
     # institution -> OpenSSH public key of its SuperNode (`fedmerge node-key` output). A node's
     # contributions count only for the institution its key is bound to, and only bound nodes
@@ -85,12 +88,6 @@ class SuperLinkConfig(BaseModel):
         if isinstance(v, list):
             raise ValueError("must map each institution to its node's public key file (institution: path/to/node.pub), not list files")
         return v
-
-    @model_validator(mode="after")
-    def _certs_to_start(self) -> "SuperLinkConfig":
-        if self.start and not (self.server_cert and self.server_key):
-            raise ValueError("start: true needs server_cert and server_key (TLS is not optional)")
-        return self
 
 
 class EvaluatorHook(BaseModel):

@@ -1,253 +1,331 @@
-"""A real federation on loopback: one SuperLink (TLS, SuperNode authentication, SQLite state) and
-three SuperNodes, driven exactly as `fedmerge coordinator` / `fedmerge client` drive them.
+"""A real federation on loopback: `fedmerge client` daemons (Flower SuperNodes) started *before* the
+coordinator, and a coordinator whose SuperLink serves the Fleet API on the "public" interface
+127.0.0.2 and everything else on 127.0.0.1 only.
 
-One SuperLink and one set of SuperNodes serve every test of this module (Flower processes take
-seconds to start here); each test submits its own run with its own coordinator state.
-Tests run in file order; the last one kills a node.
+One deployment serves every test of this module (Flower processes take seconds to start here);
+tests run in file order and the last ones stop hospitals. The coordinator runs in this process
+(``CoordinatorDaemon``) with a SuperLink that also runs one probe bundle nobody else pinned, as a
+careless coordinator would, so that the hospitals' own refusal can be seen.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
+import signal
+import ssl
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from deployment_helpers import (
+    PUBLIC_HOST,
+    ProbePinningSuperLink,
+    flwr_cli,
+    kill_leftovers,
+    make_layout,
+    outsider_flwr_home,
+    port_is_free,
+    processes_mentioning,
+    start_client,
+    wait_until_gone,
+)
 from fedtest_helpers import assert_same_tensors
+from probe_app import write_probe_app
 
 from fedmerge.cli import main as fedmerge_main
-from fedmerge.federation import flower
-from fedmerge.federation.credentials import make_node_key, make_tls
-from fedmerge.federation.toy import build_toy_federation
-from fedmerge.server.coordinator import Coordinator
-from fedmerge.server.ledger import RoundLedger
+from fedmerge.federation import flower, flower_internals
+from fedmerge.federation.coordinator_daemon import CoordinatorDaemon
+from fedmerge.federation.supervision import free_port
+from fedmerge.server.app import PINNED_CONFIG_ENV, PINNED_CONFIG_SHA256_ENV, file_sha256
 
 pytestmark = pytest.mark.slow
-NAMES = ["hospital-a", "hospital-b", "hospital-c"]
 
 
 class Deployment:
     def __init__(self, root: Path, toy_models):
         self.root = root
-        self.tls = make_tls(root / "tls", ["127.0.0.1", "localhost"])
-        (root / "nodekeys").mkdir(parents=True)
-        self.node_keys = {n: make_node_key(root / "nodekeys", n) for n in [*NAMES, "intruder"]}
-        # The hospitals' side: identities, trust store, models, client configs (one toy layout).
-        self.toy = build_toy_federation(root / "fed", 3, models_from=toy_models)
-        self.address = f"127.0.0.1:{flower.free_port()}"
-        self.nodes: dict[str, flower.SuperNode] = {}
-        self.coordinators: list[Coordinator] = []
-        self.superlink: flower.SuperLink | None = None
-
-    def federation_config(self, name: str, **overrides) -> Path:
-        """A coordinator config of its own (state dir per test) for the shared SuperLink."""
-        fed = yaml.safe_load(self.toy.federation_config.read_text())
-        fed.update(
-            state_dir=str(self.root / name / "coordinator"),
-            part_bytes=384 * 1024,
-            wait_for_clients_s=60.0,
-            round_timeout_s=90.0,
-            superlink={
-                "start": False,
-                "address": self.address,
-                "ca_cert": str(self.tls.ca_cert),
-                "supernode_public_keys": {n: str(self.node_keys[n][1]) for n in NAMES},
-            },
-        )
-        fed.update(overrides)
-        path = self.root / name / "federation.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(fed, sort_keys=False))
-        return path
+        self.layout = make_layout(root, toy_models, 3, extra_keys=("intruder",), rounds=1)
+        self.names = self.layout.names
+        self.probe = write_probe_app(root / "probe-app")
+        ProbePinningSuperLink.extra_pins = [flower.app_hash(self.probe)]
+        self.clients = {}
+        self.coordinator: CoordinatorDaemon | None = None
+        self.records: list[dict] = []
 
     def start(self) -> None:
-        # The consortium: a SuperLink with TLS, node authentication and a state database,
-        # started by the coordinator code, with the three hospitals' node keys registered.
-        first = self.federation_config("setup")
-        cfg = yaml.safe_load(first.read_text())
-        cfg["superlink"].update(
-            start=True,
-            server_cert=str(self.tls.server_cert),
-            server_key=str(self.tls.server_key),
-            database_path=str(self.root / "superlink.db"),
-            supernode_public_keys={n: str(self.node_keys[n][1]) for n in NAMES},
-        )
-        first.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        coord = Coordinator(first)
-        coord.superlink.in_process_cli = True  # `flwr` commands without a new interpreter each
-        # An app the hospitals did not pin: the same app plus one file, so its hash differs. The
-        # coordinator is told to allow it (as a compromised or careless coordinator would) so
-        # that it reaches the hospitals' nodes, which must refuse it themselves.
-        self.unpinned_app = flower.write_app_dir(self.root / "unpinned-app")
-        (self.unpinned_app / "README.md").write_text("not what the hospitals pinned\n")
-        coord.superlink.extra_pins = [flower.app_hash(self.unpinned_app)]
-        coord.start()
-        self.coordinators.append(coord)
-        self.superlink = coord.superlink
-        pins = [flower.app_hash()]
-        for name in NAMES:
-            self.nodes[name] = flower.SuperNode(
-                self.root / "nodes" / name, self.address, str(self.tls.ca_cert), str(self.node_keys[name][0]),
-                str(self.toy.client_configs[name]), flower.free_port(), pins,
-            ).start()  # fmt: skip
-
-    def run(self, config: Path, timeout: float = 200.0) -> list[dict]:
-        coord = Coordinator(config)
-        coord.superlink = self.superlink  # the shared one, already running
-        coord.submit()
-        records = coord.wait(timeout=timeout, poll_s=1.0)
-        # Flower reports the run finished once the ServerApp returns.
-        deadline = time.monotonic() + 30
-        while not coord.run_finished() and time.monotonic() < deadline:
+        # Hospitals first: nothing listens on the public address yet.
+        for name in self.names:
+            self.clients[name] = start_client(self.layout, name)
+        for name in self.names:
+            self.clients[name].wait_for("waiting for the SuperLink", 120)
+        self.coordinator = CoordinatorDaemon(self.layout.toy.federation_config, superlink_class=ProbePinningSuperLink)
+        self.coordinator.start()
+        self.coordinator.submit()
+        self.records = self.coordinator.wait(timeout=400, poll_s=1.0)
+        deadline = time.monotonic() + 120  # Flower marks the run finished once the ServerApp returned
+        while not self.coordinator.run_finished() and time.monotonic() < deadline:
             time.sleep(1.0)
-        assert self.superlink.run_status(coord.run_id) == "finished:completed"
-        return records
 
     def stop(self) -> None:
-        for node in self.nodes.values():
-            node.stop()
-        for c in self.coordinators:
-            c.stop()
+        for daemon in self.clients.values():
+            daemon.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+
+    @property
+    def superlink(self) -> flower.SuperLink:
+        return self.coordinator.superlink
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, toy_models):
-    d = Deployment(tmp_path_factory.mktemp("flower"), toy_models)
+    root = tmp_path_factory.mktemp("flower")
+    d = Deployment(root, toy_models)
     try:
         d.start()
         yield d
+        d.stop()
+        # Every Flower process of the coordinator and the hospitals is gone, and the ports are free.
+        assert wait_until_gone(root, 30) == {}
+        assert port_is_free(PUBLIC_HOST, d.layout.public_port)
+        assert port_is_free("127.0.0.1", d.superlink.loopback.port)
     finally:
         d.stop()
+        kill_leftovers(root)
 
 
 def _offline_fedmerge_merge(d: Deployment, names: list[str], out: Path) -> Path:
     """`fedmerge merge` on the same inputs: the hospitals' fine-tunes against the base."""
-    cfg = {
-        "method": "task_arithmetic",
-        "base": str(d.toy.base),
-        "models": [{"path": str(d.toy.finetunes[n])} for n in names],
-        "dtype": "float32",
-    }
+    toy = d.layout.toy
+    cfg = {"method": "task_arithmetic", "base": str(toy.base), "models": [{"path": str(toy.finetunes[n])} for n in names], "dtype": "float32"}
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert fedmerge_main(["merge", str(path), str(out), "--no-progress"]) == 0
     return out
 
 
-def test_two_rounds_over_tls_with_node_auth_install_the_offline_merge(deployment, tmp_path):
-    d = deployment
-    records = d.run(d.federation_config("two-rounds", rounds=2))
-    assert [(r.round, r.status) for r in records] == [(1, "completed"), (2, "completed")]
-    offline = _offline_fedmerge_merge(d, NAMES, tmp_path / "offline")
-    for rec in records:
-        assert rec.contributors == NAMES
-        assert rec.drops == [] and rec.rejections == []
-        assert rec.publication.installed == NAMES
-    for name in NAMES:
-        current = Path(d.toy.client_configs[name]).parent / name / "models" / "current"
-        assert current.resolve().name == "round-0002"
-        assert assert_same_tensors(current, offline) == 21
-        assert (current.parent / "round-0001").is_dir()  # the previous model is kept
-    # The three nodes connected through TLS with their registered keys, each bound to its institution
-    # by the key the SuperLink registered for it.
-    assert sorted(records[0].sampled) == NAMES and len(set(records[0].sampled.values())) == 3
-
-
-def test_unregistered_node_is_refused(deployment):
-    d = deployment
-    intruder = flower.SuperNode(
-        d.root / "nodes" / "intruder", d.address, str(d.tls.ca_cert), str(d.node_keys["intruder"][0]),
-        str(d.toy.client_configs["hospital-a"]), flower.free_port(), [flower.app_hash()],
-    )  # fmt: skip
-    intruder.start()
+def _https_status(url: str, ca_cert: Path) -> int:
+    ctx = ssl.create_default_context(cafile=str(ca_cert))
+    req = urllib.request.Request(url, data=b"", method="POST", headers={"content-type": "application/protobuf"})
     try:
-        deadline = time.monotonic() + 60
-        while intruder.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert intruder.proc.poll() is not None, "an unregistered SuperNode kept running"
-        assert intruder.proc.returncode != 0
-        log = intruder.log_text()
-        assert "SuperNode ID" not in log  # it never got a node id from the SuperLink
-        assert "Failed to activate SuperNode" in log
-        # The SuperLink refused it because its key is not registered (and only that key's node).
-        link_log = d.superlink.log_file.read_text(errors="replace")
-        refusals = [line for line in link_log.splitlines() if "No SuperNode found with the given public key" in line]
-        assert len(refusals) >= 1
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_clients_started_first_wait_then_install_the_offline_merge(deployment, tmp_path):
+    d = deployment
+    assert [(r["round"], r["status"]) for r in d.records] == [(1, "completed")]
+    offline = _offline_fedmerge_merge(d, d.names, tmp_path / "offline")
+    for rec in d.records:
+        assert rec["contributors"] == d.names
+        assert rec["dropped"] == [] and rec["rejections"] == []
+    for name in d.names:
+        current = d.layout.installed(name)
+        assert current.resolve().name == "round-0001"
+        assert assert_same_tensors(current, offline) == 21
+        out = d.clients[name].text()
+        # each hospital said what it waited for, then that it was in
+        assert out.index("waiting for the SuperLink") < out.index("connected to the SuperLink")
+    log = (d.layout.state / "superlink" / "superlink.log").read_text(errors="replace")
+    assert "Fleet API only on 127.0.0.2" in log
+
+
+def test_an_outsider_holding_the_ca_can_neither_list_register_stop_nor_run(deployment, tmp_path):
+    d = deployment
+    ca = d.layout.tls.ca_cert
+    home = outsider_flwr_home(tmp_path / "outsider", d.layout.public_address, ca)
+    run_id = str(d.coordinator.run_id)
+    attacker_config = tmp_path / "attacker.yaml"
+    attacker_config.write_text("state_dir: loot\n")
+    attacks = {
+        "list runs": ["ls", "target"],
+        "list nodes": ["supernode", "list", "target"],
+        "register a node": ["supernode", "register", str(d.layout.node_keys["intruder"][1]), "target"],
+        "stop the run": ["stop", run_id, "target"],
+        "run the pinned app with its own config": ["run", str(flower.write_app_dir(tmp_path / "app")), "target", "--run-config", f'federation-config="{attacker_config}"'],
+    }
+    for what, args in attacks.items():
+        code, out = flwr_cli(args, home)
+        assert code != 0, f"{what} succeeded from the public address:\n{out}"
+        assert f"404 Not Found' for url 'https://{d.layout.public_address}/v1/control/" in out, out  # refused by the listener itself
+    # The same requests, raw: every Control and runtime path is 404 on the public listener.
+    base = f"https://{d.layout.public_address}"
+    for path in ["/v1/control/list-runs", "/v1/control/register-node", "/v1/control/stop-run", "/v1/control/start-run",
+                 "/v1/runtime/acquire-task", "/health", "/docs", "/openapi.json", "/v1/fleet/../control/list-runs"]:  # fmt: skip
+        assert _https_status(base + path, ca) == 404, path
+    assert _https_status(base + "/v1/fleet/get-run", ca) != 404  # the Fleet API is served there
+    # Nothing changed: the same three nodes (the intruder's key was not registered), our run finished.
+    nodes = flower_internals.list_supernodes(d.superlink.control)
+    intruder = d.layout.node_keys["intruder"][1].read_text()
+    assert len(nodes) == 3 and not any(flower_internals.same_public_key(n.public_key, intruder) for n in nodes)
+    assert d.superlink.run_status(d.coordinator.run_id) == "finished:completed"
+    assert not (tmp_path / "loot").exists()
+
+
+def test_the_coordinators_control_calls_go_to_loopback(deployment):
+    d = deployment
+    flwr_home = d.layout.state / "superlink" / "flwr-home"
+    toml = (flwr_home / "config.toml").read_text()
+    assert f'address = "127.0.0.1:{d.superlink.loopback.port}"' in toml
+    assert d.superlink.loopback.port != d.layout.public_port
+    code, out = flwr_cli(["ls", "fedmerge", "--format", "json"], flwr_home)
+    assert code == 0, out
+    assert str(d.coordinator.run_id) in out
+    # The loopback listener is not on the public interface.
+    assert _connect_refused(PUBLIC_HOST, d.superlink.loopback.port)
+
+
+def _connect_refused(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_public_key_of_a_node_id_comes_from_loopback_control(deployment):
+    d = deployment
+    nodes = {n.node_id: n for n in flower_internals.list_supernodes(d.superlink.control)}
+    rec = d.records[0]
+    assert sorted(int(x) for x in rec["sampled"]) == sorted(nodes)
+    for name in d.names:
+        pub = d.layout.node_keys[name][1].read_text()
+        matching = [nid for nid, n in nodes.items() if flower_internals.same_public_key(n.public_key, pub)]
+        assert len(matching) == 1
+        assert flower_internals.same_public_key(flower_internals.supernode_public_key(d.superlink.control, matching[0]), pub)
+    assert flower_internals.supernode_public_key(d.superlink.control, 12345) is None
+    # The ServerApp finds the same endpoint in the environment the coordinator gave its launcher.
+    launcher_env = dict(
+        kv.split(b"=", 1) for kv in Path(f"/proc/{d.superlink.launcher.pid}/environ").read_bytes().split(b"\0") if b"=" in kv
+    )
+    env = {k.decode(): v.decode() for k, v in launcher_env.items()}
+    assert flower_internals.control_endpoint_from_env(env) == d.superlink.control
+
+
+def test_an_unregistered_node_is_refused_and_its_daemon_keeps_waiting(deployment):
+    d = deployment
+    config = yaml.safe_load(d.layout.client_config("hospital-a").read_text())
+    config.update(supernode_key=str(d.layout.node_keys["intruder"][0]), runtime_port=free_port(), state_dir=str(d.root / "intruder-state"))
+    path = d.root / "intruder.yaml"
+    path.write_text(yaml.safe_dump(config))
+    intruder = start_client(d.layout, "intruder", path)
+    try:
+        # Flower's SuperNode gives up (exit 305) and the daemon starts it again, saying why.
+        intruder.wait_for("SuperNode stopped with exit code 305 (Failed to initialize the connection to the SuperLink.", 120)
+        assert "registered this node's public key" in intruder.text()
+        assert "connected to the SuperLink" not in intruder.text()
+        log = (d.layout.state / "superlink" / "superlink.log").read_text(errors="replace")
+        refusals = [line for line in log.splitlines() if "No SuperNode found with the given public key" in line]
         from cryptography.hazmat.primitives import serialization
 
-        pub = serialization.load_ssh_public_key(d.node_keys["intruder"][1].read_bytes())
+        pub = serialization.load_ssh_public_key(d.layout.node_keys["intruder"][1].read_bytes())
         pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         body = "".join(pem.strip().splitlines()[1:-1])
         assert any(body in line.replace("\\n", "") for line in refusals)
     finally:
-        intruder.stop()
+        intruder.signal(signal.SIGTERM)
+        assert intruder.wait(60) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in intruder.text()
+    assert wait_until_gone(d.root / "intruder-state", 30) == {}
 
 
-def test_unpinned_app_bundle_is_refused_before_it_runs(deployment):
+def test_a_run_naming_another_federation_config_is_refused(deployment, tmp_path):
+    """Defence in depth: even through Control (here on loopback), the ServerApp runs only the
+    coordinator's own config, pinned by path and SHA-256 in its environment."""
     d = deployment
-    config = d.federation_config("unpinned", rounds=1, wait_for_clients_s=10.0, round_timeout_s=40.0)
-    # Anyone reaching the SuperLink's port can submit an app (Control is unauthenticated).
-    app = d.unpinned_app
-    assert flower.app_hash(app) != flower.app_hash()
-    d.superlink.submit(app, config)
-    ledger = RoundLedger(d.root / "unpinned" / "coordinator")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(r.status == "failed" for r in ledger.records()):
+    other = tmp_path / "other.yaml"
+    other.write_text(d.layout.toy.federation_config.read_text().replace(str(d.layout.state), str(tmp_path / "other-state")))
+    app = flower.write_app_dir(tmp_path / "app")
+    run_id = d.superlink.submit(app, other)
+    deadline = time.monotonic() + 180
+    while not d.superlink.run_status(run_id).startswith("finished") and time.monotonic() < deadline:
         time.sleep(1.0)
-    rec = ledger.records()[0]
-    assert rec.status == "failed" and rec.contributors == []
-    assert len(rec.drops) == 3
-    assert all("not pinned" in x.reason for x in rec.drops), rec.drops
+    assert d.superlink.run_status(run_id) == "finished:failed"
+    assert not (tmp_path / "other-state").exists()
+    log = (d.layout.state / "superlink" / "superlink.log").read_text(errors="replace")
+    assert f"names federation config {other}" in log and "UnpinnedFederationConfig" in log
+    # The pin travels in the environment of the processes the coordinator started, not in the run.
+    env = Path(f"/proc/{d.superlink.launcher.pid}/environ").read_bytes().split(b"\0")
+    assert f"{PINNED_CONFIG_ENV}={d.layout.toy.federation_config.resolve()}".encode() in env
+    assert f"{PINNED_CONFIG_SHA256_ENV}={file_sha256(d.layout.toy.federation_config)}".encode() in env
 
 
-def test_client_killed_mid_round_round_completes_on_quorum(deployment, tmp_path):
+def test_an_unpinned_app_bundle_is_refused_by_every_hospital(deployment, tmp_path):
     d = deployment
-    config = d.federation_config("kill", rounds=1, min_clients=2, part_bytes=192 * 1024, straggler_grace_s=5.0, round_timeout_s=90.0)
-    # A new federation for the same hospitals: the round 2 an earlier test installed would make
-    # this run's round 1 a rollback, which hospitals refuse.
-    for name in NAMES:
-        shutil.rmtree(Path(d.toy.client_configs[name]).parent / name / "models", ignore_errors=True)
-    coord = Coordinator(config)
-    coord.superlink = d.superlink
-    coord.submit()
-    # Kill hospital-b's SuperNode once the coordinator holds some, not all, of its parts.
-    spool = d.root / "kill" / "coordinator" / "rounds" / "round-0001" / "incoming"
+    out = tmp_path / "probe.json"
+    run_id = flower_internals.start_run(d.superlink.control, d.probe, {"out": str(out)})
+    deadline = time.monotonic() + 180
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    result = json.loads(out.read_text())
+    assert len(result["nodes"]) == 3 and len(result["replies"]) == 3
+    assert all(r["error"] and "not pinned" in r["error"] for r in result["replies"]), result
     deadline = time.monotonic() + 120
-    killed = False
-    while time.monotonic() < deadline and not killed:
-        for journal in spool.glob("node-*.json") if spool.exists() else []:
-            data = yaml.safe_load(journal.read_text())
-            if data["institution"] == "hospital-b" and 0 < len(data["received"]):
-                d.nodes["hospital-b"].kill()
-                killed = True
-                break
-        time.sleep(0.2)
-    assert killed, "hospital-b never started sending"
-    records = coord.wait(timeout=150, poll_s=1.0)
-    rec = records[0]
-    assert rec.status == "completed"
-    assert rec.contributors == ["hospital-a", "hospital-c"]
-    assert [x.institution for x in rec.drops] == ["hospital-b"]
+    while not d.superlink.run_status(run_id).startswith("finished") and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert d.superlink.run_status(run_id) == "finished:completed"  # the probe itself ran, at the coordinator only
+
+
+def test_a_second_hospital_on_the_same_runtime_port_is_refused_before_flower_starts(deployment):
+    d = deployment
+    config = yaml.safe_load(d.layout.client_config("hospital-b").read_text())
+    config.update(runtime_port=d.layout.runtime_ports["hospital-a"], state_dir=str(d.root / "clash-state"))
+    path = d.root / "clash.yaml"
+    path.write_text(yaml.safe_dump(config))
+    clash = start_client(d.layout, "clash", path)
+    assert clash.wait(60) == 1
+    text = clash.text()
+    assert f"runtime_port: port {d.layout.runtime_ports['hospital-a']} on 127.0.0.1 is already in use, held by pid" in text
+    assert not (d.root / "clash-state" / "supernode" / "supernode.log").exists()  # no Flower process was started
+
+
+def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_quorum(deployment, tmp_path):
+    """The coordinator restarts with a second round (a changed config needs a restart: it is pinned);
+    hospital-b's daemon is SIGKILLed once it is sending its parts."""
+    d = deployment
+    d.coordinator.stop()
+    config = d.layout.set_federation(rounds=2, min_clients=2, straggler_grace_s=5.0, part_bytes=128 * 1024)
+    d.coordinator = CoordinatorDaemon(config, superlink_class=ProbePinningSuperLink)
+    victim = d.layout.root / "fed" / "clients" / "hospital-b"
+    log = victim / "supernode" / "supernode.log"
+    offset = log.stat().st_size
+    d.coordinator.start()
+    d.coordinator.submit()
+    deadline = time.monotonic() + 300
+    while log.read_bytes()[offset:].count(b"Receiving: query.") < 2:  # the round's open request, then a part request
+        assert time.monotonic() < deadline, "hospital-b was never asked for a part"
+        time.sleep(0.1)
+    d.clients["hospital-b"].signal(signal.SIGKILL)
+    assert d.clients["hospital-b"].wait(30) == -signal.SIGKILL
+    assert wait_until_gone(victim, 30) == {}  # SuperNode, SuperExec, launcher, ClientApps
+    assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-b"])
+
+    rec = d.coordinator.wait(timeout=400, poll_s=1.0)[1]
+    assert rec["status"] == "completed"
+    assert rec["contributors"] == ["hospital-a", "hospital-c"]
+    assert [x["institution"] for x in rec["dropped"]] == ["hospital-b"]
     offline = _offline_fedmerge_merge(d, ["hospital-a", "hospital-c"], tmp_path / "offline")
-    current = Path(d.toy.client_configs["hospital-a"]).parent / "hospital-a" / "models" / "current"
+    current = d.layout.installed("hospital-a")
+    assert current.resolve().name == "round-0002"
     assert_same_tensors(current, offline)
+    assert (current.parent / "round-0001").is_dir()  # the previous model is kept
 
 
-def test_guard_refuses_a_bundle_that_is_not_pinned(monkeypatch, tmp_path):
-    """The check the SuperLink's and the SuperNodes' launchers run before installing a bundle."""
-    from flwr.cli.build import build_fab_from_disk
-
-    from fedmerge.federation.guard import PINNED_ENV, UnpinnedApp, check_bundle
-
-    own = build_fab_from_disk(flower.write_app_dir(tmp_path / "own"))
-    other_dir = flower.write_app_dir(tmp_path / "other")
-    (other_dir / "extra.py").write_text("print('hello')\n")
-    other = build_fab_from_disk(other_dir)
-    monkeypatch.setenv(PINNED_ENV, flower.app_hash())
-    assert check_bundle(own) == flower.app_hash()
-    with pytest.raises(UnpinnedApp, match="is not pinned"):
-        check_bundle(other)
-    monkeypatch.setenv(PINNED_ENV, "")
-    with pytest.raises(UnpinnedApp, match="pinned: none"):
-        check_bundle(own)
+def test_stopping_a_client_daemon_leaves_no_flower_process(deployment):
+    d = deployment
+    daemon = d.clients["hospital-c"]
+    state = d.layout.root / "fed" / "clients" / "hospital-c"
+    kinds = " ".join(processes_mentioning(state).values())
+    assert "flower-supernode" in kinds and "guard --serve clientapp" in kinds and "flower-superexec" in kinds
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 128 + signal.SIGTERM
+    assert wait_until_gone(state, 30) == {}
+    assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-c"])
+    assert f"stopped by SIGTERM; the SuperNode and its ClientApps are stopped (log: {state / 'supernode' / 'supernode.log'})" in daemon.text()

@@ -48,10 +48,10 @@ def test_a_quorum_the_method_cannot_merge_fails_when_the_config_loads(make_feder
 
 def test_node_keys_must_be_bound_to_institutions(make_federation):
     tf = make_federation(2)
-    edit_yaml(tf.federation_config, superlink={"start": False, "ca_cert": "ca.pem", "supernode_public_keys": ["a.pub", "b.pub"]})
+    edit_yaml(tf.federation_config, superlink={"ca_cert": "ca.pem", "supernode_public_keys": ["a.pub", "b.pub"]})
     with pytest.raises(ConfigError, match="superlink.supernode_public_keys: must map each institution to its node's public key file"):
         load_federation_config(tf.federation_config)
-    edit_yaml(tf.federation_config, superlink={"start": False, "ca_cert": "ca.pem", "supernode_public_keys": {"hospital-a": "keys/a.pub"}})
+    edit_yaml(tf.federation_config, superlink={"ca_cert": "ca.pem", "supernode_public_keys": {"hospital-a": "keys/a.pub"}})
     cfg = load_federation_config(tf.federation_config)
     assert cfg.superlink.supernode_public_keys == {"hospital-a": str(tf.federation_config.parent / "keys" / "a.pub")}
 

@@ -1,0 +1,41 @@
+"""What launching and supervising the Flower processes refuses, each error naming the file, port or process."""
+
+from __future__ import annotations
+
+from fedmerge.errors import FedmergeError
+
+
+class UnsupportedFlower(FedmergeError):
+    """The installed Flower is not the version whose internals fedmerge was written against."""
+
+
+class FlowerLaunchError(FedmergeError):
+    """A Flower process did not start or stopped on its own; the message names its log."""
+
+
+class ControlApiError(FedmergeError):
+    """A call to the SuperLink's Control API failed; the message names the call and the address."""
+
+
+class PortInUse(FedmergeError):
+    """A port a daemon must listen on is taken; the message names the config field and, where it can, the process."""
+
+
+class LeftoverProcess(FedmergeError):
+    """A SuperLink this coordinator did not start still runs on its state; the coordinator never attaches to it."""
+
+
+class UnpinnedApp(FedmergeError):
+    """A Flower app bundle whose SHA-256 is not pinned; it is refused before Flower installs or imports it."""
+
+
+class DaemonConfigError(FedmergeError):
+    """A daemon (``fedmerge client`` or ``fedmerge coordinator``) cannot start as configured."""
+
+
+class SuperNodeGaveUp(FedmergeError):
+    """The hospital's SuperNode stopped for a reason retrying cannot fix (bad key, TLS, address...)."""
+
+
+class RoundsFailed(FedmergeError):
+    """The coordinator's rounds did not all complete (a round failed, the run ended, or time ran out)."""

@@ -1,0 +1,126 @@
+"""`fedmerge coordinator` owns its Flower processes: it refuses what it did not start, leaves nothing
+behind when stopped or killed, and a restart after SIGKILL resumes the rounds.
+
+Two `fedmerge client` daemons run for the whole module and wait through every coordinator
+restart; the coordinator runs as its command, in a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+from deployment_helpers import (
+    PUBLIC_HOST,
+    kill_leftovers,
+    make_layout,
+    port_is_free,
+    processes_mentioning,
+    start_client,
+    start_coordinator,
+    wait_until_gone,
+)
+from fedtest_helpers import assert_same_tensors, offline_merge
+
+from fedmerge.federation import flower
+from fedmerge.server.app import pinned_config_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory, toy_models):
+    root = tmp_path_factory.mktemp("supervision")
+    layout = make_layout(root, toy_models, 2, rounds=1, part_bytes=128 * 1024)
+    clients = {name: start_client(layout, name) for name in layout.names}
+    try:
+        yield layout
+        for daemon in clients.values():
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(60) == 128 + signal.SIGTERM
+        assert wait_until_gone(root, 30) == {}
+    finally:
+        for daemon in clients.values():
+            daemon.stop()
+        kill_leftovers(root)
+
+
+def _superlink_processes(layout) -> dict[int, str]:
+    return processes_mentioning(layout.state / "superlink")
+
+
+def test_a_port_held_by_another_process_is_refused(layout):
+    with socket.socket() as holder:
+        holder.bind((PUBLIC_HOST, layout.public_port))
+        holder.listen(1)
+        coordinator = start_coordinator(layout)
+        assert coordinator.wait(120) == 1
+    text = coordinator.text()
+    assert f"superlink.address: port {layout.public_port} on {PUBLIC_HOST} is already in use, held by pid {os.getpid()}" in text
+    assert _superlink_processes(layout) == {}
+    assert not (layout.state / "superlink" / "superlink.log").exists()  # no Flower process was started
+
+
+def test_a_superlink_it_did_not_start_is_never_attached_to(layout):
+    sl = layout.toy.federation_config
+    cfg = flower.SuperLink(
+        layout.state / "superlink", layout.public_address, layout.tls.ca_cert, layout.tls.server_cert, layout.tls.server_key,
+        layout.state / "superlink.db", serverapp_env=pinned_config_env(sl),
+    )  # fmt: skip
+    leftover = cfg.start()
+    try:
+        coordinator = start_coordinator(layout)
+        assert coordinator.wait(120) == 1
+        text = coordinator.text()
+        assert f"a SuperLink (pid {leftover.proc.pid}" in text and "never attaches to a process it did not start" in text
+        assert leftover.proc.poll() is None  # left alone, not taken over or stopped
+    finally:
+        leftover.stop()
+    assert wait_until_gone(layout.state / "superlink", 30) == {}
+
+
+def test_sigkill_mid_round_leaves_no_process_and_a_restart_resumes(layout, tmp_path):
+    coordinator = start_coordinator(layout)
+    accepted = layout.state / "rounds" / "round-0001" / "accepted"
+    deadline = time.monotonic() + 300
+    while not (accepted.is_dir() and any(accepted.iterdir())):
+        assert coordinator.proc.poll() is None, coordinator.text()[-3000:]
+        assert time.monotonic() < deadline, "no contribution was accepted"
+        time.sleep(0.1)
+    before = {p.name: p.stat().st_ino for p in accepted.iterdir()}
+    status = json.loads((layout.state / "superlink" / "superlink.json").read_text())
+    loopback_port = int(status["loopback"].rsplit(":", 1)[1])
+    tree = " ".join(_superlink_processes(layout).values())
+    assert "superlink_main" in tree and "flower-superexec" in tree and "guard --serve serverapp" in tree
+
+    coordinator.signal(signal.SIGKILL)
+    assert coordinator.wait(30) == -signal.SIGKILL
+    assert wait_until_gone(layout.state, 30) == {}  # SuperLink, SuperExec, launcher, ServerApp
+    assert port_is_free(PUBLIC_HOST, layout.public_port) and port_is_free("127.0.0.1", loopback_port)
+
+    restarted = start_coordinator(layout)
+    assert restarted.wait(600) == 0, restarted.text()[-3000:]
+    record = json.loads((layout.state / "rounds" / "round-0001" / "record.json").read_text())
+    assert record["status"] == "completed" and record["contributors"] == layout.names
+    # what was accepted before the kill was kept, not asked for again
+    assert {name: (accepted / name).stat().st_ino for name in before} == before
+    offline = offline_merge(layout.toy.base, [layout.toy.finetunes[n] for n in layout.names], tmp_path / "offline", {"method": "task_arithmetic"})
+    for name in layout.names:
+        assert layout.installed(name).resolve().name == "round-0001"
+        assert_same_tensors(layout.installed(name), offline)
+
+
+def test_sigterm_stops_the_coordinator_and_frees_its_ports(layout):
+    coordinator = start_coordinator(layout, "--keep-running")
+    coordinator.wait_for("keeping the SuperLink up", 300)
+    status = json.loads((layout.state / "superlink" / "superlink.json").read_text())
+    loopback_port = int(status["loopback"].rsplit(":", 1)[1])
+    coordinator.signal(signal.SIGTERM)
+    assert coordinator.wait(60) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM; the SuperLink and its ServerApp are stopped" in coordinator.text()
+    assert wait_until_gone(layout.state, 30) == {}
+    assert port_is_free(PUBLIC_HOST, layout.public_port) and port_is_free("127.0.0.1", loopback_port)
