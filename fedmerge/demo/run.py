@@ -17,6 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,19 @@ log = logging.getLogger(__name__)
 # Loggers of libraries that narrate every step; the demo prints its own progress instead.
 _CHATTY = ("lm_eval", "lm-eval", "fedmerge.eval", "fedmerge.server", "fedmerge.client", "fedmerge.federation",
            "fedmerge.merging", "fedmerge.security", "flwr", "transformers", "datasets", "httpx", "filelock")
+
+
+@contextmanager
+def _quieted(names: tuple[str, ...]):
+    """Loggers held at ERROR for the demo, their levels given back after (the process may go on)."""
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
 
 
 @dataclass
@@ -83,12 +97,14 @@ def run_demo(
     quiet_libraries: bool = True,
     say: Callable[[str], None] = print,
 ) -> DemoResult:
+    with _quieted(_CHATTY if quiet_libraries else ()):
+        return _run_demo(config, out, cache, rebuild, keep_models, say)
+
+
+def _run_demo(config: DemoConfig, out: str | Path, cache: str | Path | None, rebuild: bool, keep_models: bool, say: Callable[[str], None]) -> DemoResult:
     import torch
 
     torch.set_num_threads(config.world.threads)
-    if quiet_libraries:
-        for name in _CHATTY:
-            logging.getLogger(name).setLevel(logging.ERROR)
     clock = Clock()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
