@@ -165,7 +165,7 @@ def make_layout(root: Path, toy_models, n: int = 3, *, extra_keys: tuple[str, ..
             "ca_cert": str(tls.ca_cert),
             "server_cert": str(tls.server_cert),
             "server_key": str(tls.server_key),
-            "supernode_public_keys": [str(keys[name][1]) for name in names],
+            "supernode_public_keys": {name: str(keys[name][1]) for name in names},
         },
         **federation,
     )

@@ -28,6 +28,7 @@ from fedtest_helpers import assert_same_tensors, offline_merge
 
 from fedmerge.federation import flower
 from fedmerge.server.app import pinned_config_env
+from fedmerge.server.ledger import RoundLedger
 
 pytestmark = pytest.mark.slow
 
@@ -104,8 +105,8 @@ def test_sigkill_mid_round_leaves_no_process_and_a_restart_resumes(layout, tmp_p
 
     restarted = start_coordinator(layout)
     assert restarted.wait(600) == 0, restarted.text()[-3000:]
-    record = json.loads((layout.state / "rounds" / "round-0001" / "record.json").read_text())
-    assert record["status"] == "completed" and record["contributors"] == layout.names
+    record = RoundLedger(layout.state, create=False).records()[0]
+    assert record.status.value == "completed" and record.contributors == layout.names
     # what was accepted before the kill was kept, not asked for again
     assert {name: (accepted / name).stat().st_ino for name in before} == before
     offline = offline_merge(layout.toy.base, [layout.toy.finetunes[n] for n in layout.names], tmp_path / "offline", {"method": "task_arithmetic"})

@@ -53,7 +53,7 @@ class Deployment:
         ProbePinningSuperLink.extra_pins = [flower.app_hash(self.probe)]
         self.clients = {}
         self.coordinator: CoordinatorDaemon | None = None
-        self.records: list[dict] = []
+        self.records: list = []
 
     def start(self) -> None:
         # Hospitals first: nothing listens on the public address yet.
@@ -119,11 +119,11 @@ def _https_status(url: str, ca_cert: Path) -> int:
 
 def test_clients_started_first_wait_then_install_the_offline_merge(deployment, tmp_path):
     d = deployment
-    assert [(r["round"], r["status"]) for r in d.records] == [(1, "completed")]
+    assert [(r.round, r.status.value) for r in d.records] == [(1, "completed")]
     offline = _offline_fedmerge_merge(d, d.names, tmp_path / "offline")
     for rec in d.records:
-        assert rec["contributors"] == d.names
-        assert rec["dropped"] == [] and rec["rejections"] == []
+        assert rec.contributors == d.names
+        assert rec.drops == [] and rec.rejections == []
     for name in d.names:
         current = d.layout.installed(name)
         assert current.resolve().name == "round-0001"
@@ -194,11 +194,12 @@ def test_public_key_of_a_node_id_comes_from_loopback_control(deployment):
     d = deployment
     nodes = {n.node_id: n for n in flower_internals.list_supernodes(d.superlink.control)}
     rec = d.records[0]
-    assert sorted(int(x) for x in rec["sampled"]) == sorted(nodes)
+    assert sorted(c.node for c in rec.contributions.values()) == sorted(nodes)
     for name in d.names:
         pub = d.layout.node_keys[name][1].read_text()
         matching = [nid for nid, n in nodes.items() if flower_internals.same_public_key(n.public_key, pub)]
         assert len(matching) == 1
+        assert rec.contributions[name].node == matching[0]  # each contribution came through its institution's bound node
         assert flower_internals.same_public_key(flower_internals.supernode_public_key(d.superlink.control, matching[0]), pub)
     assert flower_internals.supernode_public_key(d.superlink.control, 12345) is None
     # The ServerApp finds the same endpoint in the environment the coordinator gave its launcher.
@@ -308,9 +309,9 @@ def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_
     assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-b"])
 
     rec = d.coordinator.wait(timeout=400, poll_s=1.0)[1]
-    assert rec["status"] == "completed"
-    assert rec["contributors"] == ["hospital-a", "hospital-c"]
-    assert [x["institution"] for x in rec["dropped"]] == ["hospital-b"]
+    assert rec.status.value == "completed"
+    assert rec.contributors == ["hospital-a", "hospital-c"]
+    assert [x.institution for x in rec.drops] == ["hospital-b"]
     offline = _offline_fedmerge_merge(d, ["hospital-a", "hospital-c"], tmp_path / "offline")
     current = d.layout.installed("hospital-a")
     assert current.resolve().name == "round-0002"
