@@ -151,8 +151,16 @@ class SelectionConfig(BaseModel):
             if key in seen:
                 raise ValueError(f"candidate c{i + 1} is the same merge as c{seen[key] + 1} ({candidate_label(spec)})")
             seen[key] = i
-        if self.mode == "central" and self.eval_config is None:
-            raise ValueError("mode central needs eval_config: the consortium's validation eval config")
+        if self.mode == "central":
+            if self.eval_config is None:
+                raise ValueError("mode central needs eval_config: the consortium's validation eval config")
+            from fedmerge.eval.config import EvalConfig
+            from fedmerge.errors import FedmergeError
+
+            try:
+                EvalConfig.from_yaml(self.eval_config)
+            except FedmergeError as exc:
+                raise ValueError(f"eval_config: {exc}") from None
         if self.mode == "federated" and self.eval_config is not None:
             raise ValueError("eval_config is read only with mode: central (in federated mode each hospital scores on its own validation: config)")
         return self
