@@ -3,8 +3,9 @@
 Everything that can be checked without the hospitals is checked when the file loads: the merge
 strategy (its method through the merging registry, its parameters through the method's own
 schema, and that the quorum is a number of contributions the method is defined for), the
-bindings of institutions to SuperNode keys, the gate's settings. A misspelled method fails
-here, naming ``strategy.method``, not after a round has been transferred.
+bindings of institutions to SuperNode keys, the gate's settings, the candidates of ``selection:``
+(each through the same registry and schemas, their number against ``max_candidates``). A
+misspelled method fails here, naming ``strategy.method``, not after a round has been transferred.
 """
 
 from __future__ import annotations

@@ -251,3 +251,17 @@ def test_a_restart_does_not_ask_again_for_scores_already_recorded(make_federatio
     assert rec.selection.scores[scored] == first["selection"]["scores"][scored]
     assert [c.fingerprint for c in rec.selection.candidates] == built
     assert [e.kind for e in rec.events].count(EventKind.CANDIDATE) == 3  # not built again
+
+
+def test_with_reference_global_the_next_rounds_candidates_are_deltas_from_the_published_model(make_federation):
+    tf = selective(make_federation, 2, rule="worst", keep=False)
+    edit_yaml(tf.federation_config, rounds=2, reference="global")
+    r1, r2 = runner(tf, RecordingGrid(nodes_of(tf))).run()
+    assert r1.selection.chosen == r2.selection.chosen == "c2"  # worst of hospital-a and -b: 0.55
+    assert r2.reference.kind == "global" and r2.reference.round == 1 and r2.reference.fingerprint == r1.merge.fingerprint
+    # each hospital found round 1's model by its fingerprint and rebuilt round 2's candidates on it
+    assert sorted(r2.selection.scores) == ["hospital-a", "hospital-b"] and r2.selection.failures == []
+    for n in tf.client_configs:
+        hosp = tf.root / "clients" / n
+        assert (hosp / "models" / "current").resolve().name == "round-0002"
+        assert not (hosp / "candidates" / "round-0001").exists()  # older rounds' candidates are pruned

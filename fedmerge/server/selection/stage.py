@@ -102,7 +102,7 @@ class SelectionStage:
                 build_candidate(self.record.reference.path, deltas, model, spec.spec_fields(),
                                 {"round": self.r, "contributors": contributors, "federation": self.cfg.name, "candidate": cid})  # fmt: skip
                 package_bytes = None
-                if self.cfg.selection.mode == "federated":
+                if sel.mode == "federated":
                     pkg = candidate_package(model, self.record.reference.path, self.root / cid / "package", self.identity, round_id=self.r, candidate=cid,
                                             reference_fingerprint=self.record.reference.fingerprint, dtype=self.cfg.selection.delta_dtype)  # fmt: skip
                     package_bytes = folder_bytes(pkg)
@@ -128,7 +128,7 @@ class SelectionStage:
         sel = self.record.selection
         if not sel.candidates:
             return
-        if self.cfg.selection.mode == "central":
+        if sel.mode == "central":
             validate = self.validate_fn or ConfiguredValidation(self.cfg.selection.eval_config)
             CentralScoring(self.journal, validate).run()
             return
