@@ -132,3 +132,19 @@ def test_limits_round_and_configuration_are_checked(hospital, tmp_path):
     edit_yaml(tf.client_configs["hospital-a"], validation=None)
     with pytest.raises(NoValidationData, match="hospital-a: no validation eval config"):
         _scoring(tf).score(4, fp, "bfloat16", ["c1"])
+
+
+def test_a_validation_scorer_that_cannot_be_loaded_is_a_typed_refusal(hospital, tmp_path):
+    from fedmerge.client.candidates import EvaluatorScorer, scorer_factory
+    from fedmerge.client.errors import ScorerFailed
+    from fedmerge.configfile import ConfigError
+
+    assert scorer_factory(None) is EvaluatorScorer
+    with pytest.raises(ScorerFailed, match="validation_scorer 'no_such_module:make' cannot be loaded \\(ModuleNotFoundError"):
+        scorer_factory("no_such_module:make")
+    with pytest.raises(ScorerFailed, match="validation_scorer 'selection_scorers:TABLE' is not callable"):
+        scorer_factory("selection_scorers:TABLE")
+    tf, _, _ = hospital
+    edit_yaml(tf.client_configs["hospital-a"], validation_scorer="just a name")
+    with pytest.raises(ConfigError, match="validation_scorer: String should match pattern"):
+        load_client_config(tf.client_configs["hospital-a"])
