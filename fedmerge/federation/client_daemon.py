@@ -22,13 +22,13 @@ from pathlib import Path
 
 from fedmerge.client.config import ClientConfig, load_client_config
 from fedmerge.federation import flower
-from fedmerge.federation.flower_internals import (
+from fedmerge.federation.errors import DaemonConfigError, SuperNodeGaveUp
+from fedmerge.flower_internals import (
     SUPERNODE_CONNECTED_MARK,
     SUPERNODE_CONNECTION_ERROR,
     SUPERNODE_FATAL_EXIT_CODES,
     SUPERNODE_UNREACHABLE_MARK,
 )
-from fedmerge.federation.errors import DaemonConfigError, SuperNodeGaveUp
 
 log = logging.getLogger(__name__)
 

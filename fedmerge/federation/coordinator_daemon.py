@@ -25,7 +25,8 @@ from pathlib import Path
 
 from fedmerge.federation import flower
 from fedmerge.federation.credentials import LOOPBACK, certificate_hosts
-from fedmerge.federation.errors import ControlApiError, DaemonConfigError, RoundsFailed
+from fedmerge.federation.errors import DaemonConfigError, RoundsFailed
+from fedmerge.flower_internals import ControlApiError
 from fedmerge.server.app import pinned_config_env
 from fedmerge.server.config import FederationConfig, load_federation_config
 from fedmerge.server.ledger import RoundLedger

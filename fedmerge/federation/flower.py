@@ -2,7 +2,7 @@
 
 The SuperLink (``fedmerge.federation.superlink_main``) serves its whole API on a loopback port
 of its own and only the Fleet API on the public address; the coordinator talks to it through
-the Control API on loopback (``flower_internals``). Both the SuperLink and a SuperNode start
+the Control API on loopback (``fedmerge.flower_internals``). Both the SuperLink and a SuperNode start
 their app processes through ``fedmerge.federation.guard``, which runs only the app bundles
 (FAB) whose SHA-256 is pinned: at a hospital, the hash in its config (default: its own
 fedmerge's bundle); at the coordinator, its own bundle only.
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from fedmerge.client.app import NODE_CONFIG_KEY
-from fedmerge.federation import flower_internals as internals
+from fedmerge import flower_internals as internals
 from fedmerge.federation.errors import FlowerLaunchError, LeftoverProcess
 from fedmerge.federation.guard import LAUNCH_SOCKET_ENV, PINNED_ENV, write_guard_bin
 from fedmerge.federation.supervision import (
@@ -186,10 +186,7 @@ class SuperLink:
         return [app_hash()]
 
     def env(self) -> dict[str, str]:
-        extra = dict(self.serverapp_env)
-        if self.loopback is not None:  # where the ServerApp reaches Control (e.g. a node id's public key)
-            extra.update(internals.control_endpoint_env(self.control))
-        return guarded_env(self.home, "serverapp", self.serverapp_pins(), extra)
+        return guarded_env(self.home, "serverapp", self.serverapp_pins(), self.serverapp_env)
 
     @property
     def control(self) -> internals.ControlEndpoint:

@@ -36,10 +36,12 @@ from fedtest_helpers import assert_same_tensors
 from probe_app import write_probe_app
 
 from fedmerge.cli import main as fedmerge_main
-from fedmerge.federation import flower, flower_internals
+from fedmerge import flower_internals
+from fedmerge.federation import flower
 from fedmerge.federation.coordinator_daemon import CoordinatorDaemon
 from fedmerge.federation.supervision import free_port
 from fedmerge.server.app import PINNED_CONFIG_ENV, PINNED_CONFIG_SHA256_ENV, file_sha256
+from fedmerge.server.directory import load_node_key
 
 pytestmark = pytest.mark.slow
 
@@ -161,8 +163,8 @@ def test_an_outsider_holding_the_ca_can_neither_list_register_stop_nor_run(deplo
     assert _https_status(base + "/v1/fleet/get-run", ca) != 404  # the Fleet API is served there
     # Nothing changed: the same three nodes (the intruder's key was not registered), our run finished.
     nodes = flower_internals.list_supernodes(d.superlink.control)
-    intruder = d.layout.node_keys["intruder"][1].read_text()
-    assert len(nodes) == 3 and not any(flower_internals.same_public_key(n.public_key, intruder) for n in nodes)
+    intruder = load_node_key(d.layout.node_keys["intruder"][1], "intruder")
+    assert len(nodes) == 3 and intruder not in {n.public_key for n in nodes}
     assert d.superlink.run_status(d.coordinator.run_id) == "finished:completed"
     assert not (tmp_path / "loot").exists()
 
@@ -190,24 +192,17 @@ def _connect_refused(host: str, port: int) -> bool:
     return False
 
 
-def test_public_key_of_a_node_id_comes_from_loopback_control(deployment):
+def test_each_contribution_came_through_its_institutions_registered_node(deployment):
+    """The round loop's binding (keys read from the ServerApp's Grid) agrees with what the SuperLink
+    registered, as its Control API lists it on loopback."""
     d = deployment
-    nodes = {n.node_id: n for n in flower_internals.list_supernodes(d.superlink.control)}
+    nodes = {n.node_id: n.public_key for n in flower_internals.list_supernodes(d.superlink.control)}
     rec = d.records[0]
     assert sorted(c.node for c in rec.contributions.values()) == sorted(nodes)
     for name in d.names:
-        pub = d.layout.node_keys[name][1].read_text()
-        matching = [nid for nid, n in nodes.items() if flower_internals.same_public_key(n.public_key, pub)]
-        assert len(matching) == 1
-        assert rec.contributions[name].node == matching[0]  # each contribution came through its institution's bound node
-        assert flower_internals.same_public_key(flower_internals.supernode_public_key(d.superlink.control, matching[0]), pub)
-    assert flower_internals.supernode_public_key(d.superlink.control, 12345) is None
-    # The ServerApp finds the same endpoint in the environment the coordinator gave its launcher.
-    launcher_env = dict(
-        kv.split(b"=", 1) for kv in Path(f"/proc/{d.superlink.launcher.pid}/environ").read_bytes().split(b"\0") if b"=" in kv
-    )
-    env = {k.decode(): v.decode() for k, v in launcher_env.items()}
-    assert flower_internals.control_endpoint_from_env(env) == d.superlink.control
+        key = load_node_key(d.layout.node_keys[name][1], name)
+        (node,) = [nid for nid, k in nodes.items() if k == key]
+        assert rec.contributions[name].node == node
 
 
 def test_an_unregistered_node_is_refused_and_its_daemon_keeps_waiting(deployment):
