@@ -152,7 +152,10 @@ class Collection:
         if data is None or meta.get("part") != index or meta.get("sha256") != protocol.part_digest(data):
             raise NodeFailed(f"part {index} arrived damaged, missing or out of place")
         inst = self.bound[node]
-        complete = self.spool.receive_part(node, plan, index, data)
+        try:
+            complete = self.spool.receive_part(node, plan, index, data)
+        except FedmergeError as exc:  # a part that does not fit the node's own plan (its length)
+            raise self._reject(node, exc) from None
         self.record.bytes_received[inst] = self.record.bytes_received.get(inst, 0) + len(data)
         if complete:
             self._finish(node)
