@@ -21,7 +21,9 @@ import threading
 from pathlib import Path
 
 from fedmerge.client.config import ClientConfig, load_client_config
+from fedmerge.client.node import HospitalNode
 from fedmerge.federation import flower
+from fedmerge.federation.credentials import require_owner_only_writable
 from fedmerge.federation.errors import DaemonConfigError, SuperNodeGaveUp
 from fedmerge.flower_internals import (
     SUPERNODE_CONNECTED_MARK,
@@ -46,6 +48,11 @@ class ClientDaemon:
             value = getattr(self.cfg, field)
             if not Path(value).exists():
                 raise DaemonConfigError(f"{self.config_path}: {field} {value} does not exist")
+        require_owner_only_writable(self.config_path, "the client config")
+        for field in ("coordinator_public_file", "trust_store", "root_cert"):
+            require_owner_only_writable(getattr(self.cfg, field), f"{self.config_path}: {field}")
+        # The trust store must verify against the pinned coordinator now, not first when a model arrives.
+        HospitalNode(self.cfg).trust()
         pins = list(self.cfg.pinned_app_hashes) or [flower.app_hash()]
         if not self.cfg.pinned_app_hashes:
             log.info("no pinned_app_hashes in %s: pinning this fedmerge's own app bundle (sha256 %s)", self.config_path, pins[0])

@@ -24,13 +24,15 @@ import time
 from pathlib import Path
 
 from fedmerge.federation import flower
-from fedmerge.federation.credentials import LOOPBACK, certificate_hosts
+from fedmerge.federation.credentials import LOOPBACK, certificate_hosts, require_owner_only_writable
 from fedmerge.federation.errors import DaemonConfigError, RoundsFailed
 from fedmerge.flower_internals import ControlApiError
+from fedmerge.security.keys import load_identity, read_passphrase_file
 from fedmerge.server.app import pinned_config_env
 from fedmerge.server.config import FederationConfig, load_federation_config
 from fedmerge.server.ledger import Progress, RoundLedger
 from fedmerge.server.record import RoundRecord, RoundStatus
+from fedmerge.server.rounds import load_coordinator_trust
 from fedmerge.server.status import summary_line
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,13 @@ class CoordinatorDaemon:
         for path in supernode_key_files(self.cfg):
             if not path.is_file():
                 raise DaemonConfigError(f"{self.config_path}: superlink.supernode_public_keys: {path} is not a file")
+        require_owner_only_writable(self.config_path, "the federation config")
+        for what, path in [("trust_store", self.cfg.trust_store), ("superlink.ca_cert", sl.ca_cert)] + [
+            (f"superlink.supernode_public_keys.{inst}", p) for inst, p in sl.supernode_public_keys.items()
+        ]:
+            require_owner_only_writable(path, f"{self.config_path}: {what}")
+        # Refuse a trust store the coordinator's own key did not sign before any Flower process starts.
+        load_coordinator_trust(self.cfg, load_identity(self.cfg.coordinator_key, read_passphrase_file(self.cfg.coordinator_key_passphrase_file)))
         self.superlink = superlink_class(
             self.cfg.state / "superlink",
             sl.address,

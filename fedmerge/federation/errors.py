@@ -34,3 +34,7 @@ class SuperNodeGaveUp(FedmergeError):
 
 class RoundsFailed(FedmergeError):
     """The coordinator's rounds did not all complete (a round failed, the run ended, or time ran out)."""
+
+
+class WritableByOthers(DaemonConfigError):
+    """A file that decides whom a daemon trusts can be changed by another user of the host."""

@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedmerge.client.app import NODE_CONFIG_KEY
 from fedmerge import flower_internals as internals
+from fedmerge.client.app import NODE_CONFIG_KEY
 from fedmerge.federation.errors import FlowerLaunchError, LeftoverProcess
 from fedmerge.federation.guard import LAUNCH_SOCKET_ENV, PINNED_ENV, write_guard_bin
 from fedmerge.federation.supervision import (
