@@ -84,8 +84,10 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     def rounds(daemon: CoordinatorDaemon) -> int:
         daemon.start()
         daemon.submit()
-        daemon.wait(timeout=args.timeout)
-        _say("coordinator", f"all {daemon.cfg.rounds} round(s) completed (records in {daemon.cfg.state / 'rounds'}; {logs(daemon)})")
+        records = daemon.wait(timeout=args.timeout)
+        refused = sum(r.status.value == "refused" for r in records)
+        done = f"done: {len(records) - refused} published, {refused} refused by the gate" if refused else "completed"
+        _say("coordinator", f"all {daemon.cfg.rounds} round(s) {done} (records in {daemon.cfg.state / 'rounds'}; {logs(daemon)})")
         if args.keep_running:
             _say("coordinator", "keeping the SuperLink up (--keep-running) until stopped")
             while True:

@@ -62,9 +62,9 @@ class Push:
         for node, inst in sorted(by_node.items()):
             exchange.add(node, self._requests(model_dir, plan, record.outcome_of(inst)))
         # Nodes that did not contribute (dropped, maybe dead) get a grace period once every
-        # contributor has installed, not the whole round timeout.
+        # contributor has installed the model or refused it, not the whole round timeout.
         contributor_nodes = {c.node for c in record.contributions.values()} & set(by_node)
-        deadline = GraceDeadline(cfg.round_timeout_s, cfg.straggler_grace_s, lambda: contributor_nodes <= set(self.installed))
+        deadline = GraceDeadline(cfg.round_timeout_s, cfg.straggler_grace_s, lambda: contributor_nodes <= set(self.installed) | set(exchange.failures))
         failures = exchange.run(self._on_reply, deadline)
         publication.installed = sorted(by_node[n] for n in self.installed)
         publication.failures = [Drop(institution=by_node[n], node=n, stage="install", reason=why) for n, why in sorted(failures.items())]

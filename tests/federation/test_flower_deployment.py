@@ -30,10 +30,12 @@ from deployment_helpers import (
     port_is_free,
     processes_mentioning,
     start_client,
+    train_hook,
     wait_until_gone,
 )
 from fedtest_helpers import assert_same_tensors
 from probe_app import write_probe_app
+from roundkit import edit_yaml, status, status_json
 
 from fedmerge.cli import main as fedmerge_main
 from fedmerge import flower_internals
@@ -135,6 +137,11 @@ def test_clients_started_first_wait_then_install_the_offline_merge(deployment, t
         assert out.index("waiting for the SuperLink") < out.index("connected to the SuperLink")
     log = (d.layout.state / "superlink" / "superlink.log").read_text(errors="replace")
     assert "Fleet API only on 127.0.0.2" in log
+    (st,) = status_json(d.layout.toy)["rounds"]
+    assert st["status"] == "completed" and st["expected"] == d.names and st["late"] == []
+    assert {n: s["state"] for n, s in st["institutions"].items()} == dict.fromkeys(d.names, "contributed")
+    rc, text = status(d.layout.toy)
+    assert rc == 0 and "1 of 1 round(s) done" in text and f"installed by 3 of 3: {', '.join(d.names)}" in text
 
 
 def test_an_outsider_holding_the_ca_can_neither_list_register_stop_nor_run(deployment, tmp_path):
@@ -312,6 +319,49 @@ def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_
     assert current.resolve().name == "round-0002"
     assert_same_tensors(current, offline)
     assert (current.parent / "round-0001").is_dir()  # the previous model is kept
+    st = status_json(d.layout.toy)["rounds"][1]
+    assert st["institutions"]["hospital-b"]["state"] == "dropped" and st["drops"][0]["stage"] in ("open", "transfer")
+    rc, text = status(d.layout.toy)
+    assert rc == 0 and "2 of 2 round(s) done" in text and "hospital-b" in text and "dropped" in text
+
+
+def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(deployment, tmp_path):
+    """Round 3 waits 5 s for every bound hospital, then opens without hospital-b, whose daemon starts
+    15 s after the coordinator is ready. hospital-a's train_hook holds its package until hospital-b is
+    in, so the round is still on when it arrives: it is asked for nothing and sent the model."""
+    d = deployment
+    d.coordinator.stop()
+    flag = tmp_path / "hospital-b-connected"
+    edit_yaml(d.layout.client_config("hospital-a"), train_hook=train_hook("wait", str(flag)))
+    config = d.layout.set_federation(rounds=3, wait_for_clients_s=5.0)
+    d.coordinator = CoordinatorDaemon(config, superlink_class=ProbePinningSuperLink)
+    d.coordinator.start()
+    d.coordinator.submit()
+    ready = time.monotonic()
+    time.sleep(15)
+    late = d.clients["hospital-b"] = start_client(d.layout, "hospital-b")
+    late.wait_for("connected to the SuperLink", 300)
+    flag.touch()
+    try:
+        rec = d.coordinator.wait(timeout=400, poll_s=1.0)[2]
+    finally:
+        edit_yaml(d.layout.client_config("hospital-a"), train_hook=None)
+    assert time.monotonic() - ready > 15
+    assert rec.status.value == "completed" and rec.contributors == ["hospital-a", "hospital-c"]  # not silently short:
+    assert rec.expected == d.names and [x.institution for x in rec.late] == ["hospital-b"]  # expected, and recorded late
+    assert "not connected when the round opened (waited up to 5 s)" in rec.late[0].reason
+    assert rec.publication.installed == d.names  # it was sent the model all the same...
+    from fedmerge.client.config import load_client_config
+    from fedmerge.client.node import HospitalNode
+
+    b = HospitalNode(load_client_config(d.layout.client_config("hospital-b")))
+    assert b.outcome(3) == "late" and b.installed_round() == 3  # ...and told it did not contribute
+    assert "round 3's model installed, but this hospital did not contribute to it (late)" in (b.state / "supernode" / "supernode.log").read_text(errors="replace")
+    st = status_json(d.layout.toy)["rounds"][2]
+    assert st["institutions"]["hospital-b"]["state"] == "late" and st["late"][0]["institution"] == "hospital-b"
+    rc, text = status(d.layout.toy)
+    assert rc == 0 and "3 of 3 round(s) done" in text
+    assert any(line.split()[:2] == ["hospital-b", "late"] for line in text.splitlines()), text
 
 
 def test_stopping_a_client_daemon_leaves_no_flower_process(deployment):
