@@ -16,11 +16,11 @@ from fedmerge.server.app import (
     PINNED_CONFIG_ENV,
     PINNED_CONFIG_SHA256_ENV,
     RUN_CONFIG_KEY,
-    UnpinnedFederationConfig,
     file_sha256,
     pinned_config_env,
     pinned_config_path,
 )
+from fedmerge.server.errors import UnpinnedFederationConfig
 
 FLEET = ["/v1/fleet/pull-messages", "/v1/fleet/activate-node", "/v1/fleet/push-object"]
 NOT_FLEET = [
