@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -122,6 +123,9 @@ class ClientDaemon:
                     log.info("%s: connected to the SuperLink at %s as SuperNode %s", self.cfg.institution, self.cfg.superlink_address, node_id)
                 elif SUPERNODE_UNREACHABLE_MARK in line and not waiting:
                     waiting = True
+                    unresolved = unresolvable(self.cfg.superlink_address)
+                    if unresolved:
+                        log.warning("%s: %s; check superlink_address in %s (the SuperNode keeps trying)", self.cfg.institution, unresolved, self.config_path)
                     log.info(
                         "%s: waiting for the SuperLink at %s to accept connections (%s); the SuperNode retries by itself",
                         self.cfg.institution, self.cfg.superlink_address,
@@ -138,3 +142,13 @@ class ClientDaemon:
         self._stopping.set()
         with self._lock:
             self.node.stop()
+
+
+def unresolvable(address: str) -> str | None:
+    """Why ``HOST:PORT``'s host cannot be looked up now (None when it can): a wait that no coordinator can end."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"the SuperLink's host {host!r} does not resolve ({exc})"
+    return None

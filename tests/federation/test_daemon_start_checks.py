@@ -97,3 +97,11 @@ def test_a_trust_file_owned_by_another_user_is_refused(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "getuid", lambda: os.stat(store).st_uid + 1)
     with pytest.raises(WritableByOthers, match=rf"trust_store: {store} belongs to uid \d+, not to this user"):
         require_owner_only_writable(store, "trust_store")
+
+
+def test_a_superlink_host_that_does_not_resolve_is_named():
+    """A hospital waiting on a name that does not resolve says so, instead of blaming a coordinator that is not up."""
+    from fedmerge.federation.client_daemon import unresolvable
+
+    assert "the SuperLink's host 'coordinator.invalid' does not resolve" in unresolvable("coordinator.invalid:9092")
+    assert unresolvable("127.0.0.2:9092") is None and unresolvable("[::1]:9092") is None
