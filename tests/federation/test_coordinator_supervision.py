@@ -98,8 +98,8 @@ def test_sigkill_mid_round_leaves_no_process_and_a_restart_resumes(layout, tmp_p
         assert time.monotonic() < deadline, "no contribution was accepted"
         time.sleep(0.1)
     before = {p.name: p.stat().st_ino for p in accepted.iterdir()}
-    status = json.loads((layout.state / "superlink" / "superlink.json").read_text())
-    loopback_port = int(status["loopback"].rsplit(":", 1)[1])
+    listening = json.loads((layout.state / "superlink" / "superlink.json").read_text())
+    loopback_port = int(listening["loopback"].rsplit(":", 1)[1])
     tree = " ".join(_superlink_processes(layout).values())
     assert "superlink_main" in tree and "flower-superexec" in tree and "guard --serve serverapp" in tree
 
@@ -134,8 +134,8 @@ def test_sigkill_mid_round_leaves_no_process_and_a_restart_resumes(layout, tmp_p
 def test_sigterm_stops_the_coordinator_and_frees_its_ports(layout):
     coordinator = start_coordinator(layout, "--keep-running")
     coordinator.wait_for("keeping the SuperLink up", 300)
-    status = json.loads((layout.state / "superlink" / "superlink.json").read_text())
-    loopback_port = int(status["loopback"].rsplit(":", 1)[1])
+    listening = json.loads((layout.state / "superlink" / "superlink.json").read_text())
+    loopback_port = int(listening["loopback"].rsplit(":", 1)[1])
     coordinator.signal(signal.SIGTERM)
     assert coordinator.wait(60) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM; the SuperLink and its ServerApp are stopped" in coordinator.text()
