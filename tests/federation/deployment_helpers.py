@@ -85,6 +85,35 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def process_tree(pid: int) -> dict[int, tuple[str, str]]:
+    """``pid``'s live descendants: pid -> (start time, command line); the start time tells a reused pid apart."""
+    out = {}
+    for child in descendants(pid):
+        stat = _read(f"/proc/{child}/stat").decode(errors="replace")
+        if ")" in stat:
+            out[child] = (stat.rsplit(")", 1)[1].split()[19], _read(f"/proc/{child}/cmdline").replace(b"\0", b" ").decode(errors="replace")[:200])
+    return out
+
+
+def survivors(tree: dict[int, tuple[str, str]], timeout: float) -> dict[int, str]:
+    """Those of ``tree`` (from ``process_tree``) still running after up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+
+    def alive() -> dict[int, str]:
+        left = {}
+        for pid, (started, cmd) in tree.items():
+            stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
+            if ")" in stat and stat.rsplit(")", 1)[1].split()[19] == started and _state(pid) not in ("", "Z", "X"):
+                left[pid] = cmd
+        return left
+
+    left = alive()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.25)
+        left = alive()
+    return left
+
+
 def wait_until_gone(marker: str | Path, timeout: float) -> dict[int, str]:
     """Wait for every process mentioning ``marker`` to end; returns those still alive after ``timeout``."""
     deadline = time.monotonic() + timeout

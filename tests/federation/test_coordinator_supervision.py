@@ -20,9 +20,11 @@ from deployment_helpers import (
     kill_leftovers,
     make_layout,
     port_is_free,
+    process_tree,
     processes_mentioning,
     start_client,
     start_coordinator,
+    survivors,
     train_hook,
     wait_until_gone,
     write_gate_eval,
@@ -102,10 +104,13 @@ def test_sigkill_mid_round_leaves_no_process_and_a_restart_resumes(layout, tmp_p
     loopback_port = int(listening["loopback"].rsplit(":", 1)[1])
     tree = " ".join(_superlink_processes(layout).values())
     assert "superlink_main" in tree and "flower-superexec" in tree and "guard --serve serverapp" in tree
+    below = process_tree(coordinator.pid)
+    assert "superlink_main" in " ".join(c for _, c in below.values())
 
     coordinator.signal(signal.SIGKILL)
     assert coordinator.wait(30) == -signal.SIGKILL
-    assert wait_until_gone(layout.state, 30) == {}  # SuperLink, SuperExec, launcher, ServerApp
+    assert survivors(below, 30) == {}  # every process below the daemon
+    assert wait_until_gone(layout.state, 30) == {}  # SuperLink, SuperExec, launcher, ServerApp, wherever they ended up
     assert port_is_free(PUBLIC_HOST, layout.public_port) and port_is_free("127.0.0.1", loopback_port)
     # What the operator sees of the killed round: still open, with what was accepted before the kill.
     (killed,) = status_json(layout.toy)["rounds"]
@@ -136,9 +141,12 @@ def test_sigterm_stops_the_coordinator_and_frees_its_ports(layout):
     coordinator.wait_for("keeping the SuperLink up", 300)
     listening = json.loads((layout.state / "superlink" / "superlink.json").read_text())
     loopback_port = int(listening["loopback"].rsplit(":", 1)[1])
+    below = process_tree(coordinator.pid)
+    assert "superlink_main" in " ".join(c for _, c in below.values())
     coordinator.signal(signal.SIGTERM)
     assert coordinator.wait(60) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM; the SuperLink and its ServerApp are stopped" in coordinator.text()
+    assert survivors(below, 30) == {}
     assert wait_until_gone(layout.state, 30) == {}
     assert port_is_free(PUBLIC_HOST, layout.public_port) and port_is_free("127.0.0.1", loopback_port)
     assert [(r["round"], r["status"]) for r in status_json(layout.toy)["rounds"]] == [(1, "completed")]  # nothing was redone

@@ -28,8 +28,10 @@ from deployment_helpers import (
     make_layout,
     outsider_flwr_home,
     port_is_free,
+    process_tree,
     processes_mentioning,
     start_client,
+    survivors,
     train_hook,
     wait_until_gone,
 )
@@ -305,9 +307,12 @@ def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_
     while log.read_bytes()[offset:].count(b"Receiving: query.") < 2:  # the round's open request, then a part request
         assert time.monotonic() < deadline, "hospital-b was never asked for a part"
         time.sleep(0.1)
+    tree = process_tree(d.clients["hospital-b"].pid)
+    assert "flower-supernode" in " ".join(c for _, c in tree.values()) and "guard --serve clientapp" in " ".join(c for _, c in tree.values())
     d.clients["hospital-b"].signal(signal.SIGKILL)
     assert d.clients["hospital-b"].wait(30) == -signal.SIGKILL
-    assert wait_until_gone(victim, 30) == {}  # SuperNode, SuperExec, launcher, ClientApps
+    assert survivors(tree, 30) == {}  # every process below the daemon: SuperNode, SuperExec, launcher, ClientApps
+    assert wait_until_gone(victim, 30) == {}  # and none that left its tree
     assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-b"])
 
     rec = d.coordinator.wait(timeout=400, poll_s=1.0)[1]
@@ -370,8 +375,11 @@ def test_stopping_a_client_daemon_leaves_no_flower_process(deployment):
     state = d.layout.root / "fed" / "clients" / "hospital-c"
     kinds = " ".join(processes_mentioning(state).values())
     assert "flower-supernode" in kinds and "guard --serve clientapp" in kinds and "flower-superexec" in kinds
+    tree = process_tree(daemon.pid)
+    assert len(tree) >= 3
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 128 + signal.SIGTERM
+    assert survivors(tree, 30) == {}
     assert wait_until_gone(state, 30) == {}
     assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-c"])
     assert f"stopped by SIGTERM; the SuperNode and its ClientApps are stopped (log: {state / 'supernode' / 'supernode.log'})" in daemon.text()
