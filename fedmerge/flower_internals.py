@@ -52,6 +52,7 @@ class UnsupportedFlower(FedmergeError):
 class ControlApiError(FedmergeError):
     """A call to the SuperLink's Control API failed; the message names the call and the address."""
 
+
 SUPPORTED_FLOWER = (1, 41)
 FLEET_PREFIX = "/v1/fleet/"
 BUSY_TIMEOUT_MS = 120_000
