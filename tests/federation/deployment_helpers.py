@@ -183,7 +183,8 @@ class Layout:
 
 def make_layout(root: Path, toy_models, n: int = 3, *, extra_keys: tuple[str, ...] = (), seal: bool = False, **federation) -> Layout:
     """``n`` toy hospitals behind one coordinator; ``seal``: hospitals seal and the coordinator requires it."""
-    toy = build_toy_federation(root / "fed", n, models_from=toy_models, part_bytes=384 * 1024, round_timeout_s=120.0, seal=seal)
+    # A generous round timeout: on a loaded machine a node's Flower messages can take seconds each.
+    toy = build_toy_federation(root / "fed", n, models_from=toy_models, part_bytes=384 * 1024, round_timeout_s=300.0, seal=seal)
     tls = make_tls(root / "tls", [PUBLIC_HOST, "localhost"])
     (root / "nodekeys").mkdir(parents=True)
     names = sorted(toy.client_configs)

@@ -257,7 +257,7 @@ def test_an_impostor_coordinators_publication_is_installed_nowhere(attacked, tmp
     store.save()
     fed = yaml.safe_load(toy.federation_config.read_text())
     fed.update(coordinator_key=str(tmp_path / "keys" / "coordinator.key"), trust_store=str(store.path), state_dir=str(tmp_path / "state"),
-               rounds=1, min_clients=1, require_sealed=False)  # fmt: skip
+               rounds=1, min_clients=1, require_sealed=False, straggler_grace_s=None)  # fmt: skip
     config = tmp_path / "impostor.yaml"
     config.write_text(yaml.safe_dump(fed))
     run = Daemon(["coordinator", "--config", str(config)], a.root / "impostor.out")

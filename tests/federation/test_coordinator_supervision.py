@@ -131,7 +131,8 @@ def test_sigkill_mid_round_leaves_no_process_and_a_restart_resumes(layout, tmp_p
         assert_same_tensors(layout.installed(name), offline)
     (done,) = status_json(layout.toy)["rounds"]
     assert done["status"] == "completed" and done["attempts"] == 1 and done["publication"]["installed"] == layout.names
-    assert [e["institution"] for e in done["events"] if e["kind"] == "accepted"] == sorted(layout.names)  # each accepted once
+    accepted_events = [e.institution for e in record.events if e.kind.value == "accepted"]
+    assert all(accepted_events.count(name) == 1 for name in before)  # accepted before the kill: never again
     rc, text = status(layout.toy)
     assert "1 of 1 round(s) done" in text and f"installed by 2 of 2: {', '.join(layout.names)}" in text
 

@@ -331,9 +331,12 @@ def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_
 
 
 def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(deployment, tmp_path):
-    """Round 3 waits 5 s for every bound hospital, then opens without hospital-b, whose daemon starts
-    15 s after the coordinator is ready. hospital-a's train_hook holds its package until hospital-b is
-    in, so the round is still on when it arrives: it is asked for nothing and sent the model."""
+    """Round 3 waits 5 s for every bound hospital, then opens without hospital-b (its daemon was killed
+    in the test before), whose daemon starts again 15 s after the round opened. hospital-a's
+    train_hook holds its package until hospital-b is in, so the round is still on when it arrives:
+    it is asked for nothing and sent the model."""
+    from fedmerge.server.record import EventKind
+
     d = deployment
     d.coordinator.stop()
     flag = tmp_path / "hospital-b-connected"
@@ -342,7 +345,11 @@ def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(de
     d.coordinator = CoordinatorDaemon(config, superlink_class=ProbePinningSuperLink)
     d.coordinator.start()
     d.coordinator.submit()
-    ready = time.monotonic()
+    deadline = time.monotonic() + 300
+    while not any(e.kind == EventKind.OPENED for e in (d.coordinator.ledger.load(3).events if d.coordinator.ledger.load(3) else [])):
+        assert time.monotonic() < deadline, "round 3 never opened"
+        time.sleep(0.5)
+    opened = time.monotonic()
     time.sleep(15)
     late = d.clients["hospital-b"] = start_client(d.layout, "hospital-b")
     late.wait_for("connected to the SuperLink", 300)
@@ -351,7 +358,7 @@ def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(de
         rec = d.coordinator.wait(timeout=400, poll_s=1.0)[2]
     finally:
         edit_yaml(d.layout.client_config("hospital-a"), train_hook=None)
-    assert time.monotonic() - ready > 15
+    assert time.monotonic() - opened > 15
     assert rec.status.value == "completed" and rec.contributors == ["hospital-a", "hospital-c"]  # not silently short:
     assert rec.expected == d.names and [x.institution for x in rec.late] == ["hospital-b"]  # expected, and recorded late
     assert "not connected when the round opened (waited up to 5 s)" in rec.late[0].reason
