@@ -239,9 +239,9 @@ def test_an_edited_trust_store_stops_the_coordinator_before_it_starts_flower(att
 
 def test_an_impostor_coordinators_publication_is_installed_nowhere(attacked, tmp_path):
     """Holding the SuperLink's address and TLS key but not the coordinator's identity, an impostor
-    gets only the one unsealed contribution, merges it and publishes round 1. Hospitals holding round
-    2 refuse it as an older round before writing a byte; hospital-b, which holds no model (its store
-    restored), receives it all and refuses the signer."""
+    gets only the one unsealed contribution, merges it and publishes round 1 under the coordinator's
+    name. Hospitals holding round 2 refuse it as an older round before writing a byte; hospital-b,
+    which holds no model (its store restored), receives it all and refuses its signature."""
     from fedmerge.security.keys import PublicIdentity, generate_identity
     from fedmerge.security.trust import TrustStore
 
@@ -272,9 +272,10 @@ def test_an_impostor_coordinators_publication_is_installed_nowhere(attacked, tmp
     reasons = {f.institution: f.reason for f in rec.publication.failures}
     assert rec.publication.installed == [] and set(reasons) == set(a.layout.names)
     assert "StalePublication" in reasons["hospital-a"] and "round 2 is installed" in reasons["hospital-a"]
-    assert "WrongPublisher" in reasons["hospital-b"] and "not by the pinned coordinator 'coordinator'" in reasons["hospital-b"]
+    # Under the pinned coordinator's name, with another key: its signature does not verify.
+    assert "SignatureInvalid" in reasons["hospital-b"] and "signed with another key" in reasons["hospital-b"]
     for name in ["hospital-a", "hospital-c"]:
         assert HospitalNodeState(a, name).current() == "round-0002"
     assert HospitalNodeState(a, "hospital-b").current() is None
     rc, text = status(SimpleNamespace(federation_config=config))
-    assert rc == 0 and "installed by 0 of 7" in text and "not installed by hospital-b: the hospital refused the model: WrongPublisher" in text
+    assert rc == 0 and "installed by 0 of 7" in text and "not installed by hospital-b: the hospital refused the model: SignatureInvalid" in text

@@ -331,15 +331,23 @@ def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_
 
 
 def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(deployment, tmp_path):
-    """Round 3 waits 5 s for every bound hospital, then opens without hospital-b (its daemon was killed
-    in the test before), whose daemon starts again 15 s after the round opened. hospital-a's
-    train_hook holds its package until hospital-b is in, so the round is still on when it arrives:
-    it is asked for nothing and sent the model."""
+    """hospital-b (killed in the test before) is back; hospital-c stops. Round 3 waits 5 s for every
+    bound hospital, then opens without hospital-c, whose daemon starts again 15 s after the round
+    opened. hospital-a's train_hook holds its package until hospital-c is in, so the round is still
+    on when it arrives: it is asked for nothing and sent the model."""
+    from fedmerge.client.config import load_client_config
+    from fedmerge.client.node import HospitalNode
     from fedmerge.server.record import EventKind
 
     d = deployment
+    d.clients["hospital-b"] = start_client(d.layout, "hospital-b")
+    d.clients["hospital-b"].wait_for("connected to the SuperLink", 300)
+    # A SuperNode that stops cleanly tells the SuperLink it is gone (one killed counts as connected
+    # until its heartbeats are missed, and is then dropped from the round it was asked into).
+    d.clients["hospital-c"].signal(signal.SIGTERM)
+    assert d.clients["hospital-c"].wait(60) == 128 + signal.SIGTERM
     d.coordinator.stop()
-    flag = tmp_path / "hospital-b-connected"
+    flag = tmp_path / "hospital-c-connected"
     edit_yaml(d.layout.client_config("hospital-a"), train_hook=train_hook("wait", str(flag)))
     config = d.layout.set_federation(rounds=3, wait_for_clients_s=5.0)
     d.coordinator = CoordinatorDaemon(config, superlink_class=ProbePinningSuperLink)
@@ -351,7 +359,7 @@ def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(de
         time.sleep(0.5)
     opened = time.monotonic()
     time.sleep(15)
-    late = d.clients["hospital-b"] = start_client(d.layout, "hospital-b")
+    late = d.clients["hospital-c"] = start_client(d.layout, "hospital-c")
     late.wait_for("connected to the SuperLink", 300)
     flag.touch()
     try:
@@ -359,21 +367,18 @@ def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(de
     finally:
         edit_yaml(d.layout.client_config("hospital-a"), train_hook=None)
     assert time.monotonic() - opened > 15
-    assert rec.status.value == "completed" and rec.contributors == ["hospital-a", "hospital-c"]  # not silently short:
-    assert rec.expected == d.names and [x.institution for x in rec.late] == ["hospital-b"]  # expected, and recorded late
+    assert rec.status.value == "completed" and rec.contributors == ["hospital-a", "hospital-b"]  # not silently short:
+    assert rec.expected == d.names and [x.institution for x in rec.late] == ["hospital-c"]  # expected, and recorded late
     assert "not connected when the round opened (waited up to 5 s)" in rec.late[0].reason
     assert rec.publication.installed == d.names  # it was sent the model all the same...
-    from fedmerge.client.config import load_client_config
-    from fedmerge.client.node import HospitalNode
-
-    b = HospitalNode(load_client_config(d.layout.client_config("hospital-b")))
-    assert b.outcome(3) == "late" and b.installed_round() == 3  # ...and told it did not contribute
-    assert "round 3's model installed, but this hospital did not contribute to it (late)" in (b.state / "supernode" / "supernode.log").read_text(errors="replace")
+    c = HospitalNode(load_client_config(d.layout.client_config("hospital-c")))
+    assert c.outcome(3) == "late" and c.installed_round() == 3  # ...and told it did not contribute
+    assert "round 3's model installed, but this hospital did not contribute to it (late)" in (c.state / "supernode" / "supernode.log").read_text(errors="replace")
     st = status_json(d.layout.toy)["rounds"][2]
-    assert st["institutions"]["hospital-b"]["state"] == "late" and st["late"][0]["institution"] == "hospital-b"
+    assert st["institutions"]["hospital-c"]["state"] == "late" and st["late"][0]["institution"] == "hospital-c"
     rc, text = status(d.layout.toy)
     assert rc == 0 and "3 of 3 round(s) done" in text
-    assert any(line.split()[:2] == ["hospital-b", "late"] for line in text.splitlines()), text
+    assert any(line.split()[:2] == ["hospital-c", "late"] for line in text.splitlines()), text
 
 
 def test_stopping_a_client_daemon_leaves_no_flower_process(deployment):
