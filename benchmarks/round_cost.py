@@ -92,7 +92,8 @@ def _layout(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: i
 def one_round(work: Path, n: int, base: Path, finetunes: list[Path], part_bytes: int, delta_dtype: str, bare: bool = True, bare_only_bytes: int | None = None) -> dict:
     import yaml
 
-    from fedmerge.federation import flower, flower_internals
+    from fedmerge import flower_internals
+    from fedmerge.federation import flower
     from fedmerge.federation.coordinator_daemon import CoordinatorDaemon
     from fedmerge.federation.credentials import make_node_key, make_tls
     from fedmerge.federation.supervision import free_port

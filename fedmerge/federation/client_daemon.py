@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 
 from fedmerge.client.config import ClientConfig, load_client_config
+from fedmerge.client.node import HospitalNode
 from fedmerge.federation import flower
-from fedmerge.federation.flower_internals import (
+from fedmerge.federation.credentials import require_owner_only_writable
+from fedmerge.federation.errors import DaemonConfigError, SuperNodeGaveUp
+from fedmerge.flower_internals import (
     SUPERNODE_CONNECTED_MARK,
     SUPERNODE_CONNECTION_ERROR,
     SUPERNODE_FATAL_EXIT_CODES,
     SUPERNODE_UNREACHABLE_MARK,
 )
-from fedmerge.federation.errors import DaemonConfigError, SuperNodeGaveUp
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,11 @@ class ClientDaemon:
             value = getattr(self.cfg, field)
             if not Path(value).exists():
                 raise DaemonConfigError(f"{self.config_path}: {field} {value} does not exist")
+        require_owner_only_writable(self.config_path, "the client config")
+        for field in ("coordinator_public_file", "trust_store", "root_cert"):
+            require_owner_only_writable(getattr(self.cfg, field), f"{self.config_path}: {field}")
+        # The trust store must verify against the pinned coordinator now, not first when a model arrives.
+        HospitalNode(self.cfg).trust()
         pins = list(self.cfg.pinned_app_hashes) or [flower.app_hash()]
         if not self.cfg.pinned_app_hashes:
             log.info("no pinned_app_hashes in %s: pinning this fedmerge's own app bundle (sha256 %s)", self.config_path, pins[0])
@@ -115,6 +123,9 @@ class ClientDaemon:
                     log.info("%s: connected to the SuperLink at %s as SuperNode %s", self.cfg.institution, self.cfg.superlink_address, node_id)
                 elif SUPERNODE_UNREACHABLE_MARK in line and not waiting:
                     waiting = True
+                    unresolved = unresolvable(self.cfg.superlink_address)
+                    if unresolved:
+                        log.warning("%s: %s; check superlink_address in %s (the SuperNode keeps trying)", self.cfg.institution, unresolved, self.config_path)
                     log.info(
                         "%s: waiting for the SuperLink at %s to accept connections (%s); the SuperNode retries by itself",
                         self.cfg.institution, self.cfg.superlink_address,
@@ -131,3 +142,13 @@ class ClientDaemon:
         self._stopping.set()
         with self._lock:
             self.node.stop()
+
+
+def unresolvable(address: str) -> str | None:
+    """Why ``HOST:PORT``'s host cannot be looked up now (None when it can): a wait that no coordinator can end."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"the SuperLink's host {host!r} does not resolve ({exc})"
+    return None

@@ -24,12 +24,16 @@ import time
 from pathlib import Path
 
 from fedmerge.federation import flower
-from fedmerge.federation.credentials import LOOPBACK, certificate_hosts
-from fedmerge.federation.errors import ControlApiError, DaemonConfigError, RoundsFailed
+from fedmerge.federation.credentials import LOOPBACK, certificate_hosts, require_owner_only_writable
+from fedmerge.federation.errors import DaemonConfigError, RoundsFailed
+from fedmerge.flower_internals import ControlApiError
+from fedmerge.security.keys import load_identity, read_passphrase_file
 from fedmerge.server.app import pinned_config_env
 from fedmerge.server.config import FederationConfig, load_federation_config
-from fedmerge.server.ledger import RoundLedger
+from fedmerge.server.ledger import Progress, RoundLedger
 from fedmerge.server.record import RoundRecord, RoundStatus
+from fedmerge.server.rounds import load_coordinator_trust
+from fedmerge.server.status import summary_line
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,13 @@ class CoordinatorDaemon:
         for path in supernode_key_files(self.cfg):
             if not path.is_file():
                 raise DaemonConfigError(f"{self.config_path}: superlink.supernode_public_keys: {path} is not a file")
+        require_owner_only_writable(self.config_path, "the federation config")
+        for what, path in [("trust_store", self.cfg.trust_store), ("superlink.ca_cert", sl.ca_cert)] + [
+            (f"superlink.supernode_public_keys.{inst}", p) for inst, p in sl.supernode_public_keys.items()
+        ]:
+            require_owner_only_writable(path, f"{self.config_path}: {what}")
+        # Refuse a trust store the coordinator's own key did not sign before any Flower process starts.
+        load_coordinator_trust(self.cfg, load_identity(self.cfg.coordinator_key, read_passphrase_file(self.cfg.coordinator_key_passphrase_file)))
         self.superlink = superlink_class(
             self.cfg.state / "superlink",
             sl.address,
@@ -71,6 +82,7 @@ class CoordinatorDaemon:
         )
         self.ledger = RoundLedger(self.cfg.state)
         self.run_id: int | None = None
+        self.submitted_at: float | None = None
         self.log_file = self.cfg.state / "coordinator.log"
 
     # -- 1. start -----------------------------------------------------------------------------------
@@ -93,6 +105,8 @@ class CoordinatorDaemon:
     # -- 2. submit ----------------------------------------------------------------------------------
     def submit(self) -> int:
         app_dir = flower.write_app_dir(self.cfg.state / "app")
+        if self.submitted_at is None:
+            self.submitted_at = time.time()
         self.run_id = self.superlink.submit(app_dir, self.config_path)
         log.info("run %s submitted (app sha256 %s); rounds 1..%d, state in %s", self.run_id, flower.app_hash(app_dir), self.cfg.rounds, self.cfg.state)
         return self.run_id
@@ -117,13 +131,14 @@ class CoordinatorDaemon:
         while True:
             records = self.ledger.records()
             for r in records:
-                if (r.status.terminal or r.status == RoundStatus.FAILED) and (r.round, r.status.value) not in reported:
+                if (r.status.terminal or self._failed_in_this_run(r)) and (r.round, r.status.value) not in reported:
                     reported.add((r.round, r.status.value))
-                    self._report(r)
-            failed = [r for r in records if r.status == RoundStatus.FAILED]
-            if failed:
-                raise RoundsFailed(f"round {failed[0].round} failed: {failed[0].failure or 'see the record'} (records in {self.cfg.state / 'rounds'}, log {self.log_file})")
-            if sum(r.status.terminal for r in records) >= self.cfg.rounds:
+                    log.info("%s", summary_line(r))
+            progress = Progress.of(records, self.cfg.rounds)
+            if progress.failed is not None and self._failed_in_this_run(progress.failed):
+                failed = progress.failed
+                raise RoundsFailed(f"round {failed.round} failed: {failed.failure or 'see the record'} (records in {self.cfg.state / 'rounds'}, log {self.log_file})")
+            if progress.done >= progress.planned:
                 return records
             self.superlink.check_alive()
             if time.monotonic() - last_status > status_every_s:
@@ -138,12 +153,9 @@ class CoordinatorDaemon:
                 raise RoundsFailed(f"rounds not finished within {timeout:.0f} s (state {self.cfg.state}, log {self.log_file})")
             time.sleep(poll_s)
 
-    @staticmethod
-    def _report(r: RoundRecord) -> None:
-        log.info(
-            "round %d %s: contributors %s, rejected %s, dropped %s, late %s",
-            r.round, r.status.value, r.contributors, [x.institution for x in r.rejections], [x.institution for x in r.drops], [x.institution for x in r.late],
-        )  # fmt: skip
+    def _failed_in_this_run(self, r: RoundRecord) -> bool:
+        """A round that failed before this coordinator submitted its run is tried again by the ServerApp, not reported."""
+        return r.status == RoundStatus.FAILED and (r.updated_at or 0) >= (self.submitted_at or 0)
 
     # -- 4. stop ------------------------------------------------------------------------------------
     def stop(self) -> None:

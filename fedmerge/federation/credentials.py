@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmerge.checkpoints.atomic import write_private_atomic
+from fedmerge.federation.errors import WritableByOthers
 
 
 @dataclass(frozen=True)
@@ -113,3 +114,28 @@ def make_node_key(out_dir: str | os.PathLike[str], name: str) -> tuple[Path, Pat
     write_private_atomic(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
     return priv, pub
+
+
+def require_owner_only_writable(path: str | os.PathLike[str], what: str) -> None:
+    """``WritableByOthers`` unless ``path``, and the folder it is in, can be changed only by this user (or root).
+
+    The pinned coordinator key, the trust store, the node keys bound to institutions and the
+    configs naming them decide whom a daemon trusts: whoever can rewrite one of them (or rename
+    another file over it) could re-pin the coordinator, roll the trust store back to a version
+    signed before a revocation, or bind their own node to an institution. Signatures do not help
+    there; file ownership does, as ssh requires of ``authorized_keys``.
+    """
+    import stat
+
+    target = Path(path).resolve()
+    allowed = {os.getuid(), 0}
+    for p, is_dir in ((target, False), (target.parent, True)):
+        st = os.stat(p)
+        if st.st_uid not in allowed:
+            raise WritableByOthers(f"{what}: {p} belongs to uid {st.st_uid}, not to this user ({os.getuid()}) or root; it decides whom this daemon trusts")
+        # A shared folder with the sticky bit (like /tmp) lets nobody rename another user's file.
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (is_dir and st.st_mode & stat.S_ISVTX):
+            raise WritableByOthers(
+                f"{what}: {p} is writable by {'every user' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"it decides whom this daemon trusts: chmod go-w {p}"
+            )

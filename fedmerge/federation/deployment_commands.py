@@ -54,47 +54,60 @@ def _say(command: str, message: str) -> None:
     print(f"fedmerge {command}: {message}", file=sys.stderr, flush=True)
 
 
+def _serve(command: str, start, work, stopped) -> int:
+    """Run a daemon until ``work(daemon)`` returns or a stop signal arrives; its Flower processes stop either way.
+
+    ``start()`` builds the daemon (its config checked); ``stopped(daemon)`` says, after a signal,
+    what was stopped and where its logs are.
+    """
+    from fedmerge.federation.supervision import StopRequested, stop_on_signals
+
+    with stop_on_signals():
+        daemon = start()
+        try:
+            return work(daemon)
+        except StopRequested as stop:
+            _say(command, f"stopped by {stop}; {stopped(daemon)}")
+            return stop.exit_code
+        finally:
+            daemon.stop()
+
+
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     import time
 
     from fedmerge.federation.coordinator_daemon import CoordinatorDaemon
-    from fedmerge.federation.supervision import StopRequested, stop_on_signals
 
-    with stop_on_signals():
-        daemon = CoordinatorDaemon(args.config)
-        logs = f"logs: {daemon.log_file}, {daemon.superlink.log_file}"
-        try:
-            daemon.start()
-            daemon.submit()
-            daemon.wait(timeout=args.timeout)
-            _say("coordinator", f"all {daemon.cfg.rounds} round(s) completed (records in {daemon.cfg.state / 'rounds'}; {logs})")
-            if args.keep_running:
-                _say("coordinator", "keeping the SuperLink up (--keep-running) until stopped")
-                while True:
-                    daemon.superlink.check_alive()
-                    time.sleep(5)
-            return 0
-        except StopRequested as stop:
-            _say("coordinator", f"stopped by {stop}; the SuperLink and its ServerApp are stopped ({logs})")
-            return stop.exit_code
-        finally:
-            daemon.stop()
+    def logs(daemon: CoordinatorDaemon) -> str:
+        return f"logs: {daemon.log_file}, {daemon.superlink.log_file}"
+
+    def rounds(daemon: CoordinatorDaemon) -> int:
+        daemon.start()
+        daemon.submit()
+        records = daemon.wait(timeout=args.timeout)
+        refused = sum(r.status.value == "refused" for r in records)
+        done = f"done: {len(records) - refused} published, {refused} refused by the gate" if refused else "completed"
+        _say("coordinator", f"all {daemon.cfg.rounds} round(s) {done} (records in {daemon.cfg.state / 'rounds'}; {logs(daemon)})")
+        if args.keep_running:
+            _say("coordinator", "keeping the SuperLink up (--keep-running) until stopped")
+            while True:
+                daemon.superlink.check_alive()
+                time.sleep(5)
+        return 0
+
+    return _serve("coordinator", lambda: CoordinatorDaemon(args.config), rounds,
+                  lambda d: f"the SuperLink and its ServerApp are stopped ({logs(d)})")  # fmt: skip
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from fedmerge.federation.client_daemon import ClientDaemon
-    from fedmerge.federation.supervision import StopRequested, stop_on_signals
 
-    with stop_on_signals():
-        daemon = ClientDaemon(args.config)
-        try:
-            daemon.run()
-            return 0  # run() returns only by raising; kept for clarity of the exit paths
-        except StopRequested as stop:
-            _say("client", f"stopped by {stop}; the SuperNode and its ClientApps are stopped (log: {daemon.log_file})")
-            return stop.exit_code
-        finally:
-            daemon.stop()
+    def run(daemon: ClientDaemon) -> int:
+        daemon.run()  # returns only once stopped from another thread; a signal or a lasting failure raises
+        return 0
+
+    return _serve("client", lambda: ClientDaemon(args.config), run,
+                  lambda d: f"the SuperNode and its ClientApps are stopped (log: {d.log_file})")  # fmt: skip
 
 
 def _cmd_tls(args: argparse.Namespace) -> int:

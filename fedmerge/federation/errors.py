@@ -1,20 +1,15 @@
-"""What launching and supervising the Flower processes refuses, each error naming the file, port or process."""
+"""What launching and supervising the Flower processes refuses, each error naming the file, port or process.
+
+The errors of the Flower adapter itself (``UnsupportedFlower``, ``ControlApiError``) are in ``fedmerge.flower_internals``.
+"""
 
 from __future__ import annotations
 
 from fedmerge.errors import FedmergeError
 
 
-class UnsupportedFlower(FedmergeError):
-    """The installed Flower is not the version whose internals fedmerge was written against."""
-
-
 class FlowerLaunchError(FedmergeError):
     """A Flower process did not start or stopped on its own; the message names its log."""
-
-
-class ControlApiError(FedmergeError):
-    """A call to the SuperLink's Control API failed; the message names the call and the address."""
 
 
 class PortInUse(FedmergeError):
@@ -39,3 +34,7 @@ class SuperNodeGaveUp(FedmergeError):
 
 class RoundsFailed(FedmergeError):
     """The coordinator's rounds did not all complete (a round failed, the run ended, or time ran out)."""
+
+
+class WritableByOthers(DaemonConfigError):
+    """A file that decides whom a daemon trusts can be changed by another user of the host."""

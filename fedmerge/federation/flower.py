@@ -2,7 +2,7 @@
 
 The SuperLink (``fedmerge.federation.superlink_main``) serves its whole API on a loopback port
 of its own and only the Fleet API on the public address; the coordinator talks to it through
-the Control API on loopback (``flower_internals``). Both the SuperLink and a SuperNode start
+the Control API on loopback (``fedmerge.flower_internals``). Both the SuperLink and a SuperNode start
 their app processes through ``fedmerge.federation.guard``, which runs only the app bundles
 (FAB) whose SHA-256 is pinned: at a hospital, the hash in its config (default: its own
 fedmerge's bundle); at the coordinator, its own bundle only.
@@ -28,14 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedmerge import flower_internals as internals
 from fedmerge.client.app import NODE_CONFIG_KEY
-from fedmerge.federation import flower_internals as internals
 from fedmerge.federation.errors import FlowerLaunchError, LeftoverProcess
 from fedmerge.federation.guard import LAUNCH_SOCKET_ENV, PINNED_ENV, write_guard_bin
 from fedmerge.federation.supervision import (
     Address,
     free_port,
-    kill_child,
     process_alive,
     process_start_time,
     require_free_port,
@@ -153,7 +152,23 @@ class LogFollower:
         return data[:end].decode(errors="replace").splitlines()
 
 
-class SuperLink:
+class _OwnedFlowerProcess:
+    """A Flower process (``proc``) and its app launcher (``launcher``), children of this daemon, logging to one file."""
+
+    proc: subprocess.Popen | None
+    launcher: subprocess.Popen | None
+    _log = None
+
+    def stop(self) -> None:
+        """SIGTERM both (and what they forked), SIGKILL after a grace period; close the log."""
+        stop_child(self.proc)
+        stop_child(self.launcher)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class SuperLink(_OwnedFlowerProcess):
     """The coordinator's SuperLink: TLS, SuperNode authentication, a state database, Control on loopback only.
 
     ``serverapp_pins`` is the allow-list of app bundles its ServerApp launcher runs: this
@@ -180,16 +195,12 @@ class SuperLink:
         self.loopback: Address | None = None
         self.proc: subprocess.Popen | None = None
         self.launcher: subprocess.Popen | None = None
-        self._log = None
 
     def serverapp_pins(self) -> list[str]:
         return [app_hash()]
 
     def env(self) -> dict[str, str]:
-        extra = dict(self.serverapp_env)
-        if self.loopback is not None:  # where the ServerApp reaches Control (e.g. a node id's public key)
-            extra.update(internals.control_endpoint_env(self.control))
-        return guarded_env(self.home, "serverapp", self.serverapp_pins(), extra)
+        return guarded_env(self.home, "serverapp", self.serverapp_pins(), self.serverapp_env)
 
     @property
     def control(self) -> internals.ControlEndpoint:
@@ -311,18 +322,10 @@ class SuperLink:
                 self.proc.stdin.close()  # end of file: the SuperLink stops gracefully by itself
             except OSError:
                 pass
-        stop_child(self.proc)
-        stop_child(self.launcher)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def kill(self) -> None:
-        kill_child(self.proc)
-        kill_child(self.launcher)
+        super().stop()
 
 
-class SuperNode:
+class SuperNode(_OwnedFlowerProcess):
     """A hospital's ``flower-supernode``, its ClientApps launched through the app-pinning guard."""
 
     def __init__(self, home, superlink_address: str, root_cert, auth_key, client_config, runtime_port: int, pinned_hashes: list[str]):
@@ -336,7 +339,6 @@ class SuperNode:
         self.launcher: subprocess.Popen | None = None
         self.log_file = self.home / "supernode.log"
         self.log_offset = 0  # where this start's lines begin in the log
-        self._log = None
 
     def env(self) -> dict[str, str]:
         return guarded_env(self.home, "clientapp", self.pinned)
@@ -380,25 +382,7 @@ class SuperNode:
             return found
         return (self.proc.returncode if self.proc is not None else None), _log_tail(self.log_file, self.log_offset)
 
-    def log_text(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
-
     def follow_log(self) -> "LogFollower":
         """The lines this start of the SuperNode (and its launcher) writes, as they come."""
         return LogFollower(self.log_file, self.log_offset)
 
-    def stop_supernode(self) -> None:
-        """Stop the SuperNode only (its launcher keeps its imports for the next start)."""
-        stop_child(self.proc)
-
-    def stop(self) -> None:
-        stop_child(self.proc)
-        stop_child(self.launcher)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def kill(self) -> None:
-        """A crash: the SuperNode, its launcher and every ClientApp it forked die at once."""
-        kill_child(self.proc)
-        kill_child(self.launcher)

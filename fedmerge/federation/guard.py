@@ -78,7 +78,7 @@ def write_guard_bin(folder: str | os.PathLike[str], kinds: tuple[str, ...] = ("c
 
 def run_guarded(kind: str, argv: list[str]) -> None:
     """Flower's own entry point for ``kind``, with the bundle check in front of its install step."""
-    from fedmerge.federation.flower_internals import guard_bundle_install, run_app_process
+    from fedmerge.flower_internals import guard_bundle_install, run_app_process
 
     if kind not in KINDS:
         raise SystemExit(f"unknown app kind {kind!r}")
@@ -111,7 +111,7 @@ class LaunchServer:
 
         import fedmerge.checkpoints  # noqa: F401
         import fedmerge.security.verify  # noqa: F401
-        from fedmerge.federation.flower_internals import guard_bundle_install, preload_app_process
+        from fedmerge.flower_internals import guard_bundle_install, preload_app_process
 
         preload_app_process(self.kind)
         if self.kind == "clientapp":

@@ -6,7 +6,7 @@
 Flower 1.41 serves Fleet (SuperNodes), Control (run submission, node registration, stop) and the
 ServerApp's runtime API as one app on one listener, and Control has no authentication in the
 open-source build. Here that app is served twice from one process
-(``flower_internals.serve_superlink``):
+(``fedmerge.flower_internals.serve_superlink``):
 
 - on ``127.0.0.1:P``, everything: the coordinator's own Control calls and its ServerApp's
   SuperExec use it;
@@ -54,7 +54,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedmerge.federation.flower_internals import SuperLinkListeners, bind_listener, serve_superlink
+    from fedmerge.flower_internals import SuperLinkListeners, bind_listener, serve_superlink
     from fedmerge.federation.supervision import Address, process_start_time
 
     args, flower_args = _parse(sys.argv[1:] if argv is None else argv)

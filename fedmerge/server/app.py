@@ -20,7 +20,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmerge.errors import FedmergeError
+from fedmerge.server.errors import UnpinnedFederationConfig
 
 app = ServerApp()
 
@@ -29,10 +29,6 @@ PINNED_CONFIG_ENV = "FEDMERGE_FEDERATION_CONFIG"
 PINNED_CONFIG_SHA256_ENV = "FEDMERGE_FEDERATION_CONFIG_SHA256"
 
 log = logging.getLogger(__name__)
-
-
-class UnpinnedFederationConfig(FedmergeError):
-    """The ServerApp was asked to run a federation config other than the coordinator's own, or it changed."""
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -14,7 +14,6 @@ import logging
 import math
 import re
 import shutil
-import time
 from typing import Any
 
 from fedmerge import protocol
@@ -22,7 +21,7 @@ from fedmerge.checkpoints import CheckpointReader
 from fedmerge.errors import FedmergeError
 from fedmerge.server.config import FederationConfig
 from fedmerge.server.errors import ClaimMismatch, DuplicateContribution, SignerNotBound
-from fedmerge.server.exchange import Exchange, NodeFailed, Request, decode
+from fedmerge.server.exchange import Exchange, GraceDeadline, NodeFailed, Request, decode
 from fedmerge.server.ledger import RoundJournal
 from fedmerge.server.membership import Participants
 from fedmerge.server.record import Contribution, Drop, EventKind, Rejection
@@ -72,7 +71,6 @@ class Collection:
         self.bound = {node: inst for inst, node in participants.sampled.items()}
         self.plans: dict[int, protocol.PartPlan] = {}
         self.rejected: set[int] = set()
-        self._quorum_at: float | None = None
 
     # -- the stage ---------------------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -102,29 +100,21 @@ class Collection:
             "with_first_part": len(asked) <= cfg.parts_in_flight_total,
             "delta_dtype": cfg.delta_dtype,
         }
-        self.deadline = time.monotonic() + cfg.round_timeout_s
+        # With quorum verified, stragglers get a grace period rather than the whole timeout.
+        deadline = GraceDeadline(cfg.round_timeout_s, cfg.straggler_grace_s, lambda: len(self.record.contributions) >= cfg.min_clients)
         with CheckpointReader(self.record.reference.path) as reference:
             self.reference = reference
             self.limits = package_limits(cfg, reference)
-            exchange = Exchange(self.grid, group_id=str(self.r), window=cfg.parts_in_flight, total_window=cfg.parts_in_flight_total,
-                                make_content=protocol.make_content, ttl=cfg.round_timeout_s + 60)  # fmt: skip
+            exchange = Exchange.for_round(self.grid, cfg, str(self.r), protocol.make_content)
             for node in sorted(asked):
                 exchange.add(node, [Request(protocol.OPEN_ROUND, open_meta, None, _OPEN)])
-            failures = exchange.run(self._on_reply, self._deadline)
+            failures = exchange.run(self._on_reply, deadline)
         for node, reason in sorted(failures.items()):
             if node not in self.rejected:
                 self._drop(node, reason)
         leftovers = self.spool.discard_incoming()
         if leftovers:
             log.info("round %d: deleted what nodes %s left in the spool", self.r, leftovers)
-
-    def _deadline(self) -> float:
-        # With quorum verified, stragglers get a grace period rather than the whole timeout.
-        if self.cfg.straggler_grace_s is not None and len(self.record.contributions) >= self.cfg.min_clients:
-            if self._quorum_at is None:
-                self._quorum_at = time.monotonic()
-            return min(self.deadline, self._quorum_at + self.cfg.straggler_grace_s)
-        return self.deadline
 
     # -- replies -----------------------------------------------------------------------------------
     def _on_reply(self, node: int, tag: Any, reply) -> list[Request] | None:
@@ -162,7 +152,10 @@ class Collection:
         if data is None or meta.get("part") != index or meta.get("sha256") != protocol.part_digest(data):
             raise NodeFailed(f"part {index} arrived damaged, missing or out of place")
         inst = self.bound[node]
-        complete = self.spool.receive_part(node, plan, index, data)
+        try:
+            complete = self.spool.receive_part(node, plan, index, data)
+        except FedmergeError as exc:  # a part that does not fit the node's own plan (its length)
+            raise self._reject(node, exc) from None
         self.record.bytes_received[inst] = self.record.bytes_received.get(inst, 0) + len(data)
         if complete:
             self._finish(node)

@@ -6,18 +6,17 @@ by a node id; a ``NodeDirectory`` answers "which institution is node N bound to?
 loop counts a contribution only for that institution, and pushes models only to bound nodes.
 
 ``KeyBoundDirectory`` learns each node's registered key from the Grid the SuperLink hands the
-ServerApp; ``MappingDirectory`` is a fixed table (the in-process grid, tests).
+ServerApp (``fedmerge.flower_internals.registered_node_keys``); ``MappingDirectory`` is a fixed
+table (the in-process grid, tests).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from typing import Iterable, Mapping, Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
+from fedmerge.flower_internals import node_key_der, registered_node_keys
 from fedmerge.server.errors import NodeDirectoryError
-
-log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -42,22 +41,13 @@ class MappingDirectory:
         return sorted(set(self.bindings.values()))
 
 
-def _spki(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def load_node_key(path: str | os.PathLike[str], institution: str) -> bytes:
-    """A node's OpenSSH public key file, as DER SubjectPublicKeyInfo (the form compared)."""
-    from cryptography.hazmat.primitives import serialization
-
+    """A node's OpenSSH public key file, in the form keys are compared (``node_key_der``)."""
     try:
         with open(path, "rb") as fh:
-            key = serialization.load_ssh_public_key(fh.read())
-    except (OSError, ValueError, TypeError) as exc:
+            return node_key_der(fh.read())
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise NodeDirectoryError(f"{path}: cannot read {institution}'s SuperNode public key ({exc})") from None
-    return _spki(key)
 
 
 class KeyBoundDirectory:
@@ -87,36 +77,3 @@ class KeyBoundDirectory:
                 self._known[nid] = self._by_key.get(key) if key is not None else None
             self._known.setdefault(node_id, None)  # unknown to the SuperLink: bound to nothing
         return self._known[node_id]
-
-
-# Flower versions whose ServerApp Grid reports each node's registered public key in
-# ``get_nodes()`` (the SuperLink's NodeInfo.public_key, PEM SubjectPublicKeyInfo).
-_TESTED_FLOWER = ((1, 41),)
-
-
-def registered_node_keys(grid) -> dict[int, bytes | None]:
-    """node id -> DER public key the SuperLink registered for it (None: none, or unreadable).
-
-    The one place that reads what Flower's ``Grid.get_nodes`` returns beyond node ids.
-    """
-    import flwr
-    from cryptography.hazmat.primitives import serialization
-
-    version = tuple(int(x) for x in flwr.__version__.split(".")[:2] if x.isdigit())
-    if version not in _TESTED_FLOWER:
-        raise NodeDirectoryError(
-            f"flwr {flwr.__version__}: node-key bindings are read from Grid.get_nodes(), tested with flwr "
-            f"{', '.join('.'.join(map(str, v)) for v in _TESTED_FLOWER)}; check that its NodeInfo still carries public_key"
-        )
-    out: dict[int, bytes | None] = {}
-    infos: Iterable = grid.get_nodes()
-    for info in infos:
-        raw = bytes(info.public_key)
-        out[int(info.node_id)] = None
-        if not raw:
-            continue
-        try:
-            out[int(info.node_id)] = _spki(serialization.load_pem_public_key(raw))
-        except (ValueError, TypeError) as exc:
-            log.warning("node %s: unreadable registered key (%s); treated as bound to no institution", info.node_id, exc)
-    return out

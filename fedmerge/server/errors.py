@@ -14,6 +14,10 @@ class ServerError(FedmergeError):
     """Something on the coordinator's side is not as it must be."""
 
 
+class UnpinnedFederationConfig(ServerError):
+    """The ServerApp was asked to run a federation config other than the coordinator's own, or it changed."""
+
+
 class RoundFailed(ServerError):
     """A round could not complete (no quorum, not enough hospitals); its record says why."""
 

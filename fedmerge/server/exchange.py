@@ -78,6 +78,27 @@ class _NodeQueue:
         return self.failed is None and bool(self.pending or self.in_flight)
 
 
+class GraceDeadline:
+    """The round's timeout, cut short to ``grace_s`` from the moment ``ready()`` first holds (no grace: None).
+
+    Once the coordinator has what it needs (a quorum of contributions; every contributor's
+    install), the rest get a grace period rather than the whole timeout.
+    """
+
+    def __init__(self, timeout_s: float, grace_s: float | None, ready: Callable[[], bool]):
+        self.hard = time.monotonic() + timeout_s
+        self.grace_s = grace_s
+        self.ready = ready
+        self._since: float | None = None
+
+    def __call__(self) -> float:
+        if self.grace_s is not None and self.ready():
+            if self._since is None:
+                self._since = time.monotonic()
+            return min(self.hard, self._since + self.grace_s)
+        return self.hard
+
+
 class Exchange:
     """One exchange: push requests within the windows, pull and hand over replies, until all are done."""
 
@@ -103,6 +124,12 @@ class Exchange:
         self.failures: dict[int, str] = {}
         self._turn = 0
         self._last_alive_check = 0.0
+
+    @classmethod
+    def for_round(cls, grid, config, group_id: str, make_content: Callable[[dict, Any], Any]) -> "Exchange":
+        """An exchange with a federation config's windows; its messages outlive the round's timeout by a minute."""
+        return cls(grid, group_id=group_id, window=config.parts_in_flight, total_window=config.parts_in_flight_total,
+                   make_content=make_content, ttl=config.round_timeout_s + 60)  # fmt: skip
 
     def add(self, node_id: int, requests: Iterable[Request]) -> None:
         q = self.queues.setdefault(node_id, _NodeQueue(node_id))

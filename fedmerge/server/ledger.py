@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -69,6 +70,24 @@ class RoundLedger:
             return RoundRecord.model_validate(data)
         except ValidationError as exc:
             raise RecordFormatError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a federation's rounds are, from their records: what ``status --watch`` and the coordinator wait for."""
+
+    done: int  # rounds completed or refused by the gate
+    planned: int
+    failed: RoundRecord | None  # the last round, when it failed (the coordinator stopped there)
+
+    @classmethod
+    def of(cls, records: list[RoundRecord], planned: int) -> "Progress":
+        last = records[-1] if records else None
+        return cls(sum(1 for r in records if r.status.terminal), planned, last if last is not None and last.status == RoundStatus.FAILED else None)
+
+    @property
+    def finished(self) -> bool:
+        return self.failed is not None or self.done >= self.planned
 
 
 class RoundJournal:

@@ -10,12 +10,11 @@ before installing.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from fedmerge import protocol
 from fedmerge.server.config import FederationConfig
-from fedmerge.server.exchange import Exchange, NodeFailed, Request, decode
+from fedmerge.server.exchange import Exchange, GraceDeadline, NodeFailed, Request, decode
 from fedmerge.server.ledger import RoundJournal
 from fedmerge.server.membership import Roster
 from fedmerge.server.record import Drop, EventKind
@@ -43,15 +42,15 @@ class Push:
         publication.targets = sorted(self.targets)
         publication.model_bytes = plan.total_bytes
         self.journal.save()
-        exchange = Exchange(self.grid, group_id=f"{self.r}-install", window=cfg.parts_in_flight, total_window=cfg.parts_in_flight_total,
-                            make_content=protocol.make_lazy_content, ttl=cfg.round_timeout_s + 60)  # fmt: skip
+        exchange = Exchange.for_round(self.grid, cfg, f"{self.r}-install", protocol.make_lazy_content)
         by_node = {node: inst for inst, node in self.targets.items()}
         for node, inst in sorted(by_node.items()):
             exchange.add(node, self._requests(model_dir, plan, record.outcome_of(inst)))
-        self.hard_deadline = time.monotonic() + cfg.round_timeout_s
-        self._grace_from: float | None = None
-        self.contributor_nodes = {c.node for c in record.contributions.values()} & set(by_node)
-        failures = exchange.run(self._on_reply, self._deadline)
+        # Nodes that did not contribute (dropped, maybe dead) get a grace period once every
+        # contributor has installed the model or refused it, not the whole round timeout.
+        contributor_nodes = {c.node for c in record.contributions.values()} & set(by_node)
+        deadline = GraceDeadline(cfg.round_timeout_s, cfg.straggler_grace_s, lambda: contributor_nodes <= set(self.installed) | set(exchange.failures))
+        failures = exchange.run(self._on_reply, deadline)
         publication.installed = sorted(by_node[n] for n in self.installed)
         publication.failures = [Drop(institution=by_node[n], node=n, stage="install", reason=why) for n, why in sorted(failures.items())]
         self.journal.save()
@@ -78,12 +77,3 @@ class Push:
             self.installed[node] = str(meta.get("installed", ""))
             inst = next(i for i, n in self.targets.items() if n == node)
             self.journal.emit(EventKind.INSTALLED, institution=inst, node=node)
-
-    def _deadline(self) -> float:
-        # Nodes that did not contribute (dropped, maybe dead) get a grace period once every
-        # contributor has installed, not the whole round timeout.
-        if self.cfg.straggler_grace_s is not None and self.contributor_nodes <= set(self.installed):
-            if self._grace_from is None:
-                self._grace_from = time.monotonic()
-            return min(self.hard_deadline, self._grace_from + self.cfg.straggler_grace_s)
-        return self.hard_deadline

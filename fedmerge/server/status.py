@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable
 
 from fedmerge.server.config import FederationConfig
-from fedmerge.server.ledger import RoundLedger
+from fedmerge.server.ledger import Progress, RoundLedger
 from fedmerge.server.record import RoundRecord, RoundStatus
 
 
@@ -53,13 +53,6 @@ def read_records(cfg: FederationConfig) -> list[RoundRecord]:
     return RoundLedger(cfg.state, create=False).records()
 
 
-def finished(cfg: FederationConfig, records: list[RoundRecord]) -> bool:
-    """Every round is done, or the last one failed (the coordinator stopped)."""
-    if any(r.status == RoundStatus.FAILED for r in records[-1:]):
-        return True
-    return sum(1 for r in records if r.status.terminal) >= cfg.rounds
-
-
 def watch(
     cfg: FederationConfig,
     emit: Callable[[str], None],
@@ -76,8 +69,9 @@ def watch(
         if text != last:
             emit(text)
             last = text
-        if finished(cfg, records):
-            return 1 if records and records[-1].status == RoundStatus.FAILED else 0
+        progress = Progress.of(records, cfg.rounds)
+        if progress.finished:
+            return 1 if progress.failed is not None else 0
         sleep(interval)
 
 
@@ -115,8 +109,7 @@ def _size(n: int) -> str:
 
 
 def render_text(cfg: FederationConfig, records: list[RoundRecord], events: bool = False) -> str:
-    done = sum(1 for r in records if r.status.terminal)
-    lines = [f"federation {cfg.name}: {done} of {cfg.rounds} round(s) done (state {cfg.state})"]
+    lines = [f"federation {cfg.name}: {Progress.of(records, cfg.rounds).done} of {cfg.rounds} round(s) done (state {cfg.state})"]
     if not records:
         lines.append("no round started yet")
     for r in records:
@@ -128,6 +121,21 @@ def render_text(cfg: FederationConfig, records: list[RoundRecord], events: bool 
 
 def render_with_events(cfg: FederationConfig, records: list[RoundRecord]) -> str:
     return render_text(cfg, records, events=True)
+
+
+def summary_line(r: RoundRecord) -> str:
+    """One line for a log: the round's status, each institution by its state, the gate and who installed the model."""
+    by_state: dict[str, list[str]] = {}
+    for inst, (state, _) in r.institution_states().items():
+        by_state.setdefault(state.value, []).append(inst)
+    parts = [f"{state} {', '.join(insts)}" for state, insts in by_state.items()]
+    if r.failure:
+        parts.append(f"failure: {r.failure}")
+    if r.gate is not None:
+        parts.append(f"gate {'published' if r.gate.publish else 'REFUSED'}: {r.gate.reason}")
+    if r.publication is not None and r.publication.targets:
+        parts.append(f"installed by {len(r.publication.installed)} of {len(r.publication.targets)}")
+    return f"round {r.round} {r.status.value}: " + "; ".join(parts or ["nobody took part"])
 
 
 def _event_line(e) -> str:

@@ -27,6 +27,7 @@ from fedmerge.federation.toy import ToyFederation, build_toy_federation
 
 PUBLIC_HOST = "127.0.0.2"
 FEDMERGE = [sys.executable, "-m", "fedmerge"]
+ROGUE_SITE = Path(__file__).resolve().parent / "rogue_site"
 
 
 # -- the process table ----------------------------------------------------------------------------------
@@ -82,6 +83,35 @@ def descendants(pid: int) -> set[int]:
                 out.add(child)
                 todo.append(child)
     return out
+
+
+def process_tree(pid: int) -> dict[int, tuple[str, str]]:
+    """``pid``'s live descendants: pid -> (start time, command line); the start time tells a reused pid apart."""
+    out = {}
+    for child in descendants(pid):
+        stat = _read(f"/proc/{child}/stat").decode(errors="replace")
+        if ")" in stat:
+            out[child] = (stat.rsplit(")", 1)[1].split()[19], _read(f"/proc/{child}/cmdline").replace(b"\0", b" ").decode(errors="replace")[:200])
+    return out
+
+
+def survivors(tree: dict[int, tuple[str, str]], timeout: float) -> dict[int, str]:
+    """Those of ``tree`` (from ``process_tree``) still running after up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+
+    def alive() -> dict[int, str]:
+        left = {}
+        for pid, (started, cmd) in tree.items():
+            stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
+            if ")" in stat and stat.rsplit(")", 1)[1].split()[19] == started and _state(pid) not in ("", "Z", "X"):
+                left[pid] = cmd
+        return left
+
+    left = alive()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.25)
+        left = alive()
+    return left
 
 
 def wait_until_gone(marker: str | Path, timeout: float) -> dict[int, str]:
@@ -151,8 +181,10 @@ class Layout:
         return self.toy.federation_config
 
 
-def make_layout(root: Path, toy_models, n: int = 3, *, extra_keys: tuple[str, ...] = (), **federation) -> Layout:
-    toy = build_toy_federation(root / "fed", n, models_from=toy_models, part_bytes=384 * 1024, round_timeout_s=120.0)
+def make_layout(root: Path, toy_models, n: int = 3, *, extra_keys: tuple[str, ...] = (), seal: bool = False, **federation) -> Layout:
+    """``n`` toy hospitals behind one coordinator; ``seal``: hospitals seal and the coordinator requires it."""
+    # A generous round timeout: on a loaded machine a node's Flower messages can take seconds each.
+    toy = build_toy_federation(root / "fed", n, models_from=toy_models, part_bytes=384 * 1024, round_timeout_s=300.0, seal=seal)
     tls = make_tls(root / "tls", [PUBLIC_HOST, "localhost"])
     (root / "nodekeys").mkdir(parents=True)
     names = sorted(toy.client_configs)
@@ -178,23 +210,57 @@ def make_layout(root: Path, toy_models, n: int = 3, *, extra_keys: tuple[str, ..
     return layout
 
 
+def add_institution(layout: Layout, name: str, *, finetune: str = "hospital-a", **client: object) -> Path:
+    """Enrol one more institution (identity, signed trust store, bound node key) and write its client config.
+
+    Its config starts as ``finetune``'s, with its own identity, state, node key and runtime port;
+    ``client`` overrides fields (an ``institution`` or ``identity_key`` other than its own, say).
+    """
+    from fedmerge.security.keys import generate_identity, load_identity
+    from fedmerge.security.trust import TrustStore
+
+    toy = layout.toy
+    keys = toy.root / "keys"
+    store = TrustStore.open_for_editing(toy.trust_store)
+    store.add(generate_identity(name, keys).public, role="institution")
+    store.sign(load_identity(toy.coordinator_key))
+    store.save()
+    layout.node_keys[name] = make_node_key(layout.root / "nodekeys", name)
+    fed = yaml.safe_load(toy.federation_config.read_text())
+    fed["superlink"]["supernode_public_keys"][name] = str(layout.node_keys[name][1])
+    toy.federation_config.write_text(yaml.safe_dump(fed, sort_keys=False))
+    cfg = yaml.safe_load(toy.client_configs[finetune].read_text())
+    layout.runtime_ports[name] = free_port()
+    cfg.update(institution=name, identity_key=str(keys / f"{name}.key"), state_dir=str(toy.root / "clients" / name),
+               supernode_key=str(layout.node_keys[name][0]), runtime_port=layout.runtime_ports[name])  # fmt: skip
+    cfg.update(client)
+    path = toy.root / "clients" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    toy.client_configs[name] = path
+    return path
+
+
 # -- daemons as their commands ---------------------------------------------------------------------------
 
 
 class Daemon:
     """``fedmerge client`` or ``fedmerge coordinator`` as a process of its own, its output in a file."""
 
-    def __init__(self, args: list[str], out: Path):
+    def __init__(self, args: list[str], out: Path, env: dict[str, str] | None = None):
         self.out = out
+        self.offset = out.stat().st_size if out.exists() else 0  # a daemon started again appends to the same file
         self._f = open(out, "ab")
-        self.proc = subprocess.Popen([*FEDMERGE, *args], stdout=self._f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([*FEDMERGE, *args], stdout=self._f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def text(self) -> str:
-        return self.out.read_text(errors="replace")
+        """What this start of the daemon printed."""
+        with open(self.out, "rb") as f:
+            f.seek(self.offset)
+            return f.read().decode(errors="replace")
 
     def wait_for(self, needle: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -214,6 +280,15 @@ class Daemon:
         finally:
             self._f.close()
 
+    @staticmethod
+    def stop_all(daemons: "list[Daemon]") -> None:
+        """SIGTERM them all at once, then wait for each (they stop their Flower processes side by side)."""
+        for d in daemons:
+            if d.proc.poll() is None:
+                d.proc.terminate()
+        for d in daemons:
+            d.stop()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -225,8 +300,13 @@ class Daemon:
         self._f.close()
 
 
-def start_client(layout: Layout, name: str, config: Path | None = None) -> Daemon:
-    return Daemon(["client", "--config", str(config or layout.client_config(name))], layout.root / f"client-{name}.out")
+def start_client(layout: Layout, name: str, config: Path | None = None, rogue: str | None = None) -> Daemon:
+    """``fedmerge client`` for ``name``; ``rogue`` (e.g. ``"1:escape,2:stall"``) makes its processes misbehave (``rogue_site``)."""
+    env = None
+    if rogue is not None:
+        env = dict(os.environ, FEDMERGE_TEST_ROGUE=rogue)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROGUE_SITE), env.get("PYTHONPATH", "")) if p)
+    return Daemon(["client", "--config", str(config or layout.client_config(name))], layout.root / f"client-{name}.out", env)
 
 
 def start_coordinator(layout: Layout, *extra: str) -> Daemon:
@@ -282,3 +362,36 @@ class ProbePinningSuperLink(flower.SuperLink):
 
     def serverapp_pins(self) -> list[str]:
         return [*super().serverapp_pins(), *self.extra_pins]
+
+
+# -- an evaluator whose verdict is known in advance --------------------------------------------------
+
+
+def write_gate_eval(folder: Path) -> Path:
+    """An eval config (``evaluator.config_path``) on which any sane model scores 1 and a broken one 0.
+
+    Each item's gold ending is one word, its rival nine: a model's log-likelihood of nine tokens
+    is far below that of one, so every working model picks the gold ending (acc 1.0). A model
+    whose logits are not finite (scaled-up weights) scores every ending NaN and lm-eval picks the
+    first, never the gold (acc 0.0).
+    """
+    from fedmerge.eval.tasks import write_local_task
+
+    words = ["fever", "cough", "rash", "pain", "ache", "nausea", "sore", "chill"]
+    items = [
+        {"id": f"q{i}", "question": f"patient {i} presents with", "choices": [" ".join(words[(i + k) % 8] for k in range(9)), words[i % 8]], "answer": 1}
+        for i in range(16)
+    ]
+    write_local_task(folder / "tasks", "one_word", items, kind="hellaswag")
+    path = folder / "eval.yaml"
+    path.write_text(yaml.safe_dump({"tasks": ["one_word"], "task_dirs": [str(folder / "tasks")], "num_fewshot": 0, "device": "cpu",
+                                    "batch_size": 4, "cpu_threads": 1, "store": str(folder / "results.db")}))  # fmt: skip
+    return path
+
+
+TRAIN_HOOKS = Path(__file__).resolve().parent / "train_hooks.py"
+
+
+def train_hook(*args: str) -> list[str]:
+    """A client config's ``train_hook`` running ``train_hooks.py`` with ``args``."""
+    return [sys.executable, str(TRAIN_HOOKS), *args]

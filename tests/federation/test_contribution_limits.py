@@ -204,3 +204,31 @@ def test_a_malformed_reply_drops_its_node_not_the_round(make_federation):
     assert [(d.institution, d.stage) for d in rec.drops] == [("hospital-c", "transfer")]
     assert rec.drops[0].reason.startswith("malformed reply (ProtocolError: message carries no fedmerge record")
     assert _files_under(_spool(tf) / "incoming") == []
+
+
+def test_a_part_longer_than_its_plan_says_rejects_its_node_not_the_round(make_federation):
+    """A node whose part carries more bytes than its own plan (with a digest that matches them):
+    before, writing the part raised out of the round loop and ended every round."""
+    from fedmerge.client.app import app
+    from fedmerge.protocol import make_content, part_digest, read_meta, read_payload
+
+    tf = make_federation(3, rounds=1, min_clients=2, part_bytes=16 * 1024)
+
+    def overlong_parts(message, context):
+        reply = app(message=message, context=context)
+        if context.node_id == 3 and message.metadata.message_type == FETCH_PART:
+            from flwr.app import Message
+
+            meta, data = dict(read_meta(reply.content)), read_payload(reply.content) + b"\0" * 4096
+            meta["sha256"] = part_digest(data)
+            return Message(make_content(meta, data), reply_to=message)
+        return reply
+
+    grid = RecordingGrid({i + 1: str(tf.client_configs[n]) for i, n in enumerate(sorted(tf.client_configs))}, client_app=overlong_parts)
+    rec = runner(tf, grid).run()[0]
+    assert rec.status == "completed" and rec.contributors == ["hospital-a", "hospital-b"]
+    assert [(r.institution, r.error) for r in rec.rejections] == [("hospital-c", "ProtocolError")]
+    assert "carries 20480 bytes, the plan says 16384" in rec.rejections[0].reason
+    assert _files_under(_spool(tf) / "incoming") == []
+    assert grid.count("push", 3, FETCH_PART) <= 2  # parts_in_flight: nothing was asked of it after the bad part
+    assert status_json(tf)["rounds"][0]["institutions"]["hospital-c"]["state"] == "rejected"

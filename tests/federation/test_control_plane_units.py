@@ -10,18 +10,17 @@ import sys
 
 import pytest
 
-from fedmerge.federation import flower_internals
-from fedmerge.federation.errors import UnsupportedFlower
-from fedmerge.federation.flower_internals import FleetOnly, flower_exit, is_fleet_path
+from fedmerge import flower_internals
+from fedmerge.flower_internals import FleetOnly, UnsupportedFlower, flower_exit, is_fleet_path
 from fedmerge.server.app import (
     PINNED_CONFIG_ENV,
     PINNED_CONFIG_SHA256_ENV,
     RUN_CONFIG_KEY,
-    UnpinnedFederationConfig,
     file_sha256,
     pinned_config_env,
     pinned_config_path,
 )
+from fedmerge.server.errors import UnpinnedFederationConfig
 
 FLEET = ["/v1/fleet/pull-messages", "/v1/fleet/activate-node", "/v1/fleet/push-object"]
 NOT_FLEET = [
@@ -155,7 +154,14 @@ def test_flowers_exit_code_and_reason_are_read_from_its_log():
 
 
 def test_an_untested_flower_version_is_refused_with_its_name():
+    """One version check guards every internal, the SuperLink's and the round loop's node keys alike."""
     import importlib.metadata
+
+    from flwr.proto.node_pb2 import NodeInfo
+
+    class Grid:
+        def get_nodes(self):
+            return [NodeInfo(node_id=1)]
 
     flower_internals.require_supported.cache_clear()
     try:
@@ -163,6 +169,8 @@ def test_an_untested_flower_version_is_refused_with_its_name():
             mp.setattr(importlib.metadata, "version", lambda name: "1.42.0")
             with pytest.raises(UnsupportedFlower, match=r"flwr 1\.42\.0 is installed, fedmerge supports flwr 1\.41\.x only"):
                 flower_internals.patch_sqlite_busy_timeout()
+            with pytest.raises(UnsupportedFlower, match=r"flwr 1\.42\.0 is installed"):
+                flower_internals.registered_node_keys(Grid())
     finally:
         flower_internals.require_supported.cache_clear()
     assert flower_internals.require_supported().startswith("1.41.")

@@ -28,18 +28,24 @@ from deployment_helpers import (
     make_layout,
     outsider_flwr_home,
     port_is_free,
+    process_tree,
     processes_mentioning,
     start_client,
+    survivors,
+    train_hook,
     wait_until_gone,
 )
 from fedtest_helpers import assert_same_tensors
 from probe_app import write_probe_app
+from roundkit import edit_yaml, status, status_json
 
 from fedmerge.cli import main as fedmerge_main
-from fedmerge.federation import flower, flower_internals
+from fedmerge import flower_internals
+from fedmerge.federation import flower
 from fedmerge.federation.coordinator_daemon import CoordinatorDaemon
 from fedmerge.federation.supervision import free_port
 from fedmerge.server.app import PINNED_CONFIG_ENV, PINNED_CONFIG_SHA256_ENV, file_sha256
+from fedmerge.server.directory import load_node_key
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +139,11 @@ def test_clients_started_first_wait_then_install_the_offline_merge(deployment, t
         assert out.index("waiting for the SuperLink") < out.index("connected to the SuperLink")
     log = (d.layout.state / "superlink" / "superlink.log").read_text(errors="replace")
     assert "Fleet API only on 127.0.0.2" in log
+    (st,) = status_json(d.layout.toy)["rounds"]
+    assert st["status"] == "completed" and st["expected"] == d.names and st["late"] == []
+    assert {n: s["state"] for n, s in st["institutions"].items()} == dict.fromkeys(d.names, "contributed")
+    rc, text = status(d.layout.toy)
+    assert rc == 0 and "1 of 1 round(s) done" in text and f"installed by 3 of 3: {', '.join(d.names)}" in text
 
 
 def test_an_outsider_holding_the_ca_can_neither_list_register_stop_nor_run(deployment, tmp_path):
@@ -161,8 +172,8 @@ def test_an_outsider_holding_the_ca_can_neither_list_register_stop_nor_run(deplo
     assert _https_status(base + "/v1/fleet/get-run", ca) != 404  # the Fleet API is served there
     # Nothing changed: the same three nodes (the intruder's key was not registered), our run finished.
     nodes = flower_internals.list_supernodes(d.superlink.control)
-    intruder = d.layout.node_keys["intruder"][1].read_text()
-    assert len(nodes) == 3 and not any(flower_internals.same_public_key(n.public_key, intruder) for n in nodes)
+    intruder = load_node_key(d.layout.node_keys["intruder"][1], "intruder")
+    assert len(nodes) == 3 and intruder not in {n.public_key for n in nodes}
     assert d.superlink.run_status(d.coordinator.run_id) == "finished:completed"
     assert not (tmp_path / "loot").exists()
 
@@ -190,24 +201,17 @@ def _connect_refused(host: str, port: int) -> bool:
     return False
 
 
-def test_public_key_of_a_node_id_comes_from_loopback_control(deployment):
+def test_each_contribution_came_through_its_institutions_registered_node(deployment):
+    """The round loop's binding (keys read from the ServerApp's Grid) agrees with what the SuperLink
+    registered, as its Control API lists it on loopback."""
     d = deployment
-    nodes = {n.node_id: n for n in flower_internals.list_supernodes(d.superlink.control)}
+    nodes = {n.node_id: n.public_key for n in flower_internals.list_supernodes(d.superlink.control)}
     rec = d.records[0]
     assert sorted(c.node for c in rec.contributions.values()) == sorted(nodes)
     for name in d.names:
-        pub = d.layout.node_keys[name][1].read_text()
-        matching = [nid for nid, n in nodes.items() if flower_internals.same_public_key(n.public_key, pub)]
-        assert len(matching) == 1
-        assert rec.contributions[name].node == matching[0]  # each contribution came through its institution's bound node
-        assert flower_internals.same_public_key(flower_internals.supernode_public_key(d.superlink.control, matching[0]), pub)
-    assert flower_internals.supernode_public_key(d.superlink.control, 12345) is None
-    # The ServerApp finds the same endpoint in the environment the coordinator gave its launcher.
-    launcher_env = dict(
-        kv.split(b"=", 1) for kv in Path(f"/proc/{d.superlink.launcher.pid}/environ").read_bytes().split(b"\0") if b"=" in kv
-    )
-    env = {k.decode(): v.decode() for k, v in launcher_env.items()}
-    assert flower_internals.control_endpoint_from_env(env) == d.superlink.control
+        key = load_node_key(d.layout.node_keys[name][1], name)
+        (node,) = [nid for nid, k in nodes.items() if k == key]
+        assert rec.contributions[name].node == node
 
 
 def test_an_unregistered_node_is_refused_and_its_daemon_keeps_waiting(deployment):
@@ -303,9 +307,12 @@ def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_
     while log.read_bytes()[offset:].count(b"Receiving: query.") < 2:  # the round's open request, then a part request
         assert time.monotonic() < deadline, "hospital-b was never asked for a part"
         time.sleep(0.1)
+    tree = process_tree(d.clients["hospital-b"].pid)
+    assert "flower-supernode" in " ".join(c for _, c in tree.values()) and "guard --serve clientapp" in " ".join(c for _, c in tree.values())
     d.clients["hospital-b"].signal(signal.SIGKILL)
     assert d.clients["hospital-b"].wait(30) == -signal.SIGKILL
-    assert wait_until_gone(victim, 30) == {}  # SuperNode, SuperExec, launcher, ClientApps
+    assert survivors(tree, 30) == {}  # every process below the daemon: SuperNode, SuperExec, launcher, ClientApps
+    assert wait_until_gone(victim, 30) == {}  # and none that left its tree
     assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-b"])
 
     rec = d.coordinator.wait(timeout=400, poll_s=1.0)[1]
@@ -317,6 +324,61 @@ def test_a_client_daemon_killed_mid_round_is_dropped_and_the_round_completes_on_
     assert current.resolve().name == "round-0002"
     assert_same_tensors(current, offline)
     assert (current.parent / "round-0001").is_dir()  # the previous model is kept
+    st = status_json(d.layout.toy)["rounds"][1]
+    assert st["institutions"]["hospital-b"]["state"] == "dropped" and st["drops"][0]["stage"] in ("open", "transfer")
+    rc, text = status(d.layout.toy)
+    assert rc == 0 and "2 of 2 round(s) done" in text and "hospital-b" in text and "dropped" in text
+
+
+def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(deployment, tmp_path):
+    """hospital-b (killed in the test before) is back; hospital-c stops. Round 3 waits 5 s for every
+    bound hospital, then opens without hospital-c, whose daemon starts again 15 s after the round
+    opened. hospital-a's train_hook holds its package until hospital-c is in, so the round is still
+    on when it arrives: it is asked for nothing and sent the model."""
+    from fedmerge.client.config import load_client_config
+    from fedmerge.client.node import HospitalNode
+    from fedmerge.server.record import EventKind
+
+    d = deployment
+    d.clients["hospital-b"] = start_client(d.layout, "hospital-b")
+    d.clients["hospital-b"].wait_for("connected to the SuperLink", 300)
+    # A SuperNode that stops cleanly tells the SuperLink it is gone (one killed counts as connected
+    # until its heartbeats are missed, and is then dropped from the round it was asked into).
+    d.clients["hospital-c"].signal(signal.SIGTERM)
+    assert d.clients["hospital-c"].wait(60) == 128 + signal.SIGTERM
+    d.coordinator.stop()
+    flag = tmp_path / "hospital-c-connected"
+    edit_yaml(d.layout.client_config("hospital-a"), train_hook=train_hook("wait", str(flag)))
+    config = d.layout.set_federation(rounds=3, wait_for_clients_s=5.0)
+    d.coordinator = CoordinatorDaemon(config, superlink_class=ProbePinningSuperLink)
+    d.coordinator.start()
+    d.coordinator.submit()
+    deadline = time.monotonic() + 300
+    while not any(e.kind == EventKind.OPENED for e in (d.coordinator.ledger.load(3).events if d.coordinator.ledger.load(3) else [])):
+        assert time.monotonic() < deadline, "round 3 never opened"
+        time.sleep(0.5)
+    opened = time.monotonic()
+    time.sleep(15)
+    late = d.clients["hospital-c"] = start_client(d.layout, "hospital-c")
+    late.wait_for("connected to the SuperLink", 300)
+    flag.touch()
+    try:
+        rec = d.coordinator.wait(timeout=400, poll_s=1.0)[2]
+    finally:
+        edit_yaml(d.layout.client_config("hospital-a"), train_hook=None)
+    assert time.monotonic() - opened > 15
+    assert rec.status.value == "completed" and rec.contributors == ["hospital-a", "hospital-b"]  # not silently short:
+    assert rec.expected == d.names and [x.institution for x in rec.late] == ["hospital-c"]  # expected, and recorded late
+    assert "not connected when the round opened (waited up to 5 s)" in rec.late[0].reason
+    assert rec.publication.installed == d.names  # it was sent the model all the same...
+    c = HospitalNode(load_client_config(d.layout.client_config("hospital-c")))
+    assert c.outcome(3) == "late" and c.installed_round() == 3  # ...and told it did not contribute
+    assert "round 3's model installed, but this hospital did not contribute to it (late)" in (c.state / "supernode" / "supernode.log").read_text(errors="replace")
+    st = status_json(d.layout.toy)["rounds"][2]
+    assert st["institutions"]["hospital-c"]["state"] == "late" and st["late"][0]["institution"] == "hospital-c"
+    rc, text = status(d.layout.toy)
+    assert rc == 0 and "3 of 3 round(s) done" in text
+    assert any(line.split()[:2] == ["hospital-c", "late"] for line in text.splitlines()), text
 
 
 def test_stopping_a_client_daemon_leaves_no_flower_process(deployment):
@@ -325,8 +387,11 @@ def test_stopping_a_client_daemon_leaves_no_flower_process(deployment):
     state = d.layout.root / "fed" / "clients" / "hospital-c"
     kinds = " ".join(processes_mentioning(state).values())
     assert "flower-supernode" in kinds and "guard --serve clientapp" in kinds and "flower-superexec" in kinds
+    tree = process_tree(daemon.pid)
+    assert len(tree) >= 3
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 128 + signal.SIGTERM
+    assert survivors(tree, 30) == {}
     assert wait_until_gone(state, 30) == {}
     assert port_is_free("127.0.0.1", d.layout.runtime_ports["hospital-c"])
     assert f"stopped by SIGTERM; the SuperNode and its ClientApps are stopped (log: {state / 'supernode' / 'supernode.log'})" in daemon.text()

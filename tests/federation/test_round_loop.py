@@ -48,10 +48,11 @@ def test_a_quorum_the_method_cannot_merge_fails_when_the_config_loads(make_feder
 
 def test_node_keys_must_be_bound_to_institutions(make_federation):
     tf = make_federation(2)
-    edit_yaml(tf.federation_config, superlink={"ca_cert": "ca.pem", "server_cert": "s.pem", "server_key": "s.key", "supernode_public_keys": ["a.pub", "b.pub"]})
+    tls = {"ca_cert": "ca.pem", "server_cert": "server.pem", "server_key": "server.key"}
+    edit_yaml(tf.federation_config, superlink={**tls, "supernode_public_keys": ["a.pub", "b.pub"]})
     with pytest.raises(ConfigError, match="superlink.supernode_public_keys: must map each institution to its node's public key file"):
         load_federation_config(tf.federation_config)
-    edit_yaml(tf.federation_config, superlink={"ca_cert": "ca.pem", "server_cert": "s.pem", "server_key": "s.key", "supernode_public_keys": {"hospital-a": "keys/a.pub"}})
+    edit_yaml(tf.federation_config, superlink={**tls, "supernode_public_keys": {"hospital-a": "keys/a.pub"}})
     cfg = load_federation_config(tf.federation_config)
     assert cfg.superlink.supernode_public_keys == {"hospital-a": str(tf.federation_config.parent / "keys" / "a.pub")}
 
@@ -230,3 +231,27 @@ def test_simulate_on_an_existing_federation_resumes_or_starts_over_with_overwrit
     again = json.loads(capsys.readouterr().out)["rounds"][0]["record"]
     assert again["started_at"] > first["finished_at"] and again["merge"]["fingerprint"] == first["merge"]["fingerprint"]
     assert (tf.root / "clients" / "hospital-a" / "models" / "current").resolve().name == "round-0001"
+
+
+def test_the_coordinators_round_line_and_progress_read_the_typed_record():
+    from fedmerge.server.ledger import Progress
+    from fedmerge.server.record import Absence, Contribution, Drop, GateOutcome, Reference, Rejection, RoundRecord, RoundStatus
+    from fedmerge.server.status import summary_line
+
+    ref = Reference(kind="base", path="/b", fingerprint="f")
+    r1 = RoundRecord(round=1, federation="x", strategy={"method": "ties"}, reference=ref, status=RoundStatus.COMPLETED,
+                     expected=["a", "b", "c", "d"],
+                     contributions={"a": Contribution(institution="a", node=1, package_id="p", bytes=1, sealed=True, delta_dir="/d")},
+                     rejections=[Rejection(institution="b", node=2, error="SignerNotBound", reason="...")],
+                     drops=[Drop(institution="c", node=3, stage="transfer", reason="timed out")],
+                     late=[Absence(institution="d", reason="not connected")])  # fmt: skip
+    assert summary_line(r1) == "round 1 completed: contributed a; rejected b; dropped c; late d"
+    r2 = RoundRecord(round=2, federation="x", strategy={}, reference=ref, status=RoundStatus.REFUSED, expected=["a"],
+                     gate=GateOutcome(publish=False, reason="mean acc 0.1 below 0.5"))  # fmt: skip
+    assert summary_line(r2) == "round 2 refused: pending a; gate REFUSED: mean acc 0.1 below 0.5"
+    r3 = RoundRecord(round=3, federation="x", strategy={}, reference=ref, status=RoundStatus.FAILED, failure="quorum not met")
+    assert summary_line(r3) == "round 3 failed: failure: quorum not met"
+    assert Progress.of([r1, r2], 3) == Progress(2, 3, None) and not Progress.of([r1, r2], 3).finished
+    assert Progress.of([r1, r2], 2).finished  # completed and refused rounds are both done
+    assert Progress.of([r1, r2, r3], 3) == Progress(2, 3, r3) and Progress.of([r1, r2, r3], 3).finished
+    assert Progress.of([r3, r1], 3).failed is None  # an earlier failure that was retried does not count

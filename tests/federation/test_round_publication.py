@@ -170,3 +170,46 @@ def test_a_coordinator_rolled_back_to_an_old_state_cannot_push_an_old_round(two_
         assert (tf.root / "clients" / name / "models" / "current").resolve().name == "round-0002"
     assert "not installed by hospital-a: the hospital refused the model: StalePublication" in status(tf)[1]
     assert status_json(tf)["rounds"][0]["publication"]["installed"] == []
+
+
+def test_the_push_waits_no_longer_once_every_contributor_installed_or_refused(make_federation, tmp_path):
+    """hospital-b contributes but refuses the model (its trust store was edited); hospital-c, which
+    contributed nothing, never answers an install. The push gives hospital-c the straggler grace once
+    hospital-a installed and hospital-b refused, not the round's hour-long timeout."""
+    import json
+
+    from roundkit import RecordingGrid, runner
+
+    from fedmerge.protocol import INSTALL_PART, OPEN_ROUND
+
+    tf = make_federation(3, rounds=1, min_clients=2, federation_overrides={"round_timeout_s": 3600.0, "straggler_grace_s": 0.5})
+    store = tmp_path / "b-trust.json"
+    data = json.loads(tf.trust_store.read_text())
+    data["members"]["hospital-c"]["role"] = "coordinator"  # an edit the signature does not cover
+    store.write_text(json.dumps(data))
+    edit_yaml(tf.client_configs["hospital-b"], trust_store=str(store))
+
+    class Silent(RecordingGrid):
+        """Node 3 refuses to open the round and never answers an install."""
+
+        def pull_messages(self, message_ids):
+            out = []
+            for reply in super().pull_messages(message_ids):
+                if reply.metadata.src_node_id == 3 and reply.metadata.message_type == INSTALL_PART:
+                    continue
+                out.append(reply)
+            return out
+
+    def no_contribution_from_c(message, context):
+        from fedmerge.client.app import app
+
+        if context.node_id == 3 and message.metadata.message_type == OPEN_ROUND:
+            raise RuntimeError("no package this round")
+        return app(message=message, context=context)
+
+    grid = Silent({i + 1: str(tf.client_configs[n]) for i, n in enumerate(sorted(tf.client_configs))}, client_app=no_contribution_from_c)
+    rec = runner(tf, grid).run()[0]
+    assert rec.status == "completed" and rec.contributors == ["hospital-a", "hospital-b"]
+    assert rec.publication.installed == ["hospital-a"]
+    failures = {f.institution: f.reason for f in rec.publication.failures}
+    assert "TrustStoreSignatureInvalid" in failures["hospital-b"] and "timed out" in failures["hospital-c"]

@@ -37,7 +37,7 @@ def _store_one_object(tmp_path, monkeypatch, busy_timeout_ms: int) -> float:
     from flwr.supercore.inflatable.inflatable_object import get_object_tree
     from flwr.supercore.object_store.sql_object_store import SqlObjectStore
 
-    from fedmerge.federation.flower_internals import patch_sqlite_busy_timeout
+    from fedmerge.flower_internals import patch_sqlite_busy_timeout
 
     monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)  # restored after the test
     patch_sqlite_busy_timeout(busy_timeout_ms)
@@ -58,7 +58,7 @@ def _store_one_object(tmp_path, monkeypatch, busy_timeout_ms: int) -> float:
 
 
 def test_write_waits_for_a_lock_held_longer_than_flowers_timeout(tmp_path, monkeypatch):
-    from fedmerge.federation.flower_internals import BUSY_TIMEOUT_MS
+    from fedmerge.flower_internals import BUSY_TIMEOUT_MS
 
     assert BUSY_TIMEOUT_MS >= 60_000
     waited = _store_one_object(tmp_path, monkeypatch, BUSY_TIMEOUT_MS)

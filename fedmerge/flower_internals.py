@@ -1,6 +1,8 @@
 """Every place fedmerge reaches past Flower's public API, in one module, for Flower 1.41 only.
 
-fedmerge relies on a few parts of Flower that are not a documented interface:
+Both the federation's launchers (``fedmerge.federation``) and the coordinator's round loop
+(``fedmerge.server``) import it; it imports neither. fedmerge relies on a few parts of Flower
+that are not a documented interface:
 
 - the SuperLink's FastAPI app and its lifespan (``flwr.superlink.main.create_app`` and
   ``flwr.superlink.cli.flower_superlink``), to serve the full API on loopback and only the Fleet
@@ -11,11 +13,15 @@ fedmerge relies on a few parts of Flower that are not a documented interface:
   guard checks a bundle before Flower installs or imports it (``guard_bundle_install``), and the
   entry points of those processes (``run_app_process``);
 - the Control API's HTTP client and messages, used on loopback by the coordinator to register
-  SuperNode keys, list nodes, start runs and read their status without a ``flwr`` process each.
+  SuperNode keys, list nodes, start runs and read their status without a ``flwr`` process each;
+- the public key the SuperLink registered for each node, which the ServerApp's ``Grid.get_nodes``
+  carries in Flower 1.41 (its documented ``NodeInfo`` names only node ids): the round loop binds
+  nodes to institutions by it (``registered_node_keys``).
 
-Each function checks the installed Flower version first and raises ``UnsupportedFlower`` on any
-other: these internals change between Flower releases, and a silent mismatch would weaken a
-security control rather than fail.
+Each function checks the installed Flower version first (``require_supported``, the one check)
+and raises ``UnsupportedFlower`` on any other: these internals change between Flower releases,
+and a silent mismatch would weaken a security control rather than fail. Node keys are compared
+in one form everywhere: DER SubjectPublicKeyInfo (``node_key_der``).
 """
 
 from __future__ import annotations
@@ -34,9 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fedmerge.federation.errors import ControlApiError, UnsupportedFlower
+from fedmerge.errors import FedmergeError
 
 log = logging.getLogger(__name__)
+
+
+class UnsupportedFlower(FedmergeError):
+    """The installed Flower is not the version whose internals fedmerge was written against."""
+
+
+class ControlApiError(FedmergeError):
+    """A call to the SuperLink's Control API failed; the message names the call and the address."""
+
 
 SUPPORTED_FLOWER = (1, 41)
 FLEET_PREFIX = "/v1/fleet/"
@@ -58,7 +73,7 @@ def require_supported() -> str:
         want = ".".join(map(str, SUPPORTED_FLOWER))
         raise UnsupportedFlower(
             f"flwr {found} is installed, fedmerge supports flwr {want}.x only: it relies on internals of that release "
-            f"(fedmerge/federation/flower_internals.py); install flwr=={want}.*"
+            f"(fedmerge/flower_internals.py); install flwr=={want}.*"
         )
     return found
 
@@ -357,6 +372,41 @@ def flower_exit(log_text: str) -> tuple[int, str] | None:
     return found
 
 
+# -- SuperNode keys: one form for every comparison -------------------------------------------------
+
+
+def node_key_der(key: bytes | str) -> bytes:
+    """A SuperNode public key, OpenSSH (``.node.pub``) or PEM (how Flower stores it), as DER SubjectPublicKeyInfo.
+
+    ``ValueError`` when it is neither.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    loaded = serialization.load_pem_public_key(raw) if raw.lstrip().startswith(b"-----BEGIN") else serialization.load_ssh_public_key(raw)
+    return loaded.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _der_or_none(raw: bytes, node_id: int) -> bytes | None:
+    if not raw:
+        return None
+    try:
+        return node_key_der(raw)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        log.warning("node %s: unreadable registered key (%s); treated as bound to no institution", node_id, exc)
+        return None
+
+
+def registered_node_keys(grid: Any) -> dict[int, bytes | None]:
+    """node id -> DER public key the SuperLink registered for it (None: none, or unreadable), from a ServerApp's Grid.
+
+    Flower 1.41's SuperLink answers ``Grid.get_nodes()`` with each node's ``NodeInfo`` including
+    the key it authenticated with; a Grid that carries no keys (simulation) gives None for all.
+    """
+    require_supported()
+    return {int(info.node_id): _der_or_none(bytes(info.public_key), int(info.node_id)) for info in grid.get_nodes()}
+
+
 # -- the Control API, on the coordinator's loopback ---------------------------------------------------
 
 
@@ -365,7 +415,7 @@ class SuperNodeRecord:
     """A SuperNode as the SuperLink's Control API lists it."""
 
     node_id: int
-    public_key: str  # OpenSSH form, as in the ``.node.pub`` file that registered it
+    public_key: bytes | None  # DER SubjectPublicKeyInfo (``node_key_der``); None for a node listed without one
     status: str  # registered, online, offline, unregistered
 
 
@@ -375,21 +425,6 @@ class ControlEndpoint:
 
     address: str
     ca_cert: Path
-
-
-CONTROL_ADDRESS_ENV = "FEDMERGE_CONTROL_ADDRESS"
-CONTROL_CA_ENV = "FEDMERGE_CONTROL_CA_CERT"
-
-
-def control_endpoint_env(endpoint: ControlEndpoint) -> dict[str, str]:
-    """The environment entries that tell a process the coordinator starts where Control listens."""
-    return {CONTROL_ADDRESS_ENV: endpoint.address, CONTROL_CA_ENV: str(endpoint.ca_cert)}
-
-
-def control_endpoint_from_env(environ=os.environ) -> ControlEndpoint | None:
-    """The loopback Control endpoint of the coordinator that started this process (its ServerApp), if any."""
-    address, ca = environ.get(CONTROL_ADDRESS_ENV), environ.get(CONTROL_CA_ENV)
-    return ControlEndpoint(address, Path(ca)) if address and ca else None
 
 
 def _control_client(endpoint: ControlEndpoint):
@@ -416,63 +451,30 @@ def _control_call(endpoint: ControlEndpoint, what: str, call: Callable[[Any], An
         client.close()
 
 
-def _openssh(public_key: bytes) -> str:
-    """OpenSSH form of a key as Flower stores it (PEM); empty for a node registered without one."""
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        key = serialization.load_pem_public_key(public_key)
-    except ValueError:
-        return ""
-    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-
-
-def _flower_key_bytes(openssh_key: bytes) -> bytes:
-    """The bytes Flower's Control API takes for a SuperNode key (PEM SubjectPublicKeyInfo)."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_ssh_public_key(openssh_key)
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def list_supernodes(endpoint: ControlEndpoint) -> list[SuperNodeRecord]:
     """Every SuperNode the SuperLink knows, with its public key (what ``flwr supernode list`` omits)."""
     from flwr.proto.control_pb2 import ListNodesRequest
 
     res = _control_call(endpoint, "listing SuperNodes", lambda c: c.ListNodes(ListNodesRequest()))
-    return [SuperNodeRecord(int(n.node_id), _openssh(bytes(n.public_key)), str(n.status)) for n in res.nodes_info]
-
-
-def supernode_public_key(endpoint: ControlEndpoint, node_id: int) -> str | None:
-    """The OpenSSH public key the SuperNode ``node_id`` authenticated with; None if the SuperLink has no such node."""
-    return next((n.public_key for n in list_supernodes(endpoint) if n.node_id == int(node_id)), None)
-
-
-def same_public_key(a: str | bytes, b: str | bytes) -> bool:
-    """Whether two OpenSSH public keys are the same key (the comment after the key is ignored)."""
-
-    def core(k: str | bytes) -> list[str]:
-        text = k.decode() if isinstance(k, bytes) else k
-        return text.split()[:2]
-
-    return core(a) == core(b)
+    return [SuperNodeRecord(int(n.node_id), _der_or_none(bytes(n.public_key), int(n.node_id)), str(n.status)) for n in res.nodes_info]
 
 
 def register_supernodes(endpoint: ControlEndpoint, public_key_files: list[Path]) -> dict[Path, int]:
     """Register each OpenSSH public key (a no-op for one already registered); returns file -> node id."""
+    from cryptography.hazmat.primitives import serialization
     from flwr.proto.control_pb2 import RegisterNodeRequest
 
-    known = {tuple(n.public_key.split()[:2]): n.node_id for n in list_supernodes(endpoint) if n.status != "unregistered"}
+    known = {n.public_key: n.node_id for n in list_supernodes(endpoint) if n.status != "unregistered" and n.public_key}
     out: dict[Path, int] = {}
     for path in public_key_files:
-        raw = Path(path).read_bytes()
-        key = tuple(raw.decode().split()[:2])
-        if key in known:
-            out[Path(path)] = known[key]
+        der = node_key_der(Path(path).read_bytes())
+        if der in known:
+            out[Path(path)] = known[der]
             continue
-        pem = _flower_key_bytes(raw)
+        # Flower's Control API takes the key as PEM SubjectPublicKeyInfo.
+        pem = serialization.load_der_public_key(der).public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         res = _control_call(endpoint, f"registering SuperNode key {path}", lambda c, pem=pem: c.RegisterNode(RegisterNodeRequest(public_key=pem)))
-        out[Path(path)] = known[key] = int(res.node_id)
+        out[Path(path)] = known[der] = int(res.node_id)
     return out
 
 
