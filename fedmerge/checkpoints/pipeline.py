@@ -79,8 +79,37 @@ class Stage:
     name: str = "work"
 
 
-def _chained(fn: Callable[[Any, Any], Any], item: Any, previous: Future | None) -> Any:
-    return fn(item, item if previous is None else previous.result())
+class _Failure:
+    """The first exception of any stage (first in time); stops every stage not yet started."""
+
+    def __init__(self, budget: ByteBudget | None):
+        self.budget = budget
+        self.first: BaseException | None = None
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def record(self, exc: BaseException) -> None:
+        if isinstance(exc, PipelineStopped):
+            return
+        with self._lock:
+            if self.first is None:
+                self.first = exc
+        self.stop.set()
+        if self.budget is not None:
+            self.budget.close()  # a producer waiting for bytes nobody will release
+
+    def run(self, fn: Callable[[Any, Any], Any], item: Any, previous: Future | None) -> Any:
+        """One stage on one item, unless the pipeline has stopped."""
+        if self.stop.is_set():
+            raise PipelineStopped("the pipeline stopped")
+        value = item if previous is None else previous.result()  # an earlier stage's failure propagates
+        if self.stop.is_set():
+            raise PipelineStopped("the pipeline stopped")
+        try:
+            return fn(item, value)
+        except BaseException as exc:
+            self.record(exc)
+            raise
 
 
 def run_pipeline(
@@ -105,8 +134,7 @@ def run_pipeline(
     if not stages:
         raise ValueError("a pipeline needs at least one stage")
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    failure: list[BaseException] = []
-    stop = threading.Event()
+    failure = _Failure(budget)
 
     def consume() -> None:
         try:
@@ -117,10 +145,7 @@ def run_pipeline(
                 item, fut = entry
                 sink(item, fut.result())
         except BaseException as exc:  # handed to the caller's thread below
-            failure.append(exc)
-            stop.set()
-            if budget is not None:
-                budget.close()  # a producer waiting for bytes this consumer will never release
+            failure.record(exc)
             while (entry := q.get()) is not None:  # keep draining so the producer never blocks
                 entry[1].cancel()
 
@@ -130,26 +155,26 @@ def run_pipeline(
     produced: BaseException | None = None
     try:
         for item in items:
-            if stop.is_set():
+            if failure.stop.is_set():
                 break
             if budget is not None:
                 budget.acquire(cost(item))  # type: ignore[misc]
             fut: Future | None = None
             for stage, pool in zip(stages, pools):
-                fut = pool.submit(_chained, stage.fn, item, fut)
+                fut = pool.submit(failure.run, stage.fn, item, fut)
             q.put((item, fut))
     except PipelineStopped:
-        pass  # the consumer's failure is raised below
+        pass  # a stage's failure is raised below
     except BaseException as exc:
         produced = exc
-        stop.set()
+        failure.stop.set()
     finally:
         q.put(None)
         consumer.join()
         for pool in pools:
             pool.shutdown(wait=True, cancel_futures=True)
-    if failure:
-        raise failure[0]
+    if failure.first is not None:
+        raise failure.first
     if produced is not None:
         raise produced
 
