@@ -274,7 +274,7 @@ class MergeRun:
         outputs: OutputFiles | None = None,
     ):
         self.layout = layout
-        self.sources: list[DeltaSource] = [require_delta_source(s, f"merge input #{i} ({getattr(s, 'label', '?')})") for i, s in enumerate(sources)]
+        self.sources: list[DeltaSource] = [require_delta_source(s, f"merge input #{i}") for i, s in enumerate(sources)]
         self.out_dir = Path(out_dir)
         self.spec = spec
         self.progress = progress
@@ -351,15 +351,18 @@ class MergeRun:
 
     def _items_for(self, g: tuple[str, ...], params: int, strategy, n_inputs: int) -> list[_Item]:
         infos = [self._ref_info(self.tensors[nm]) for nm in g]
+        # Bytes per element in flight: the reference, one delta per input and the result, in
+        # float32; a whole-tensor method also keeps working copies about as large again.
         per_elem = 4 * (n_inputs + 2)
+        working = per_elem if strategy.elementwise else 4 * (2 * n_inputs + 4)
         remapped = self.layout.vocab is not None and any(self.tensors[nm].embedding for nm in g)
         info = infos[0]
         if len(g) == 1 and not remapped and len(info.shape) >= 1 and info.shape[0] > 1:
             if strategy.elementwise and info.numel > self.spec.chunk_elements:
                 return self._row_items(g, params, info, per_elem)
             if not strategy.elementwise and info.numel > self.spec.stream_elements and strategy.streams(g[0], tuple(info.shape)):
-                return self._streamed_items(g[0], params, strategy, info, per_elem, n_inputs)
-        return [_Item(tuple(g), params, nbytes=sum(i.numel for i in infos) * per_elem, in_bytes=sum(i.nbytes for i in infos))]
+                return self._streamed_items(g[0], params, strategy, info, per_elem, working, n_inputs)
+        return [_Item(tuple(g), params, nbytes=sum(i.numel for i in infos) * working, in_bytes=sum(i.nbytes for i in infos))]
 
     def _row_items(self, g, params: int, info: TensorInfo, per_elem: int) -> list[_Item]:
         rows_total = info.shape[0]
@@ -372,9 +375,9 @@ class MergeRun:
             out.append(_Item(g, params, rows=(a, b), final=b == rows_total, nbytes=(b - a) * row_numel * per_elem, in_bytes=(b - a) * row_bytes))
         return out
 
-    def _streamed_items(self, name: str, params: int, strategy, info: TensorInfo, per_elem: int, n_inputs: int) -> list[_Item]:
-        """A fitting item (the strategy's statistics passes, run by the read stage) and one item per
-        chunk of the output; each holds a chunk of every input, the strategy's scratch aside."""
+    def _streamed_items(self, name: str, params: int, strategy, info: TensorInfo, per_elem: int, working: int, n_inputs: int) -> list[_Item]:
+        """A fitting item (the strategy's statistics passes, run by the read stage: a chunk of
+        every input and the strategy's working space) and one item per chunk of the output."""
         from fedmerge.merging.strategies import TensorContext
 
         ctx = TensorContext(name=name, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config)
@@ -382,7 +385,7 @@ class MergeRun:
         holder = _Streamed(self.tensors[name], tensor)
         elem_bytes = info.nbytes // max(1, info.numel)
         biggest = max(e - s for s, e in tensor.chunks)
-        items = [_Item((name,), params, streamed=holder, final=False, nbytes=biggest * per_elem)]
+        items = [_Item((name,), params, streamed=holder, final=False, nbytes=biggest * working)]
         for j, (s, e) in enumerate(tensor.chunks):
             last = j == len(tensor.chunks) - 1
             items.append(_Item((name,), params, span=(s, e), streamed=holder, final=last, nbytes=(e - s) * per_elem, in_bytes=(e - s) * elem_bytes))
@@ -521,8 +524,8 @@ class MergeRun:
             base, deltas = payload
             with torch.no_grad():
                 merged = [item.streamed.tensor.merge(*item.span, base, deltas)]
-            if item.final:
-                item.streamed.feed = None  # the last chunk: drop the reader's carried rows
+            if item.final:  # the last chunk: drop the strategy's scratch space and the reader's rows
+                item.streamed.tensor = item.streamed.feed = None
         else:
             from fedmerge.merging.strategies import TensorContext
 
@@ -550,6 +553,7 @@ class MergeRun:
             else:
                 self.writer.add(nm, t)
         self.budget.release(item.nbytes)
+        self.freed.settle()
         if self.bar is not None:
             self.bar.update(item.in_bytes)
 
@@ -557,6 +561,7 @@ class MergeRun:
         """Read, compute and write every item through the bounded pipeline, in order."""
         self.writer = writer
         self.budget = ByteBudget(max(1, self.spec.prefetch_bytes))
+        self.freed = _FreedMemory(128 * 1024**2)
         self.bar = None
         if self.progress:
             from tqdm import tqdm
@@ -776,6 +781,48 @@ def _tune_malloc() -> None:
         libc.mallopt(-1, 512 * 1024 * 1024)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+class _FreedMemory:
+    """Gives memory the allocator keeps but no tensor uses back to the system, past a limit.
+
+    Freed blocks stay with glibc's allocator (``_tune_malloc`` wants that, to spare page faults),
+    and with several threads allocating, free space scattered over its arenas can exceed what is
+    in use: after a large tensor it would be resident for the rest of the merge. ``settle`` (after
+    each written item) trims it when more than ``limit`` resident bytes lie free: the resident
+    set, less what was resident outside the allocator at the start, less the bytes in use.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._libc = None
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+
+            class _Mallinfo2(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+            libc.mallinfo2.restype = _Mallinfo2
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            self._libc = libc
+            self._outside = self._resident() - self._in_use()
+        except (OSError, AttributeError, ValueError):  # not glibc 2.33+ on Linux: nothing to trim
+            self._libc = None
+
+    @staticmethod
+    def _resident() -> int:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _in_use(self) -> int:
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def settle(self) -> None:
+        if self._libc is not None and self._resident() - self._outside - self._in_use() > self.limit:
+            self._libc.malloc_trim(0)
 
 
 def _to(t, device: str, dtype):

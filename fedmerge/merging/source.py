@@ -86,6 +86,8 @@ def require_delta_source(obj: Any, where: str) -> DeltaSource:
     """``obj`` itself when it implements ``DeltaSource``; otherwise ``NotADeltaSource`` naming
     ``where`` (the input's position or label) and every member it lacks."""
     missing = [m for m in _MEMBERS if not hasattr(obj, m)]
+    if "label" not in missing:
+        where = f"{where} ({obj.label})"
     if missing:
         raise NotADeltaSource(f"{where}: {type(obj).__name__} is not a delta source; it lacks {', '.join(missing)} (see fedmerge.merging.source.DeltaSource)")
     try:

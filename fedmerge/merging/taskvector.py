@@ -227,7 +227,7 @@ def write_delta_checkpoint(
     """
     import torch
 
-    meta = {"kind": DELTA_KIND, "label": getattr(source, "label", None), **(metadata or {})}
+    meta = {"kind": DELTA_KIND, "label": source.label, **(metadata or {})}
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
         for name in source.names():
             d = source.get_delta(name)

@@ -342,12 +342,12 @@ class GramTensor(StreamedTensor):
     chunks (float64), the method turns them into the per-task F_t, a second pass writes
     base + alpha sum_t D_t F_t chunk by chunk. Iso-C works on the summed task matrix alone."""
 
-    def __init__(self, method: "SpectralMerge", shape, weights: Sequence[float], present: Sequence[bool], device):
+    def __init__(self, method: "SpectralMerge", shape, weights: Sequence[float], present: Sequence[bool], device, chunk: int = CHUNK):
         m, n = int(shape[0]), int(shape[1])
         self.method, self.m, self.n, self.device = method, m, n, device
         self.used = [(i, w) for i, (w, has) in enumerate(zip(weights, present)) if w > 0.0 and has]
         self.summed = isinstance(method, IsoC)
-        self.chunks = flat_chunks(m * n, CHUNK, n)
+        self.chunks = flat_chunks(m * n, chunk, n)
         self.factors: list | None = None
 
     def _tasks(self, deltas, rows: int) -> list:
