@@ -107,7 +107,7 @@ class MergeSpec(BaseModel):
     stream_elements: int = Field(
         1 << 24, ge=1, description="a tensor of a whole-tensor method larger than this is merged in passes over chunks read again from the inputs"
     )
-    prefetch_bytes: int = Field(256 * 1024**2, ge=0, description="read-ahead budget")
+    prefetch_bytes: int = Field(128 * 1024**2, ge=0, description="read-ahead budget")
     read_workers: int | None = Field(None, ge=1, description="inputs loaded in parallel per tensor; default: min(inputs, cores)")
     check_finite: bool = True
     fingerprints: bool = True
@@ -291,6 +291,7 @@ class MergeRun:
 
         from fedmerge.devices import resolve_device
         from fedmerge.merging.strategies import get_strategy_class
+        from fedmerge.merging.strategies.base import Workspace
 
         # A layout of copies only (mergekit's passthrough) runs no strategy at all.
         self.cls = get_strategy_class(self.spec.method) if self.layout.parameter_sets else None
@@ -302,6 +303,7 @@ class MergeRun:
             check_layout(self.layout, self.sources)
         self.device = resolve_device(self.spec.device)
         self.compute_dtype = getattr(torch, self.spec.dtype)
+        self.workspace = Workspace()
         self.config = output_config(self.layout, self.spec, self._out_dtype_name())
         self.items = self._plan_items()
         self.plan = [self._out_info(nm) for item in self.items if item.final and not item.fit for nm in item.names]
@@ -380,7 +382,7 @@ class MergeRun:
         every input and the strategy's working space) and one item per chunk of the output."""
         from fedmerge.merging.strategies import TensorContext
 
-        ctx = TensorContext(name=name, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config)
+        ctx = TensorContext(name=name, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config, workspace=self.workspace)
         tensor = strategy.streamed(ctx, tuple(info.shape), self.compute_dtype, [True] * n_inputs)
         holder = _Streamed(self.tensors[name], tensor)
         elem_bytes = info.nbytes // max(1, info.numel)
@@ -524,13 +526,17 @@ class MergeRun:
             base, deltas = payload
             with torch.no_grad():
                 merged = [item.streamed.tensor.merge(*item.span, base, deltas)]
-            if item.final:  # the last chunk: drop the strategy's scratch space and the reader's rows
+            if item.final:  # the last chunk: give back the strategy's scratch space, drop the reader's rows
+                item.streamed.tensor.close()
                 item.streamed.tensor = item.streamed.feed = None
         else:
             from fedmerge.merging.strategies import TensorContext
 
             bases, deltas = payload
-            contexts = [TensorContext(name=n, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config) for n in item.names]
+            contexts = [
+                TensorContext(name=n, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config, workspace=self.workspace)
+                for n in item.names
+            ]
             with torch.no_grad():
                 if len(item.names) == 1:
                     merged = [strategy.merge_tensor(contexts[0], bases[0], deltas[0])]
@@ -561,7 +567,7 @@ class MergeRun:
         """Read, compute and write every item through the bounded pipeline, in order."""
         self.writer = writer
         self.budget = ByteBudget(max(1, self.spec.prefetch_bytes))
-        self.freed = _FreedMemory(128 * 1024**2)
+        self.freed = _FreedMemory(256 * 1024**2)
         self.bar = None
         if self.progress:
             from tqdm import tqdm
@@ -766,8 +772,10 @@ def _tune_malloc() -> None:
 
     glibc serves large blocks with fresh mmaps and unmaps them on free; every new tensor then pays
     a page fault per 4 KiB page, which costs more than the arithmetic. Raising the mmap threshold
-    to its maximum (32 MiB; the engine's row chunks stay below it) and the trim threshold makes
-    blocks recycle inside the process. Peak memory is unchanged: it is still the live set.
+    to 20 MiB (the engine's row chunks and the 16 MiB chunks of streamed tensors stay below it)
+    and the trim threshold makes those blocks recycle inside the process; a tensor larger than
+    that (a large tensor held whole) is still mapped and unmapped whole, so it leaves no hole in
+    the heap. ``_FreedMemory`` bounds what the heap keeps beyond the live set.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -777,7 +785,7 @@ def _tune_malloc() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 20 * 1024 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 512 * 1024 * 1024)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass

@@ -29,6 +29,8 @@ group.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
 
@@ -54,6 +56,38 @@ class ModelParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class Workspace:
+    """Scratch buffers handed from one tensor's merge to the next (the engine keeps one per merge).
+
+    A whole-tensor method needs several chunk-sized temporaries per tensor; taking them from
+    here instead of allocating them anew keeps the allocator from scattering freed blocks over
+    its heap (memory that stays resident, unused, for the rest of the merge). Buffers come in
+    power-of-two sizes; ``take`` may return a larger one than asked (slice it), ``give`` returns
+    them. What it holds is at most what was in use at once.
+    """
+
+    SMALLEST = 1 << 16
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, dtype, device):
+        import torch
+
+        size = max(self.SMALLEST, 1 << max(0, numel - 1).bit_length())
+        with self._lock:
+            pool = self._free.get((size, dtype, str(device)))
+            if pool:
+                return pool.pop()
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def give(self, buffers: Sequence[Any]) -> None:
+        with self._lock:
+            for b in buffers:
+                self._free[(b.numel(), b.dtype, str(b.device))].append(b)
+
+
 @dataclass
 class TensorContext:
     """Everything a strategy may know about the tensor it is merging."""
@@ -63,6 +97,17 @@ class TensorContext:
     seed: int
     device: str = "cpu"
     config: dict[str, Any] = field(default_factory=dict)  # the base model's config.json
+    workspace: Workspace | None = None  # where to take scratch buffers from (None: allocate)
+
+    def scratch(self, numel: int, dtype, device=None):
+        """A scratch buffer of ``numel`` elements, from the workspace when there is one; a strategy
+        gives workspace buffers back (``Workspace.give``) when its tensor is done."""
+        import torch
+
+        device = self.device if device is None else device
+        if self.workspace is None:
+            return torch.empty(numel, dtype=dtype, device=device)
+        return self.workspace.take(numel, dtype, device)[:numel]
 
     def generator(self, salt: str = ""):
         """A torch generator seeded from (merge seed, tensor name, salt): reproducible per tensor,
@@ -115,6 +160,9 @@ class StreamedTensor:
     def merge(self, start: int, end: int, base, deltas: Sequence[Any], out=None):
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Called once the last chunk is merged: give back scratch space (a no-op by default)."""
+
 
 def flat_chunks(numel: int, size: int, row: int | None = None) -> list[tuple[int, int]]:
     """Consecutive ranges of ``size`` elements covering ``numel`` (rounded down to whole rows of
@@ -135,8 +183,11 @@ def merge_in_memory(st: StreamedTensor, base, deltas: Sequence[Any]):
         for s, e in st.chunks:
             p.observe(s, e, flat_b[s:e], [None if d is None else d[s:e] for d in flat_d])
     out = torch.empty_like(flat_b)
-    for s, e in st.chunks:
-        st.merge(s, e, flat_b[s:e], [None if d is None else d[s:e] for d in flat_d], out=out[s:e])
+    try:
+        for s, e in st.chunks:
+            st.merge(s, e, flat_b[s:e], [None if d is None else d[s:e] for d in flat_d], out=out[s:e])
+    finally:
+        st.close()
     return out.view(base.shape)
 
 

@@ -181,7 +181,7 @@ class GeneralizedMerge(StreamedTensor):
         n = 1
         for dim in shape:
             n *= int(dim)
-        self.n, self.dtype, self.device = n, dtype, device
+        self.ctx, self.n, self.dtype, self.device = ctx, n, dtype, device
         self.consensus, self.normalize, self.lambda_ = consensus, normalize, lambda_
         self.rescale_l1 = rescale and rescale_mode == "l1"
         # DELLA ranks magnitudes within rows: chunks must hold whole rows.
@@ -197,25 +197,42 @@ class GeneralizedMerge(StreamedTensor):
         self.total_weight = 1.0 if abs(total_weight) < 1e-8 else total_weight  # as mergekit: nothing sensible to divide by
         self._scratch: dict[str, Any] | None = None
 
-    # -- scratch space, allocated when the first pass starts -------------------------------------------
+    # -- scratch space, taken when the first pass starts, given back by ``close`` ----------------------
     def _buffers(self) -> dict[str, Any]:
         import torch
 
         if self._scratch is None:
             size, dev, dtype = self.size, self.device, self.dtype
-            bufs = _Buffers(*(torch.empty(size, dtype=dt, device=dev) for dt in (torch.float32, torch.int32, torch.float32, torch.float32)))
+            ctx = self.ctx
+            taken: list = []
+
+            def take(dt):
+                buf = ctx.scratch(size, dt, dev)
+                taken.append(buf._base if buf._base is not None else buf)
+                return buf
+
+            bufs = _Buffers(take(torch.float32), take(torch.int32), take(torch.float32), take(torch.float32))
             for sp in self.sparsifiers:
                 sp.bufs = bufs
             n_work = len(self.sparsifiers) if self.consensus else min(1, len(self.sparsifiers))
             self._scratch = {
                 "bufs": bufs,
-                "work": [torch.empty(size, dtype=dtype, device=dev) for _ in range(n_work)],
-                "acc": torch.empty(size, dtype=dtype, device=dev),
-                "den": torch.empty(size, dtype=dtype, device=dev) if (self.consensus and self.normalize) else None,
-                "sgn": torch.empty(size, dtype=dtype, device=dev) if self.consensus else None,
-                "ones": torch.ones(size, dtype=dtype, device=dev) if self.consensus else None,
+                "work": [take(dtype) for _ in range(n_work)],
+                "acc": take(dtype),
+                "den": take(dtype) if (self.consensus and self.normalize) else None,
+                "sgn": take(dtype) if self.consensus else None,
+                "one": torch.ones(1, dtype=dtype, device=dev),
             }
+            self._taken = taken
         return self._scratch
+
+    def close(self) -> None:
+        if self._scratch is not None and self.ctx.workspace is not None:
+            self.ctx.workspace.give(self._taken)
+        self._scratch = None
+        self._taken = []
+        for sp in self.sparsifiers:
+            sp.bufs = None
 
     # -- statistics -------------------------------------------------------------------------------------
     def passes(self):
@@ -284,7 +301,7 @@ class GeneralizedMerge(StreamedTensor):
                 acc.add_(torch.sign(t, out=sgn))
         # copysign(1, acc) is +1 for acc = +0 (a tie: x + (-x) rounds to +0); acc is -0 only
         # when every contribution is a signed zero, where no model can agree anyway.
-        torch.copysign(sc["ones"][:m], acc, out=sgn)
+        torch.copysign(sc["one"].expand(m), acc, out=sgn)
         # t * sgn > 0 exactly where a model agrees: clamping keeps |t| there and 0 elsewhere.
         den = sc["den"][:m] if sc["den"] is not None else None
         for j, (sp, t) in enumerate(zip(self.sparsifiers, ts)):
