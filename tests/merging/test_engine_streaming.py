@@ -62,11 +62,8 @@ EXACT = [
     ("dare_ties", {"density": 0.5}),
     ("della", {"density": 0.5, "epsilon": 0.1}),
     ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
-    ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05}),
-    ("model_stock", {}),
     ("model_stock", {"filter_wise": True}),
     ("slerp", {"t": 0.3}),
-    ("hierarchical", {"alignment": "none"}),
     ("hierarchical", {"alignment": "none", "mode": "symmetric"}),
 ]
 
@@ -90,7 +87,7 @@ def test_streamed_tensors_give_the_bytes_of_whole_ones(big_set, tmp_path, method
     assert meta["base"]["fingerprint"] == model_fingerprint(CheckpointReader(base))
 
 
-@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m"])
+@pytest.mark.parametrize("method", ["iso_c", "tsv_m"])
 def test_streamed_spectral_matrices_match_the_whole_ones(big_set, tmp_path, method):
     """The large tall matrix goes through its Gram matrices either way (same bytes); the small tall
     one is decomposed directly when held and through its Gram matrices when streamed (equal within
@@ -157,7 +154,7 @@ class _CountingSource(DeltaSource):
         return d
 
 
-@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("iso_c", {}), ("model_stock", {})])
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("iso_c", {})])
 def test_a_streamed_tensor_is_never_materialised_whole(big_set, tmp_path, method, params):
     base, fts = big_set
     reference = _CountingReference(base)
