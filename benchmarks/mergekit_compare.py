@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / f"out-{tool}"
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "fedmerge":
-                    r = measure([*fedmerge_cli, str(cfg), str(out), "--quiet"], env)
+                    r = measure([*fedmerge_cli, str(cfg), str(out), "-q"], env)
                 else:
-                    r = measure([str(mergekit_yaml), str(cfg), str(out), "--lazy-unpickle", "--copy-tokenizer"], None)
+                    r = measure([str(mergekit_yaml), str(cfg), str(out)], None)
                 shutil.rmtree(out, ignore_errors=True)
                 runs[tool].append(r)
                 if "error" in r:
