@@ -74,6 +74,26 @@ def ensure_mergekit() -> Path:
     return exe
 
 
+def model_views(folders: list[Path], into: Path) -> list[Path]:
+    """The benchmark models as both tools can read them: the same weight files (links), and a
+    ``config.json`` that names the architecture (mergekit requires ``architectures``; the
+    generated set's config leaves it out)."""
+    out = []
+    for folder in folders:
+        view = into / folder.name
+        view.mkdir(parents=True, exist_ok=True)
+        for f in folder.iterdir():
+            target = view / f.name
+            if f.name == "config.json":
+                cfg = json.loads(f.read_text())
+                cfg.setdefault("architectures", ["MistralForCausalLM"])
+                target.write_text(json.dumps(cfg, indent=2))
+            elif not target.exists():
+                target.symlink_to(f.resolve())
+        out.append(view)
+    return out
+
+
 def recipe(method: str, base: Path, fts: list[Path]) -> str:
     params = METHODS[method]
     if method == "slerp":  # two models: the base and one fine-tune, t 0.5
@@ -151,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     base, fts = ensure_1b_set(args.cache_dir)
     work = cache_root(args.cache_dir) / "mergekit-compare"
     work.mkdir(parents=True, exist_ok=True)
+    base, *fts = model_views([base, *fts], work / "models")
     fedmerge_cli = [sys.executable, "-m", "fedmerge", "merge"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     results = {"machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}, "mergekit": MERGEKIT, "set": str(base.parent), "methods": {}}
