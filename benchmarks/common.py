@@ -73,6 +73,9 @@ class BenchModelSpec:
 SPEC_1B = BenchModelSpec()
 # Same widths, half the layers: shows that peak memory does not grow with model size.
 SPEC_HALF = replace(SPEC_1B, num_hidden_layers=11)
+# Same widths and vocabulary, two layers (0.2B): every tensor shape of the 1B set, for methods
+# too slow on CPU to run over all 22 layers (peak memory follows the largest tensors).
+SPEC_WIDTHS = replace(SPEC_1B, num_hidden_layers=2)
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -171,6 +174,11 @@ def ensure_1b_set(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path
 def ensure_half_set(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, list[Path]]:
     """Same widths as the 1B set, half the layers (~0.6B parameters)."""
     return ensure_bench_set(SPEC_HALF, cache_dir)
+
+
+def ensure_widths_set(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, list[Path]]:
+    """Every tensor shape of the 1B set (vocabulary included), two layers (~0.2B parameters)."""
+    return ensure_bench_set(SPEC_WIDTHS, cache_dir)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Collection, Protocol, Sequence, Union, runtime_checkable
 
 from fedmerge.checkpoints.errors import IncompatibleCheckpoint
 from fedmerge.checkpoints.layout import TensorInfo
@@ -85,15 +85,17 @@ class Compatibility:
     def ok(self) -> bool:
         return not (self.architecture or self.tokenizer == "different" or self.missing or self.extra or self.shapes)
 
-    def raise_first(self, where: str, base_folder: object, file_of: Callable[[str], object] | None = None) -> None:
+    def raise_first(self, where: str, base_folder: object, file_of: Callable[[str], object] | None = None, tokenizer_hint: str = "") -> None:
         """Raise ``IncompatibleCheckpoint`` for the first difference (architecture, tokenizer,
-        missing, unknown, shape), naming ``where`` (the input), the base and the tensor."""
+        missing, unknown, shape), naming ``where`` (the input), the base and the tensor;
+        ``tokenizer_hint`` ends the message about a different tokenizer (what to do about it)."""
         for key, theirs, base in self.architecture:
             raise IncompatibleCheckpoint(
                 f"{where}: config.json {key}={theirs!r} but the base {base_folder} has {base!r}; inputs must share the base's architecture"
             )
         if self.tokenizer == "different":
-            raise IncompatibleCheckpoint(f"{where}: tokenizer.json differs from the base's ({base_folder}); token ids would not line up")
+            hint = f" ({tokenizer_hint})" if tokenizer_hint else ""
+            raise IncompatibleCheckpoint(f"{where}: tokenizer.json differs from the base's ({base_folder}); token ids would not line up{hint}")
         if self.missing:
             raise IncompatibleCheckpoint(f"{where}: has no tensor {self.missing[0]!r} that the base has ({len(self.missing)} missing)")
         if self.extra:
@@ -126,18 +128,25 @@ class CompatibilityCheck:
         complete: bool,
         config: Mapping[str, Any] | None = None,
         tokenizer_folder: str | os.PathLike[str] | None = None,
+        relaxed: Collection[str] = (),
     ) -> Compatibility:
         """Compare one input with the base.
 
         ``complete``: the input must hold every base tensor (a full model); adapters, delta
         folders and packages name only the tensors they change. ``config``: the input's
         ``config.json`` (architecture keys are compared when both sides have one).
-        ``tokenizer_folder``: compare the input's tokenizer with the base's.
+        ``tokenizer_folder``: compare the input's tokenizer with the base's. ``relaxed``:
+        architecture keys allowed to differ (a merge that renumbers layers or remaps the
+        vocabulary lets ``num_hidden_layers`` or ``vocab_size`` differ).
         """
         cfg = dict(config or {})
         arch: list[tuple[str, Any, Any]] = []
         if cfg and self.config:
-            arch = [(k, cfg.get(k), self.config.get(k)) for k in ARCH_KEYS if (k in cfg or k in self.config) and cfg.get(k) != self.config.get(k)]
+            arch = [
+                (k, cfg.get(k), self.config.get(k))
+                for k in ARCH_KEYS
+                if k not in relaxed and (k in cfg or k in self.config) and cfg.get(k) != self.config.get(k)
+            ]
         tokenizer = "n/a"
         if tokenizer_folder is not None:
             theirs, base = tokenizer_fingerprint(tokenizer_folder), self._base_tokenizer()

@@ -17,10 +17,12 @@ from typing import Any
 
 from fedmerge.checkpoints import CheckpointReader, TensorInfo
 from fedmerge.merging.lora import LoraDelta
+from fedmerge.merging.source import DeltaSource
 
 
-class AdaptedModel:
+class AdaptedModel(DeltaSource):
     kind = "model+lora"
+    complete = True
 
     def __init__(self, model_folder: str | os.PathLike[str], adapter_folder: str | os.PathLike[str], label: str | None = None):
         self.model = CheckpointReader(model_folder)
@@ -56,6 +58,9 @@ class AdaptedModel:
         return w.add_(self.adapter.get_delta(name, rows=rows, base=w)).to(raw.dtype)
 
     # -- delta-source side (used as an input) ---------------------------------------------------------
+    def weight(self, name: str, reference):
+        return self.get(name).float()
+
     def get_delta(self, name: str, *, rows: tuple[int, int] | None = None, base=None):
         w = self.get(name, rows=rows).float()
         if base is None:

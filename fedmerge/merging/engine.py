@@ -12,13 +12,19 @@ What it guarantees:
   folder, file and tensor. Non-finite values are caught as tensors stream, naming the input and
   tensor; the partial output is then removed.
 - **Bounded memory.** Tensors are visited group by group (``strategy.groups``); only the group
-  being merged, the one being read ahead and the one being written are in memory, and a byte
+  being merged, the ones being read ahead and the ones being written are in memory, and a byte
   budget (``prefetch_bytes``) keeps read-ahead from piling up. A large tensor of an
-  *elementwise* strategy is processed in row chunks, so memory does not even grow with the
-  largest tensor. Inputs are read with positioned reads (no memory maps), and the output is
-  streamed into shards whose headers are written first.
-- **Overlap.** One thread reads (and takes deltas), the caller's thread computes, one thread
-  writes; torch uses every core for the compute itself.
+  *elementwise* strategy is processed in row chunks; a tensor of a whole-tensor method (TIES,
+  DARE, DELLA, Breadcrumbs, Model Stock, SLERP, hierarchical, the spectral methods' tall
+  matrices) larger than ``stream_elements`` is merged as its ``StreamedTensor``: statistics
+  passes over fixed chunks read again from the inputs, then the output chunk by chunk. Memory
+  then follows the chunk, not the largest tensor (an attention block of hierarchical and a wide
+  matrix of a spectral method are held whole; neither grows with the vocabulary). Inputs are
+  read with positioned reads (no memory maps), and the output is streamed into shards whose
+  headers are written first.
+- **Overlap.** The stages run in the bottom layer's bounded pipeline
+  (``fedmerge.checkpoints.pipeline``): one thread reads (and takes deltas, and runs the statistics
+  passes of streamed tensors), one computes, one writes; torch uses every core for the compute.
 - **Reproducible.** Every random choice a strategy makes comes from ``TensorContext.generator``,
   seeded from (seed, tensor name): the same inputs, method, parameters and seed give the same
   bytes, whatever the device order, chunking or thread timing.
@@ -28,7 +34,9 @@ What it guarantees:
 
 ``merge`` maps every base tensor to the same-named tensor of every input with one parameter set;
 ``merge_layout`` follows a ``MergeLayout`` (per-tensor parameters, slices, copies, remapped
-embeddings; see ``fedmerge.merging.layout``). Both run a ``MergeRun``.
+embeddings; see ``fedmerge.merging.layout``). Both run a ``MergeRun``. Every input is a
+``DeltaSource`` (``fedmerge.merging.source``); an object that is not one is refused before
+anything is read.
 """
 
 from __future__ import annotations
@@ -37,13 +45,11 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -59,13 +65,11 @@ from fedmerge.checkpoints import (
     torch_dtype,
     torch_name,
 )
-from fedmerge.checkpoints.compat import (
-    ARCH_KEYS,
-    CompatibilityCheck,
-    tokenizer_fingerprint,
-)
+from fedmerge.checkpoints.compat import CompatibilityCheck
+from fedmerge.checkpoints.pipeline import ByteBudget, Stage, run_pipeline
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.layout import MergeLayout, OutputTensor, identity_layout
+from fedmerge.merging.source import DeltaSource, require_delta_source
 from fedmerge.merging.taskvector import DeltaCheckpoint, TaskVector, open_delta_source
 
 log = logging.getLogger(__name__)
@@ -100,7 +104,10 @@ class MergeSpec(BaseModel):
     max_shard_bytes: int = Field(2 * 1024**3, gt=0)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: every core")
     chunk_elements: int = Field(1 << 21, ge=1024, description="row-chunk size for elementwise strategies")
-    prefetch_bytes: int = Field(256 * 1024**2, ge=0, description="read-ahead budget")
+    stream_elements: int = Field(
+        1 << 24, ge=1, description="a tensor of a whole-tensor method larger than this is merged in passes over chunks read again from the inputs"
+    )
+    prefetch_bytes: int = Field(128 * 1024**2, ge=0, description="read-ahead budget")
     read_workers: int | None = Field(None, ge=1, description="inputs loaded in parallel per tensor; default: min(inputs, cores)")
     check_finite: bool = True
     fingerprints: bool = True
@@ -140,27 +147,34 @@ class MergeResult:
 
 
 # -- pre-flight checks ------------------------------------------------------------------------------
-def check_compatible(base: CheckpointReader, sources: Sequence[Any]) -> None:
+def check_compatible(base: CheckpointReader, sources: Sequence[DeltaSource]) -> None:
     """Refuse inputs that cannot be merged with ``base``, naming the input, file and tensor."""
     check = CompatibilityCheck(base, config=base.config, folder=base.folder)
     for src in sources:
-        full_model = isinstance(src, TaskVector)
-        folder = getattr(src, "folder", None)
-        found = check.compare(
-            src, complete=full_model, config=getattr(src, "config", None) or {},
-            tokenizer_folder=folder if full_model and folder is not None else None,
-        )  # fmt: skip
-        where = folder if folder is not None else "?"
-        file_of = src.file_of if hasattr(src, "file_of") else (lambda _name: where)
-        found.raise_first(f"{src.label} ({where})", base.folder, file_of)
+        tokenizer = src.folder if src.complete and src.folder is not None else None
+        found = check.compare(src, complete=src.complete, config=src.config or {}, tokenizer_folder=tokenizer)
+        found.raise_first(f"{src.label} ({src.folder if src.folder is not None else '?'})", base.folder, src.file_of)
 
 
 # -- work items ---------------------------------------------------------------------------------
+@dataclass
+class _Streamed:
+    """A tensor merged as its strategy's ``StreamedTensor``: the fitted object and the reader of
+    its output pass, shared by its work items (the read stage fits it, the compute stage merges)."""
+
+    ot: OutputTensor
+    tensor: Any  # StreamedTensor
+    feed: "_FlatFeed | None" = None
+    checked: bool = False  # a statistics pass has checked every input chunk for non-finite values
+
+
 @dataclass
 class _Item:
     names: tuple[str, ...]  # output tensor names
     strategy: int | None = None  # index into the run's strategies; None: copied from the reference
     rows: tuple[int, int] | None = None  # a row chunk of the single tensor in ``names``
+    span: tuple[int, int] | None = None  # an element range of a streamed tensor's output
+    streamed: _Streamed | None = None  # set on every item of a streamed tensor
     final: bool = True  # last chunk of its tensor (always True for whole tensors)
     nbytes: int = 0  # estimated peak bytes while in flight
     in_bytes: int = 0  # bytes of the reference this item covers (for the progress bar)
@@ -169,54 +183,10 @@ class _Item:
     def copy(self) -> bool:
         return self.strategy is None
 
-
-class _Budget:
-    """Bytes in flight between the reader and the writer; the reader waits while over budget."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self.cond = threading.Condition()
-        self.cancelled = False
-
-    def acquire(self, n: int) -> bool:
-        with self.cond:
-            while self.used and self.used + n > self.limit and not self.cancelled:
-                self.cond.wait(0.5)
-            self.used += n
-            return not self.cancelled
-
-    def release(self, n: int) -> None:
-        with self.cond:
-            self.used -= n
-            self.cond.notify_all()
-
-    def cancel(self) -> None:
-        with self.cond:
-            self.cancelled = True
-            self.cond.notify_all()
-
-
-_DONE = object()
-
-
-def _put(q: queue.Queue, item: Any, budget: _Budget) -> bool:
-    while not budget.cancelled:
-        try:
-            q.put(item, timeout=0.5)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _get(q: queue.Queue, budget: _Budget) -> Any:
-    while True:
-        try:
-            return q.get(timeout=0.5)
-        except queue.Empty:
-            if budget.cancelled:
-                return _DONE
+    @property
+    def fit(self) -> bool:
+        """The statistics passes of a streamed tensor (reads, writes nothing)."""
+        return self.streamed is not None and self.span is None
 
 
 class OutputFiles(Protocol):
@@ -258,7 +228,7 @@ def merge(
             raise MissingBase("without a base, the first input must be a model folder to serve as the reference")
         base_dir = first
     base = CheckpointReader(base_dir)
-    sources = [open_delta_source(x, base) if isinstance(x, (str, os.PathLike)) else x for x in inputs]
+    sources = [open_delta_source(x, base) if isinstance(x, (str, os.PathLike)) else require_delta_source(x, f"merge input #{i}") for i, x in enumerate(inputs)]
     n = len(sources)
     if spec.model_parameters and len(spec.model_parameters) != n:
         raise MergeError(f"model_parameters has {len(spec.model_parameters)} entries for {n} inputs")
@@ -288,7 +258,7 @@ class MergeRun:
     """One merge, from open inputs to a committed folder, in three stages:
 
     ``prepare`` (strategies per parameter set, compatibility, the work items and the output
-    plan), ``stream`` (reader thread -> compute in this thread -> writer thread), ``finish``
+    plan), ``stream`` (read -> compute -> write, the bottom layer's bounded pipeline), ``finish``
     (config, sidecar and caller files, metadata, atomic commit).
     """
 
@@ -304,7 +274,7 @@ class MergeRun:
         outputs: OutputFiles | None = None,
     ):
         self.layout = layout
-        self.sources = list(sources)
+        self.sources: list[DeltaSource] = [require_delta_source(s, f"merge input #{i}") for i, s in enumerate(sources)]
         self.out_dir = Path(out_dir)
         self.spec = spec
         self.progress = progress
@@ -313,6 +283,7 @@ class MergeRun:
         self.outputs = outputs
         self.reference = layout.references[0]
         self.tensors = layout.by_name()
+        self.names_of = [set(s.names()) for s in self.sources]
 
     # -- stage 1 --------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -320,6 +291,7 @@ class MergeRun:
 
         from fedmerge.devices import resolve_device
         from fedmerge.merging.strategies import get_strategy_class
+        from fedmerge.merging.strategies.base import Workspace
 
         # A layout of copies only (mergekit's passthrough) runs no strategy at all.
         self.cls = get_strategy_class(self.spec.method) if self.layout.parameter_sets else None
@@ -331,14 +303,13 @@ class MergeRun:
             check_layout(self.layout, self.sources)
         self.device = resolve_device(self.spec.device)
         self.compute_dtype = getattr(torch, self.spec.dtype)
+        self.workspace = Workspace()
         self.config = output_config(self.layout, self.spec, self._out_dtype_name())
         self.items = self._plan_items()
-        self.plan = [self._out_info(nm) for item in self.items if item.final for nm in item.names]
+        self.plan = [self._out_info(nm) for item in self.items if item.final and not item.fit for nm in item.names]
         self.out_torch = {i.name: torch_dtype(i.dtype) for i in self.plan}
         for s in self.sources:
-            rec = getattr(s, "digests", None)
-            if rec is not None:
-                rec.enabled = self.spec.fingerprints
+            s.record_digests(self.spec.fingerprints)
 
     def _build_strategies(self) -> list[Any]:
         from fedmerge.merging.strategies import build_strategy
@@ -354,7 +325,8 @@ class MergeRun:
 
     def _plan_items(self) -> list[_Item]:
         """Items in output order: tensors sharing a parameter set and inputs are grouped as their
-        strategy groups them; a large tensor of an elementwise strategy is cut in row chunks."""
+        strategy groups them; a large tensor of an elementwise strategy is cut in row chunks, one
+        of a whole-tensor strategy is streamed (see ``_streamed_items``)."""
         buckets: dict[tuple, list[str]] = {}
         copies: list[str] = []
         for ot in self.layout.tensors:
@@ -369,9 +341,8 @@ class MergeRun:
             grouped = [nm for g in groups for nm in g]
             if sorted(grouped) != sorted(names):
                 raise MergeError(f"strategy {self.method} grouped {len(grouped)} tensors for {len(names)} inputs; this is a bug in the strategy")
-            elementwise = bool(getattr(strategy, "elementwise", False))
             for g in groups:
-                items.extend(self._items_for(g, params, elementwise, len(inputs)))
+                items.extend(self._items_for(g, params, strategy, len(inputs)))
         for nm in copies:
             info = self._ref_info(self.tensors[nm])
             items.append(_Item((nm,), None, nbytes=info.nbytes, in_bytes=info.nbytes))
@@ -380,22 +351,47 @@ class MergeRun:
     def _ref_info(self, ot: OutputTensor) -> TensorInfo:
         return self.layout.references[ot.reference].info(ot.reference_name)
 
-    def _items_for(self, g: tuple[str, ...], params: int, elementwise: bool, n_inputs: int) -> list[_Item]:
+    def _items_for(self, g: tuple[str, ...], params: int, strategy, n_inputs: int) -> list[_Item]:
         infos = [self._ref_info(self.tensors[nm]) for nm in g]
+        # Bytes per element in flight: the reference, one delta per input and the result, in
+        # float32; a whole-tensor method also keeps working copies about as large again.
         per_elem = 4 * (n_inputs + 2)
+        working = per_elem if strategy.elementwise else 4 * (2 * n_inputs + 4)
         remapped = self.layout.vocab is not None and any(self.tensors[nm].embedding for nm in g)
         info = infos[0]
-        chunk = self.spec.chunk_elements
-        if elementwise and not remapped and len(g) == 1 and len(info.shape) >= 1 and info.numel > chunk and info.shape[0] > 1:
-            rows_total = info.shape[0]
-            row_numel = max(1, info.numel // rows_total)
-            step = max(1, chunk // row_numel)
-            row_bytes = info.nbytes // rows_total
-            return [
-                _Item(g, params, (a, min(rows_total, a + step)), min(rows_total, a + step) == rows_total, nbytes=(min(rows_total, a + step) - a) * row_numel * per_elem, in_bytes=(min(rows_total, a + step) - a) * row_bytes)
-                for a in range(0, rows_total, step)
-            ]
-        return [_Item(tuple(g), params, nbytes=sum(i.numel for i in infos) * per_elem, in_bytes=sum(i.nbytes for i in infos))]
+        if len(g) == 1 and not remapped and len(info.shape) >= 1 and info.shape[0] > 1:
+            if strategy.elementwise and info.numel > self.spec.chunk_elements:
+                return self._row_items(g, params, info, per_elem)
+            if not strategy.elementwise and info.numel > self.spec.stream_elements and strategy.streams(g[0], tuple(info.shape)):
+                return self._streamed_items(g[0], params, strategy, info, per_elem, working, n_inputs)
+        return [_Item(tuple(g), params, nbytes=sum(i.numel for i in infos) * working, in_bytes=sum(i.nbytes for i in infos))]
+
+    def _row_items(self, g, params: int, info: TensorInfo, per_elem: int) -> list[_Item]:
+        rows_total = info.shape[0]
+        row_numel = max(1, info.numel // rows_total)
+        step = max(1, self.spec.chunk_elements // row_numel)
+        row_bytes = info.nbytes // rows_total
+        out = []
+        for a in range(0, rows_total, step):
+            b = min(rows_total, a + step)
+            out.append(_Item(g, params, rows=(a, b), final=b == rows_total, nbytes=(b - a) * row_numel * per_elem, in_bytes=(b - a) * row_bytes))
+        return out
+
+    def _streamed_items(self, name: str, params: int, strategy, info: TensorInfo, per_elem: int, working: int, n_inputs: int) -> list[_Item]:
+        """A fitting item (the strategy's statistics passes, run by the read stage: a chunk of
+        every input and the strategy's working space) and one item per chunk of the output."""
+        from fedmerge.merging.strategies import TensorContext
+
+        ctx = TensorContext(name=name, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config, workspace=self.workspace)
+        tensor = strategy.streamed(ctx, tuple(info.shape), self.compute_dtype, [True] * n_inputs)
+        holder = _Streamed(self.tensors[name], tensor)
+        elem_bytes = info.nbytes // max(1, info.numel)
+        biggest = max(e - s for s, e in tensor.chunks)
+        items = [_Item((name,), params, streamed=holder, final=False, nbytes=biggest * working)]
+        for j, (s, e) in enumerate(tensor.chunks):
+            last = j == len(tensor.chunks) - 1
+            items.append(_Item((name,), params, span=(s, e), streamed=holder, final=last, nbytes=(e - s) * per_elem, in_bytes=(e - s) * elem_bytes))
+        return items
 
     def _out_dtype_name(self) -> str | None:
         """The dtype every float output tensor has, or None when they differ."""
@@ -414,47 +410,64 @@ class MergeRun:
             return TensorInfo(nm, shape, ri.dtype)
         return TensorInfo(nm, shape, safetensors_dtype(self.spec.out_dtype))
 
-    # -- stage 2 --------------------------------------------------------------------------------
-    def _load(self, item: _Item):
-        """(references, deltas) for a merged item, or the finished tensors of a copied one."""
+    # -- stage 2: read ---------------------------------------------------------------------------
+    def _read(self, item: _Item, _value=None):
+        """What the compute stage needs for ``item``: (references, deltas) for a merged item, the
+        finished tensors of a copied one, a chunk of a streamed tensor; a fitting item runs the
+        statistics passes here and hands on nothing."""
+        if item.streamed is not None:
+            return self._fit(item.streamed) if item.fit else self._read_span(item)
         bases, deltas = [], []
         for nm in item.names:
             ot = self.tensors[nm]
-            ref_reader = self.layout.references[ot.reference]
             if ot.embedding and self.layout.vocab is not None:
                 b32, per_model = self._load_remapped(ot)
                 if item.copy:
                     return [b32 if ot.scale is None else b32.mul_(ot.scale)], None
             else:
-                raw = ref_reader.get(ot.reference_name, rows=item.rows)
-                if self.spec.fingerprints and ot.reference == 0 and ot.reference_name == nm and nm not in self.base_done:
-                    _feed_base(self.base_digests, self.base_done, ref_reader.info(nm), raw, item.rows)
-                if item.copy and not raw.is_floating_point():
-                    return [raw], None
-                b32 = raw.float()
-                if self.spec.check_finite and not _all_finite(b32):
-                    raise NonFiniteTensor(f"{_where_ref(ref_reader, ot.reference_name)}: tensor {ot.reference_name!r} holds NaN or infinite values")
+                raw, b32 = self._read_reference(ot, item.rows)
                 if item.copy:
+                    if not raw.is_floating_point():
+                        return [raw], None
                     return [raw if ot.scale is None else b32.mul_(ot.scale)], None
                 per_model = self._deltas(ot, item.rows, b32)
             bases.append(_to(b32, self.device, self.compute_dtype))
             deltas.append(per_model)
         return bases, deltas
 
-    def _deltas(self, ot: OutputTensor, rows, b32) -> list[Any]:
+    def _read_reference(self, ot: OutputTensor, rows, check: bool = True):
+        """The reference's raw rows and their float32 copy (hashed for the base's fingerprint)."""
+        ref_reader = self.layout.references[ot.reference]
+        nm = ot.name
+        raw = ref_reader.get(ot.reference_name, rows=rows)
+        if self.spec.fingerprints and ot.reference == 0 and ot.reference_name == nm and nm not in self.base_done:
+            _feed_base(self.base_digests, self.base_done, ref_reader.info(nm), raw, rows)
+        if not raw.is_floating_point():
+            return raw, None
+        b32 = raw.float()
+        if check and self.spec.check_finite and not _all_finite(b32):
+            raise NonFiniteTensor(f"reference {ref_reader.file_of(ot.reference_name)}: tensor {ot.reference_name!r} holds NaN or infinite values")
+        return raw, b32
+
+    def _read_rows(self, ot: OutputTensor, rows: tuple[int, int], check: bool):
+        """(reference rows, one delta per input) in the compute dtype, on the device."""
+        _, b32 = self._read_reference(ot, rows, check)
+        deltas = self._deltas(ot, rows, b32, check)
+        return _to(b32, self.device, self.compute_dtype), deltas
+
+    def _deltas(self, ot: OutputTensor, rows, b32, check: bool = True) -> list[Any]:
         import torch
 
-        spec = self.spec
+        check = check and self.spec.check_finite
 
         def one_delta(pair):
             i, name = pair
             src = self.sources[i]
-            d = _get_delta(src, name, rows, b32) if name in _names_of(src) else None
+            d = src.get_delta(name, rows=rows, base=b32) if name in self.names_of[i] else None
             if d is None:
                 return _to(torch.zeros_like(b32), self.device, self.compute_dtype)
-            if spec.check_finite and not _all_finite(d):
-                file = src.file_of(name) if hasattr(src, "file_of") else src.folder
-                raise NonFiniteTensor(f"input {src.label} ({file}): tensor {name!r} holds NaN or infinite values")
+            if check and not _all_finite(d):
+                raise NonFiniteTensor(f"input {src.label} ({src.file_of(name)}): tensor {name!r} holds NaN or infinite values")
             return _to(d, self.device, self.compute_dtype)
 
         # Reading, converting, subtracting and hashing each input is independent of the others
@@ -473,7 +486,8 @@ class MergeRun:
         for i, name in ot.inputs:
             key = self.layout.input_keys[i]
             if key not in weights:
-                weights[key] = full_weight(self.sources[i], name, weights[ref_key]).float()
+                reference = weights[ref_key]
+                weights[key] = self.sources[i].weight(name, reference).float() if name in self.names_of[i] else reference.clone()
         for key, w in weights.items():
             if self.spec.check_finite and not _all_finite(w):
                 raise NonFiniteTensor(f"{key}: tensor {ot.reference_name!r} holds NaN or infinite values")
@@ -482,91 +496,98 @@ class MergeRun:
         deltas = [_to(remapped[self.layout.input_keys[i]] - b32, self.device, self.compute_dtype) for i, _ in ot.inputs]
         return b32, deltas
 
+    def _fit(self, holder: _Streamed) -> None:
+        """Every statistics pass of a streamed tensor, each over all its chunks read afresh."""
+        for p in holder.tensor.passes():
+            feed = _FlatFeed(self, holder.ot, check=not holder.checked)
+            for s, e in holder.tensor.chunks:
+                base, deltas = feed.take(s, e)
+                p.observe(s, e, base, deltas)
+            holder.checked = True
+        return None
+
+    def _read_span(self, item: _Item):
+        holder = item.streamed
+        if holder.feed is None:
+            holder.feed = _FlatFeed(self, holder.ot, check=not holder.checked)
+        return holder.feed.take(*item.span)
+
+    # -- stage 3: compute ------------------------------------------------------------------------
     def _compute(self, item: _Item, payload) -> list[Any]:
+        import torch
+
         if item.copy:
             return [t.to(self.out_torch[nm]) for nm, t in zip(item.names, payload[0])]
-        return _compute(self.strategies[item.strategy], item, payload, self.spec, self.device, self.config, self.out_torch)
+        if item.fit:
+            return []
+        strategy = self.strategies[item.strategy]
+        nm = item.names[0]
+        if item.span is not None:
+            base, deltas = payload
+            with torch.no_grad():
+                merged = [item.streamed.tensor.merge(*item.span, base, deltas)]
+            if item.final:  # the last chunk: give back the strategy's scratch space, drop the reader's rows
+                item.streamed.tensor.close()
+                item.streamed.tensor = item.streamed.feed = None
+        else:
+            from fedmerge.merging.strategies import TensorContext
+
+            bases, deltas = payload
+            contexts = [
+                TensorContext(name=n, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config, workspace=self.workspace)
+                for n in item.names
+            ]
+            with torch.no_grad():
+                if len(item.names) == 1:
+                    merged = [strategy.merge_tensor(contexts[0], bases[0], deltas[0])]
+                else:
+                    merged = list(strategy.merge_group(contexts, bases, deltas))
+        outs = []
+        for nm, m in zip(item.names, merged):
+            if self.spec.check_finite and not _all_finite(m):
+                raise NonFiniteTensor(f"merge result for tensor {nm!r} holds NaN or infinite values (method {strategy.name}); check its parameters")
+            outs.append(m.to(self.out_torch[nm]).cpu() if m.device.type != "cpu" else m.to(self.out_torch[nm]))
+        return outs
+
+    # -- stage 4: write --------------------------------------------------------------------------
+    def _write(self, item: _Item, outputs: list[Any]) -> None:
+        for nm, t in zip(item.names, outputs):
+            if item.span is not None:
+                self.writer.add_bytes(nm, tensor_bytes(t), final=item.final)
+            elif item.rows is not None:
+                self.writer.add_part(nm, t, final=item.final)
+            else:
+                self.writer.add(nm, t)
+        self.budget.release(item.nbytes)
+        self.freed.settle()
+        if self.bar is not None:
+            self.bar.update(item.in_bytes)
 
     def stream(self, writer: CheckpointWriter) -> None:
-        budget = _Budget(self.spec.prefetch_bytes)
-        loaded: queue.Queue = queue.Queue(maxsize=2)
-        written: queue.Queue = queue.Queue(maxsize=2)
-        errors: list[BaseException] = []
+        """Read, compute and write every item through the bounded pipeline, in order."""
+        self.writer = writer
+        self.budget = ByteBudget(max(1, self.spec.prefetch_bytes))
+        self.freed = _FreedMemory(256 * 1024**2)
+        self.bar = None
+        if self.progress:
+            from tqdm import tqdm
 
-        def fail(exc: BaseException) -> None:
-            errors.append(exc)
-            budget.cancel()
-
-        def reader() -> None:
-            try:
-                for item in self.items:
-                    if not budget.acquire(item.nbytes):
-                        return
-                    if not _put(loaded, (item, self._load(item)), budget):
-                        return
-                _put(loaded, _DONE, budget)
-            except BaseException as exc:  # surfaced in the caller's thread
-                fail(exc)
-
-        def writer_loop() -> None:
-            try:
-                while True:
-                    got = _get(written, budget)
-                    if got is _DONE:
-                        return
-                    item, outputs = got
-                    for nm, t in zip(item.names, outputs):
-                        if item.rows is None:
-                            writer.add(nm, t)
-                        else:
-                            writer.add_part(nm, t, final=item.final)
-                    budget.release(item.nbytes)
-            except BaseException as exc:
-                fail(exc)
-
-        bar = None
-        threads = [threading.Thread(target=reader, name="fedmerge-read", daemon=True), threading.Thread(target=writer_loop, name="fedmerge-write", daemon=True)]
+            name = (self.extra_metadata or {}).get("merge_name")
+            desc = f"merge {name} ({self.method})" if name else f"merge {self.method}"
+            self.bar = tqdm(total=sum(i.in_bytes for i in self.items), desc=desc, unit="B", unit_scale=True, dynamic_ncols=True)
+        stages = [Stage(self._read, 1, "read"), Stage(self._compute, 1, "compute")]
         try:
-            for th in threads:
-                th.start()
-            if self.progress:
-                from tqdm import tqdm
-
-                name = (self.extra_metadata or {}).get("merge_name")
-                desc = f"merge {name} ({self.method})" if name else f"merge {self.method}"
-                bar = tqdm(total=sum(i.in_bytes for i in self.items), desc=desc, unit="B", unit_scale=True, dynamic_ncols=True)
-            try:
-                while True:
-                    got = _get(loaded, budget)
-                    if got is _DONE:
-                        break
-                    item, payload = got
-                    outputs = self._compute(item, payload)
-                    # Drop the inputs now, not when the next item arrives: for the largest tensor
-                    # they are most of the working set.
-                    del got, payload
-                    if not _put(written, (item, outputs), budget):
-                        break
-                    if bar is not None:
-                        bar.update(item.in_bytes)
-                if not errors:
-                    _put(written, _DONE, budget)
-            except BaseException as exc:
-                fail(exc)
+            run_pipeline(self.items, stages, self._write, depth=4, budget=self.budget, cost=lambda item: item.nbytes)
         finally:
-            for th in threads:
-                th.join()
-            if bar is not None:
-                bar.close()
-        if errors:
-            raise errors[0]
+            if self.bar is not None:
+                self.bar.close()
 
-    # -- stage 3 --------------------------------------------------------------------------------
+    # -- stage 5 --------------------------------------------------------------------------------
     def finish(self, writer: CheckpointWriter) -> dict[str, Any]:
         meta = _metadata(self.spec, self.method, self.cls, self.reference, self.sources, self.base_done, self.extra_metadata)
         others = self.layout.references[1:]
         if others:  # models only copied or used as a slice's reference (passthrough, frankenmerges)
-            meta["references"] = [r.describe() if hasattr(r, "describe") else {"path": str(r.folder), "kind": "model", "fingerprint": None} for r in others]
+            meta["references"] = [_describe_reference(r) for r in others]
         written = self.outputs.write(writer.tmp, meta) if self.outputs is not None else set()
         _write_sidecars(writer.tmp, self.reference.folder, self.config, skip=written)
         writer.commit(metadata=meta)
@@ -599,73 +620,84 @@ class MergeRun:
         return MergeResult(self.out_dir, seconds, len(self.plan), writer.bytes_written, self.method, meta)
 
 
-def _where_ref(reader, name: str) -> str:
-    try:
-        return f"reference {reader.file_of(name)}"
-    except Exception:  # a reader without files (an adapted model): name its folder
-        return f"reference {reader.folder}"
+class _FlatFeed:
+    """Consecutive element ranges of one tensor's reference and of every input's delta, read from
+    the inputs row by row: each row once per pass and in order (what the sources' running digests
+    rely on); the part of a row that runs past a range is kept for the next one."""
+
+    def __init__(self, run: MergeRun, ot: OutputTensor, check: bool):
+        info = run._ref_info(ot)
+        self.run, self.ot, self.check = run, ot, check
+        self.rows_total = int(info.shape[0])
+        self.row = max(1, info.numel // max(1, self.rows_total))
+        self.next_row = 0
+        self.start = 0  # element index of the first element held
+        self.held: tuple[Any, list[Any]] | None = None
+
+    def take(self, start: int, end: int):
+        import torch
+
+        if start != self.start:
+            raise MergeError(f"tensor {self.ot.name!r}: chunk {start}:{end} asked out of order (next is {self.start}); this is a bug")
+        last_row = min(self.rows_total, -(-end // self.row))
+        base, deltas = self.held if self.held is not None else (None, None)
+        if last_row > self.next_row:
+            b, ds = self.run._read_rows(self.ot, (self.next_row, last_row), self.check)
+            b, ds = b.reshape(-1), [d.reshape(-1) for d in ds]
+            if base is None or base.numel() == 0:
+                base, deltas = b, ds
+            else:
+                base, deltas = torch.cat([base, b]), [torch.cat([h, d]) for h, d in zip(deltas, ds)]
+            self.next_row = last_row
+        n = end - start
+        out = (base[:n], [d[:n] for d in deltas])
+        self.held = (base[n:], [d[n:] for d in deltas])
+        self.start = end
+        return out
 
 
-def full_weight(src, name: str, reference):
-    """The full weight an input holds for ``name`` (not its delta): read directly from a model
-    folder, otherwise the reference plus the delta."""
-    from fedmerge.merging.adapted import AdaptedModel
-
-    if isinstance(src, TaskVector):
-        return src.model.get(name)
-    if isinstance(src, AdaptedModel):
-        return src.get(name)
-    d = src.get_delta(name, base=reference) if name in _names_of(src) else None
-    return reference.clone() if d is None else d.add_(reference)
+def _describe_reference(r) -> dict[str, Any]:
+    """A reference model as the metadata lists it (a folder, or a model with an adapter applied)."""
+    if isinstance(r, CheckpointReader):
+        return {"path": str(r.folder), "kind": "model", "fingerprint": None}
+    return r.describe()
 
 
-def check_layout(layout: MergeLayout, sources: Sequence[Any]) -> None:
+def check_layout(layout: MergeLayout, sources: Sequence[DeltaSource]) -> None:
     """Refuse a layout whose inputs cannot make its tensors: each named input tensor exists and
     has its reference's shape (the rows of remapped embeddings may differ), every model shares the
     first reference's architecture (layer count and, with a new vocabulary, its size excepted), and
     adapters and delta folders feed only the same-named tensors of the base they were made on."""
-    from fedmerge.merging.adapted import AdaptedModel
-
     first = layout.references[0]
     relaxed = {"num_hidden_layers"} | ({"vocab_size"} if layout.vocab is not None else set())
-    base_cfg = first.config
-    base_tok = None if layout.vocab is not None else tokenizer_fingerprint(first.folder)
-    models = [*layout.references, *[s for s in sources if isinstance(s, (TaskVector, AdaptedModel))]]
+    check = CompatibilityCheck({}, config=first.config, folder=first.folder)
     seen = set()
-    for m in models:
+    for m in [*layout.references, *[s for s in sources if s.complete]]:
         folder = Path(m.folder)
         if folder in seen:
             continue
         seen.add(folder)
-        cfg = m.config or {}
-        for key in ARCH_KEYS:
-            if key in relaxed or not cfg or not base_cfg:
-                continue
-            if (key in cfg or key in base_cfg) and cfg.get(key) != base_cfg.get(key):
-                raise IncompatibleCheckpoint(f"{folder}: config.json {key}={cfg.get(key)!r} but {first.folder} has {base_cfg.get(key)!r}; inputs must share the architecture")
-        tok = tokenizer_fingerprint(folder) if base_tok is not None else None
-        if tok is not None and tok != base_tok:
-            raise IncompatibleCheckpoint(f"{folder}: tokenizer.json differs from {first.folder}'s; token ids would not line up (set tokenizer_source to merge vocabularies)")
+        found = check.compare({}, complete=False, config=m.config or {}, tokenizer_folder=folder if layout.vocab is None else None, relaxed=relaxed)
+        found.raise_first(str(folder), first.folder, tokenizer_hint="set tokenizer_source to merge vocabularies")
+    names = [set(s.names()) for s in sources]
     for ot in layout.tensors:
         ref = layout.references[ot.reference]
         rshape = tuple(ref.info(ot.reference_name).shape)
         for i, name in ot.inputs:
             src = sources[i]
-            full = isinstance(src, (TaskVector, AdaptedModel))
-            if not full and (ot.reference != 0 or name != ot.reference_name or name != ot.name):
+            if not src.complete and (ot.reference != 0 or name != ot.reference_name or name != ot.name):
                 raise IncompatibleCheckpoint(
-                    f"{src.label} ({getattr(src, 'folder', '?')}): a LoRA adapter or delta folder changes the base's own tensors; "
+                    f"{src.label} ({src.folder}): a LoRA adapter or delta folder changes the base's own tensors; "
                     f"it cannot feed output tensor {ot.name!r} from {name!r}. Give a full model (or MODEL+ADAPTER) instead"
                 )
-            if name not in _names_of(src):
-                if full:
+            if name not in names[i]:
+                if src.complete:
                     raise IncompatibleCheckpoint(f"{src.label} ({src.folder}): has no tensor {name!r}, needed for output tensor {ot.name!r}")
                 continue
             sshape = tuple(src.info(name).shape)
             same = sshape[1:] == rshape[1:] if (ot.embedding and layout.vocab is not None) else sshape == rshape
             if not same:
-                file = src.file_of(name) if hasattr(src, "file_of") else getattr(src, "folder", "?")
-                raise IncompatibleCheckpoint(f"{file}: tensor {name!r} has shape {list(sshape)}, but {ot.reference_name!r} of {ref.folder} has {list(rshape)}")
+                raise IncompatibleCheckpoint(f"{src.file_of(name)}: tensor {name!r} has shape {list(sshape)}, but {ot.reference_name!r} of {ref.folder} has {list(rshape)}")
 
 
 def output_config(layout: MergeLayout, spec: MergeSpec, out_dtype: str | None) -> dict[str, Any]:
@@ -740,8 +772,10 @@ def _tune_malloc() -> None:
 
     glibc serves large blocks with fresh mmaps and unmaps them on free; every new tensor then pays
     a page fault per 4 KiB page, which costs more than the arithmetic. Raising the mmap threshold
-    to its maximum (32 MiB; the engine's row chunks stay below it) and the trim threshold makes
-    blocks recycle inside the process. Peak memory is unchanged: it is still the live set.
+    to 20 MiB (the engine's row chunks and the 16 MiB chunks of streamed tensors stay below it)
+    and the trim threshold makes those blocks recycle inside the process; a tensor larger than
+    that (a large tensor held whole) is still mapped and unmapped whole, so it leaves no hole in
+    the heap. ``_FreedMemory`` bounds what the heap keeps beyond the live set.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -751,47 +785,52 @@ def _tune_malloc() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 20 * 1024 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 512 * 1024 * 1024)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
 
-def _get_delta(src, name: str, rows, b32):
-    """Call a delta source with the engine's extensions (``rows=``, ``base=``) when it takes them;
-    a source that implements only the contract's ``get_delta(name)`` is sliced here instead."""
-    takes = getattr(src, "_engine_kwargs", None)
-    if takes is None:
-        import inspect
+class _FreedMemory:
+    """Gives memory the allocator keeps but no tensor uses back to the system, past a limit.
 
-        try:
-            params = inspect.signature(src.get_delta).parameters
-            takes = ("rows" in params and "base" in params) or any(p.kind is p.VAR_KEYWORD for p in params.values())
-        except (TypeError, ValueError):
-            takes = False
-        try:
-            src._engine_kwargs = takes
-        except AttributeError:
-            pass
-    if takes:
-        return src.get_delta(name, rows=rows, base=b32)
-    d = src.get_delta(name)
-    if d is not None:
-        d = d.float()
-        if rows is not None:
-            d = d[rows[0] : rows[1]]
-    return d
+    Freed blocks stay with glibc's allocator (``_tune_malloc`` wants that, to spare page faults),
+    and with several threads allocating, free space scattered over its arenas can exceed what is
+    in use: after a large tensor it would be resident for the rest of the merge. ``settle`` (after
+    each written item) trims it when more than ``limit`` resident bytes lie free: the resident
+    set, less what was resident outside the allocator at the start, less the bytes in use.
+    """
 
-
-def _names_of(src) -> set[str]:
-    cached = getattr(src, "_engine_names", None)
-    if cached is None:
-        cached = set(src.names())
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._libc = None
         try:
-            src._engine_names = cached
-        except AttributeError:
-            pass
-    return cached
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+
+            class _Mallinfo2(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+            libc.mallinfo2.restype = _Mallinfo2
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            self._libc = libc
+            self._outside = self._resident() - self._in_use()
+        except (OSError, AttributeError, ValueError):  # not glibc 2.33+ on Linux: nothing to trim
+            self._libc = None
+
+    @staticmethod
+    def _resident() -> int:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _in_use(self) -> int:
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def settle(self) -> None:
+        if self._libc is not None and self._resident() - self._outside - self._in_use() > self.limit:
+            self._libc.malloc_trim(0)
 
 
 def _to(t, device: str, dtype):
@@ -813,58 +852,27 @@ def _feed_base(open_: dict[str, Any], done: dict[str, str], info: TensorInfo, ra
         done[info.name] = open_.pop(info.name).hexdigest()
 
 
-def _compute(strategy, item: _Item, payload, spec: MergeSpec, device: str, config: dict[str, Any], out_torch: dict[str, Any]) -> list[Any]:
-    import torch
-
-    from fedmerge.merging.strategies import TensorContext
-
-    bases, deltas = payload
-    contexts = [TensorContext(name=nm, model_params=strategy.model_params, seed=spec.seed, device=device, config=config) for nm in item.names]
-    with torch.no_grad():
-        if len(item.names) == 1:
-            merged = [strategy.merge_tensor(contexts[0], bases[0], deltas[0])]
-        else:
-            merged = list(strategy.merge_group(contexts, bases, deltas))
-    outs = []
-    for nm, m in zip(item.names, merged):
-        if spec.check_finite and not _all_finite(m):
-            raise NonFiniteTensor(f"merge result for tensor {nm!r} holds NaN or infinite values (method {strategy.name}); check its parameters")
-        outs.append(m.to(out_torch[nm]).cpu() if m.device.type != "cpu" else m.to(out_torch[nm]))
-    return outs
-
-
-def _metadata(spec: MergeSpec, method: str, cls, base: CheckpointReader, sources: Sequence[Any], base_done: dict[str, str], extra: dict[str, Any] | None) -> dict[str, Any]:
+def _metadata(spec: MergeSpec, method: str, cls, base: CheckpointReader, sources: Sequence[DeltaSource], base_done: dict[str, str], extra: dict[str, Any] | None) -> dict[str, Any]:
     from fedmerge import __version__ as version
 
     base_fp = None
     if spec.fingerprints and all(nm in base_done for nm in base.names()):
         base_fp = combine_digests((nm, base.info(nm).dtype, base.info(nm).shape, base_done[nm]) for nm in base.names())
-    inputs = []
-    for s in sources:
-        if hasattr(s, "describe"):
-            inputs.append(s.describe())
-        else:
-            inputs.append({"label": s.label, "kind": type(s).__name__})
     meta = {
         "fedmerge_version": version,
         "method": method,
-        "paper": getattr(cls, "paper", "") or None,
+        "paper": (cls.paper if cls is not None else "") or None,
         "parameters": spec.parameters,
         "model_parameters": spec.model_parameters,
         "seed": spec.seed,
         "dtype": spec.dtype,
         "out_dtype": spec.out_dtype,
         "base": {"path": str(base.folder), "fingerprint": base_fp},
-        "inputs": inputs,
+        "inputs": [s.describe() for s in sources],
     }
     if extra:
         meta.update(extra)
     return meta
-
-
-def iter_groups(strategy, names: Sequence[str], config: dict[str, Any]) -> Iterator[tuple[str, ...]]:
-    """The groups the engine will visit, in order (for tools that want to mirror its plan)."""
-    yield from (tuple(g) for g in strategy.groups(names, config))
 
 
 __all__ = [

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.checkpoints import CheckpointError, CheckpointReader, IncompatibleCheckpoint, TensorInfo
+from fedmerge.checkpoints.delta import subtract_reference
+from fedmerge.merging.source import DeltaSource
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -64,10 +66,11 @@ class _Module:
     embedding: bool
 
 
-class LoraDelta:
+class LoraDelta(DeltaSource):
     """Delta source over a PEFT LoRA adapter, materializing one module's delta at a time."""
 
     kind = "lora"
+    complete = False
 
     def __init__(self, adapter_folder: str | os.PathLike[str], base_reader: CheckpointReader, label: str | None = None):
         self.folder = Path(adapter_folder)
@@ -189,10 +192,9 @@ class LoraDelta:
             key = self._full.get(name)
             if key is None:
                 return None
-            full = self.weights.get(key, rows=rows).float()
             if base is None:
                 base = self.base.get(name, rows=rows)
-            return full.sub_(base)
+            return subtract_reference(self.weights.get(key, rows=rows), base)
         full_key = self._full.get(name)
         a = self.weights.get(m.a_key).float()
         b = self.weights.get(m.b_key).float()

@@ -1,18 +1,18 @@
 """Task vectors: what each input contributes to a merge, one tensor at a time.
 
-A *delta source* is anything with ``label``, ``names()``, ``info(name)`` and
-``get_delta(name) -> float32 CPU tensor | None`` (``None`` means a zero delta for that tensor).
-Strategies only ever see deltas, so a full fine-tune, a LoRA adapter and a delta spooled by the
-coordinator are interchangeable inputs:
+Every input is a *delta source* (``fedmerge.merging.source.DeltaSource``, re-exported here): a
+``label``, ``names()``, ``info(name)`` and ``get_delta(name, *, rows=None, base=None) -> float32
+CPU tensor | None`` (``None`` means a zero delta for that tensor), plus what the engine needs to
+check and describe it. Strategies only ever see deltas, so a full fine-tune, a LoRA adapter and a
+delta spooled by the coordinator are interchangeable inputs:
 
 - ``TaskVector(model, base)``: a full model folder minus the base, computed lazily per tensor.
 - ``DeltaCheckpoint(folder)``: a folder of safetensors whose tensors *are* deltas.
 - ``LoraDelta(adapter, base)``: a PEFT LoRA adapter, each adapted module's B @ A x scaling
   (see ``fedmerge.merging.lora``).
 
-All three accept ``rows=(a, b)`` to produce a slice of rows of a tensor's delta, and ``base=``
-(the base tensor, already read, in float32) so the engine reads the base only once however many
-inputs there are. Both are extensions the engine uses; callers may ignore them.
+``rows=(a, b)`` produces a slice of rows of a tensor's delta and ``base=`` (the base tensor,
+already read, in float32) lets the engine read the base only once however many inputs there are.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Sequence
 
 from fedmerge.checkpoints import (
     METADATA_NAME,
@@ -35,26 +35,17 @@ from fedmerge.checkpoints import (
 )
 from fedmerge.checkpoints.delta import subtract_reference
 from fedmerge.merging.lora import LoraDelta, is_lora_adapter  # noqa: F401  (re-exported: contract name)
+from fedmerge.merging.source import DeltaSource, DeltaTensors, NotADeltaSource, require_delta_source  # noqa: F401  (re-exported: contract names)
 
 DELTA_KIND = "delta"
-
-
-@runtime_checkable
-class DeltaSource(Protocol):
-    label: str
-
-    def names(self) -> list[str]: ...
-
-    def info(self, name: str) -> TensorInfo: ...
-
-    def get_delta(self, name: str, *, rows: tuple[int, int] | None = None, base=None): ...
 
 
 class _DigestRecorder:
     """Per-tensor SHA-256 of the raw bytes a source reads, fed chunk by chunk in row order.
 
     Gives the same fingerprint as ``model_fingerprint`` without a second pass over the files.
-    Chunks of one tensor must arrive in order; the engine guarantees that.
+    Chunks of one tensor must arrive in order; the engine guarantees that. A tensor read again
+    (the engine makes several passes over a large tensor of a whole-tensor method) is hashed once.
     """
 
     def __init__(self) -> None:
@@ -63,7 +54,7 @@ class _DigestRecorder:
         self.done: dict[str, tuple[str, tuple[int, ...], str]] = {}
 
     def feed(self, info: TensorInfo, raw, rows: tuple[int, int] | None) -> None:
-        if not self.enabled:
+        if not self.enabled or info.name in self.done:
             return
         h = self._open.get(info.name)
         if h is None:
@@ -84,10 +75,11 @@ def _as_reader(x: CheckpointReader | str | os.PathLike[str]) -> CheckpointReader
     return x if isinstance(x, CheckpointReader) else CheckpointReader(x)
 
 
-class TaskVector:
+class TaskVector(DeltaSource):
     """delta = model - base, per tensor, in float32 (the model's own dtype is only the storage)."""
 
     kind = "model"
+    complete = True
 
     def __init__(self, model_reader: CheckpointReader | str | os.PathLike[str], base_reader: CheckpointReader | str | os.PathLike[str], label: str | None = None):
         self.model = _as_reader(model_reader)
@@ -116,6 +108,12 @@ class TaskVector:
             base = self.base.get(name, rows=rows)
         return subtract_reference(raw, base)  # the reader hands out fresh tensors: raw may be reused
 
+    def weight(self, name: str, reference):
+        return self.model.get(name).float()
+
+    def record_digests(self, enabled: bool) -> None:
+        self.digests.enabled = enabled
+
     def fingerprint(self) -> str | None:
         return self.digests.fingerprint(self.names())
 
@@ -123,7 +121,7 @@ class TaskVector:
         return {"label": self.label, "kind": self.kind, "path": str(self.folder), "fingerprint": self.fingerprint()}
 
 
-class DeltaCheckpoint:
+class DeltaCheckpoint(DeltaSource):
     """A folder of safetensors whose tensors are deltas (model - reference), named as the model's.
 
     Tensors the folder does not hold are zero deltas. This is the form in which the coordinator
@@ -131,6 +129,7 @@ class DeltaCheckpoint:
     """
 
     kind = DELTA_KIND
+    complete = False
 
     def __init__(self, folder: str | os.PathLike[str], label: str | None = None):
         self.reader = CheckpointReader(folder)
@@ -159,6 +158,9 @@ class DeltaCheckpoint:
         raw = self.reader.get(name, rows=rows)
         self.digests.feed(self.reader.info(name), raw, rows)
         return raw.float() if raw.dtype != _f32() else raw
+
+    def record_digests(self, enabled: bool) -> None:
+        self.digests.enabled = enabled
 
     def fingerprint(self) -> str | None:
         return self.digests.fingerprint(self.names())
@@ -210,7 +212,7 @@ def open_delta_source(path: str | os.PathLike[str], base: CheckpointReader | str
 
 
 def write_delta_checkpoint(
-    source: DeltaSource,
+    source: DeltaTensors,
     out_dir: str | os.PathLike[str],
     dtype: str = "float32",
     metadata: dict[str, Any] | None = None,
@@ -225,7 +227,7 @@ def write_delta_checkpoint(
     """
     import torch
 
-    meta = {"kind": DELTA_KIND, "label": getattr(source, "label", None), **(metadata or {})}
+    meta = {"kind": DELTA_KIND, "label": source.label, **(metadata or {})}
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
         for name in source.names():
             d = source.get_delta(name)

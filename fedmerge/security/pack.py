@@ -165,13 +165,13 @@ def _source_blocks(source: Any, name: str, out_dtype, target_bytes: int) -> Iter
 
 
 def _as_source(model: Any, reference: Any) -> Any:
-    from fedmerge.merging.taskvector import DeltaSource
+    from fedmerge.merging.taskvector import DeltaTensors
 
     if isinstance(model, (str, os.PathLike)):
         if reference is None:
             raise PackageError("a model folder needs a reference folder (base or current global model) to compute the delta")
         return FolderPairDelta(model, reference)
-    if not isinstance(model, DeltaSource):
+    if not isinstance(model, DeltaTensors):
         raise PackageError(f"{type(model).__name__} is neither a model folder nor a delta source (label, names(), info(name), get_delta(name, *, rows=None, base=None))")
     return model
 

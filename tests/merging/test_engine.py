@@ -13,6 +13,7 @@ from engine_helpers import tensors, tiny_set
 from fedmerge.checkpoints import CheckpointReader, IncompatibleCheckpoint
 from fedmerge.merging.engine import MergeSpec, MissingBase, NonFiniteTensor, merge
 from fedmerge.merging.strategies import StrategyError, TensorContext, available, build_strategy
+from fedmerge.merging.source import DeltaSource
 from fedmerge.merging.taskvector import TaskVector, write_delta_checkpoint
 
 
@@ -204,12 +205,17 @@ def test_preflight_refuses_incompatible_inputs_before_writing(tiny, tmp_path):
     assert list(tmp_path.glob(".out*")) == []
 
 
-class _ContractOnlySource:
-    """A delta source with only the contract's four members (no rows=/base= extensions)."""
+class _ThirdPartySource(DeltaSource):
+    """A delta source written outside fedmerge: the contract's members, the defaults inherited."""
+
+    kind = "custom"
+    complete = False
+    config: dict = {}
 
     def __init__(self, model, base):
         self._tv = TaskVector(model, base)
         self.label = "plain"
+        self.folder = None
 
     def names(self):
         return self._tv.names()
@@ -217,16 +223,21 @@ class _ContractOnlySource:
     def info(self, name):
         return self._tv.info(name)
 
-    def get_delta(self, name):
-        return self._tv.get_delta(name)
+    def file_of(self, name):
+        return self._tv.file_of(name)
+
+    def get_delta(self, name, *, rows=None, base=None):
+        return self._tv.get_delta(name, rows=rows, base=base)
 
 
-def test_contract_only_delta_source_is_sliced_by_the_engine(tiny, tmp_path):
+def test_a_delta_source_from_elsewhere_merges_like_a_built_in_one(tiny, tmp_path):
     base, fts = tiny
     spec = MergeSpec(method="task_arithmetic", device="cpu", chunk_elements=1024)
     merge(base, fts[:2], tmp_path / "a", spec, progress=False)
-    merge(base, [fts[0], _ContractOnlySource(fts[1], base)], tmp_path / "b", spec, progress=False)
+    merge(base, [fts[0], _ThirdPartySource(fts[1], base)], tmp_path / "b", spec, progress=False)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "fedmerge.json").read_text())
+    assert meta["inputs"][1] == {"label": "plain", "kind": "custom", "path": None, "fingerprint": None}
 
 
 def test_merge_layout_per_tensor_parameters_and_scaled_copies(tiny, tmp_path):

@@ -13,6 +13,14 @@ one attention block) overrides ``groups`` and ``merge_group``; all others implem
 everything it needs (tensor names, the base model's config) is in them, so it never depends on an
 earlier ``groups`` call on the same object.
 
+A method that needs a statistic over a whole tensor (a magnitude rank, a norm, a cosine, a Gram
+matrix) may also offer ``streamed``: the same merge as a ``StreamedTensor``, fed fixed chunks of
+the tensor's flattened elements, first in the statistics passes it asks for, then once more to
+produce the output chunk by chunk. The engine uses it for tensors too large to hold whole
+(re-reading the inputs for every pass), so memory follows the chunk, not the tensor; such a
+method's ``merge_tensor`` runs the same object over the tensor in memory
+(``merge_in_memory``), so both paths give the same bytes by construction.
+
 The registry that names strategies lives in ``registry``; methods are registered with
 ``registry.register`` or, from another package, through the ``fedmerge.strategies`` entry-point
 group.
@@ -21,8 +29,10 @@ group.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -46,6 +56,38 @@ class ModelParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class Workspace:
+    """Scratch buffers handed from one tensor's merge to the next (the engine keeps one per merge).
+
+    A whole-tensor method needs several chunk-sized temporaries per tensor; taking them from
+    here instead of allocating them anew keeps the allocator from scattering freed blocks over
+    its heap (memory that stays resident, unused, for the rest of the merge). Buffers come in
+    power-of-two sizes; ``take`` may return a larger one than asked (slice it), ``give`` returns
+    them. What it holds is at most what was in use at once.
+    """
+
+    SMALLEST = 1 << 16
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, dtype, device):
+        import torch
+
+        size = max(self.SMALLEST, 1 << max(0, numel - 1).bit_length())
+        with self._lock:
+            pool = self._free.get((size, dtype, str(device)))
+            if pool:
+                return pool.pop()
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def give(self, buffers: Sequence[Any]) -> None:
+        with self._lock:
+            for b in buffers:
+                self._free[(b.numel(), b.dtype, str(b.device))].append(b)
+
+
 @dataclass
 class TensorContext:
     """Everything a strategy may know about the tensor it is merging."""
@@ -55,6 +97,17 @@ class TensorContext:
     seed: int
     device: str = "cpu"
     config: dict[str, Any] = field(default_factory=dict)  # the base model's config.json
+    workspace: Workspace | None = None  # where to take scratch buffers from (None: allocate)
+
+    def scratch(self, numel: int, dtype, device=None):
+        """A scratch buffer of ``numel`` elements, from the workspace when there is one; a strategy
+        gives workspace buffers back (``Workspace.give``) when its tensor is done."""
+        import torch
+
+        device = self.device if device is None else device
+        if self.workspace is None:
+            return torch.empty(numel, dtype=dtype, device=device)
+        return self.workspace.take(numel, dtype, device)[:numel]
 
     def generator(self, salt: str = ""):
         """A torch generator seeded from (merge seed, tensor name, salt): reproducible per tensor,
@@ -69,6 +122,73 @@ class TensorContext:
 def tensor_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class TensorPass(Protocol):
+    """One statistics pass of a ``StreamedTensor``: sees every chunk, in order."""
+
+    def observe(self, start: int, end: int, base, deltas: Sequence[Any]) -> None: ...
+
+
+class FunctionPass:
+    """A statistics pass that calls one function on every chunk."""
+
+    def __init__(self, fn: Callable[[int, int, Any, Sequence[Any]], Any]):
+        self.fn = fn
+
+    def observe(self, start: int, end: int, base, deltas: Sequence[Any]) -> None:
+        self.fn(start, end, base, deltas)
+
+
+class StreamedTensor:
+    """One tensor merged in passes over fixed chunks of its flattened elements.
+
+    ``chunks``: the (start, end) element ranges, consecutive, covering the tensor; they are part
+    of the method's definition where it draws random numbers or accumulates statistics chunk by
+    chunk, so every caller feeds these exact chunks. ``passes()`` yields the statistics passes in
+    order; the caller feeds each one every chunk (``observe``) before asking for the next. Then
+    ``merge`` is called once per chunk, in order, and returns the merged flat chunk (written into
+    ``out`` when given). Chunks hold the base and one delta per model (``None``: a zero delta
+    in memory; the engine always passes tensors), flat, in the compute dtype, on the device.
+    """
+
+    chunks: Sequence[tuple[int, int]] = ()
+
+    def passes(self) -> Iterator[TensorPass]:
+        return iter(())
+
+    def merge(self, start: int, end: int, base, deltas: Sequence[Any], out=None):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Called once the last chunk is merged: give back scratch space (a no-op by default)."""
+
+
+def flat_chunks(numel: int, size: int, row: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive ranges of ``size`` elements covering ``numel`` (rounded down to whole rows of
+    ``row`` elements, at least one row, when ``row`` is given)."""
+    if row:
+        size = max(1, size // row) * row
+    size = max(1, min(size, numel))
+    return [(s, min(numel, s + size)) for s in range(0, numel, size)]
+
+
+def merge_in_memory(st: StreamedTensor, base, deltas: Sequence[Any]):
+    """Run a ``StreamedTensor`` over whole tensors held in memory; returns the merged tensor."""
+    import torch
+
+    flat_b = base.reshape(-1)
+    flat_d = [None if d is None else d.reshape(-1) for d in deltas]
+    for p in st.passes():
+        for s, e in st.chunks:
+            p.observe(s, e, flat_b[s:e], [None if d is None else d[s:e] for d in flat_d])
+    out = torch.empty_like(flat_b)
+    try:
+        for s, e in st.chunks:
+            st.merge(s, e, flat_b[s:e], [None if d is None else d[s:e] for d in flat_d], out=out[s:e])
+    finally:
+        st.close()
+    return out.view(base.shape)
 
 
 class Strategy:
@@ -108,3 +228,15 @@ class Strategy:
 
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence[Any]):
         raise NotImplementedError
+
+    # -- tensors merged in passes over chunks ----------------------------------------------------------
+    def streams(self, name: str, shape: Sequence[int]) -> bool:
+        """Whether ``streamed`` can merge this tensor (alone, not as part of a larger group)."""
+        return False
+
+    def streamed(self, ctx: TensorContext, shape: Sequence[int], dtype, present: Sequence[bool]) -> StreamedTensor:
+        """This method's merge of one tensor as a ``StreamedTensor`` (only where ``streams``).
+
+        ``dtype``: the compute dtype of the chunks; ``present[m]``: model m has a delta (the
+        engine passes zeros for models that leave the tensor unchanged, so all are present)."""
+        raise StrategyError(f"{self.name} cannot merge tensor {ctx.name!r} in chunks")

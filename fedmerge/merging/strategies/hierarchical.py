@@ -9,8 +9,22 @@ from typing import Any, Literal, Sequence
 from pydantic import Field, model_validator
 
 from fedmerge.merging import align
-from fedmerge.merging.strategies.base import ModelParams, Strategy, StrategyError, StrategyParams, TensorContext
+from fedmerge.merging.strategies.base import (
+    FunctionPass,
+    ModelParams,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StreamedTensor,
+    TensorContext,
+    flat_chunks,
+    merge_in_memory,
+)
 from fedmerge.merging.strategies.registry import register
+
+# Elements per chunk of a tensor merged on its own: its dot products are summed chunk by chunk
+# (part of the definition); a tensor of one chunk gets the whole-tensor figures.
+CHUNK = 1 << 22
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +146,13 @@ class Hierarchical(Strategy):
 
     # -- merging -------------------------------------------------------------------------------------
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
-        if self.params.mode == "symmetric":
-            return _symmetric(base, deltas, deltas, self._shares())
-        import torch
+        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas)
 
-        r = self.params.reference
-        shares = self._shares()
-        d_ref = deltas[r]
-        if d_ref is None:
-            return base.clone()  # cos with a zero delta is 0: every w is 0, theta = p_r = base
-        others = [m for m, d in enumerate(deltas) if m != r and d is not None and shares[m] > 0.0]
-        ref_sq = _dot(d_ref, d_ref)
-        coeffs = {}
-        for m in others:
-            w = _positive_cosine(_dot(d_ref, deltas[m]), ref_sq, _dot(deltas[m], deltas[m]))
-            if w > 0.0:
-                coeffs[m] = shares[m] * w
-        # theta = p_r + sum c_m w_m (p_m - p_r) = base + (1 - sum c_m w_m) delta_r + sum c_m w_m delta_m
-        out = torch.add(base, d_ref, alpha=1.0 - sum(coeffs.values()))
-        for m, c in coeffs.items():
-            out.add_(deltas[m], alpha=c)
-        return out
+    def streams(self, name: str, shape) -> bool:
+        return True  # the engine asks only for tensors merged on their own (not an attention block)
+
+    def streamed(self, ctx: TensorContext, shape, dtype, present) -> StreamedTensor:
+        return _LerpTensor(self.params.mode, self.params.reference, self._shares(), shape, present)
 
     def merge_group(self, contexts: Sequence[TensorContext], bases: Sequence[Any], deltas: Sequence[Sequence[Any]]) -> list[Any]:
         names = tuple(ctx.name for ctx in contexts)
@@ -234,25 +234,99 @@ class Hierarchical(Strategy):
         return out
 
 
-def _symmetric(base, deltas: Sequence, compared: Sequence, shares: Sequence[float]):
-    """base + sum_m a_m delta_m, a_m = (c_m / n_m) / sum_k (c_k / n_k), n_m = sum_k c_k w_mk,
-    w_mk = max(0, cos(compared_m, compared_k)), w_mm = 1."""
-    live = [m for m, d in enumerate(deltas) if d is not None and shares[m] > 0.0]
-    sq = {m: _dot(compared[m], compared[m]) if compared[m] is not None else 0.0 for m in live}
+class _LerpTensor(StreamedTensor):
+    """One tensor merged on its own (no head alignment): a pass for the dot products between the
+    deltas, then the combination, chunk by chunk. Mode reference: the reference's dot products with
+    every model; mode symmetric: every pair."""
+
+    def __init__(self, mode: str, reference: int, shares: Sequence[float], shape, present: Sequence[bool]):
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        self.mode, self.r, self.shares, self.present = mode, reference, list(shares), list(present)
+        self.chunks = flat_chunks(numel, CHUNK) if numel else [(0, 0)]
+        self.coeffs: dict[int, float] = {}  # theta = base + sum_m coeffs[m] delta_m
+
+    def _pairs(self) -> list[tuple[int, int]]:
+        if self.mode == "symmetric":
+            live = [m for m, has in enumerate(self.present) if has and self.shares[m] > 0.0]
+            return [(a, b) for i, a in enumerate(live) for b in live[i:]]
+        if not self.present[self.r]:
+            return []
+        others = [m for m, has in enumerate(self.present) if m != self.r and has and self.shares[m] > 0.0]
+        return [(self.r, self.r)] + [p for m in others for p in ((self.r, m), (m, m))]
+
+    def passes(self):
+        import torch
+
+        dots: dict[tuple[int, int], float] = {p: 0.0 for p in self._pairs()}
+
+        def observe(start, end, base, deltas):
+            for a, b in dots:
+                dots[a, b] += float(torch.dot(deltas[a], deltas[b]))
+
+        if dots:
+            yield FunctionPass(observe)
+        if self.mode == "symmetric":
+            live = [m for m, has in enumerate(self.present) if has and self.shares[m] > 0.0]
+            votes = _symmetric_votes(live, self.shares, lambda a, b: dots[min(a, b), max(a, b)])
+            self.coeffs = votes
+        elif self.present[self.r]:
+            coeffs = {}
+            for (a, m) in dots:
+                if a == self.r and m != self.r:
+                    w = _positive_cosine(dots[self.r, m], dots[self.r, self.r], dots[m, m])
+                    if w > 0.0:
+                        coeffs[m] = self.shares[m] * w
+            # theta = p_r + sum c_m w_m (p_m - p_r) = base + (1 - sum c_m w_m) delta_r + sum c_m w_m delta_m
+            self.coeffs = {self.r: 1.0 - sum(coeffs.values()), **coeffs}
+
+    def merge(self, start, end, base, deltas, out=None):
+        import torch
+
+        items = list(self.coeffs.items())
+        if not items:
+            merged = base.clone()
+        else:
+            m0, c0 = items[0]
+            merged = torch.add(base, deltas[m0], alpha=c0)
+            for m, c in items[1:]:
+                merged.add_(deltas[m], alpha=c)
+        if out is None:
+            return merged
+        out.copy_(merged)
+        return out
+
+
+def _symmetric_votes(live: Sequence[int], shares: Sequence[float], dot) -> dict[int, float]:
+    """a_m = (c_m / n_m) / sum_k (c_k / n_k), n_m = sum_k c_k w_mk, w_mk = max(0, cos), w_mm = 1,
+    from ``dot(a, b)`` of the compared deltas."""
+    sq = {m: dot(m, m) for m in live}
     agree = {m: shares[m] for m in live}  # the model agrees with itself
     for a_i, a in enumerate(live):
         for b in live[a_i + 1 :]:
-            if compared[a] is None or compared[b] is None:
-                continue
-            w = _positive_cosine(_dot(compared[a], compared[b]), sq[a], sq[b])
+            w = _positive_cosine(dot(a, b), sq[a], sq[b])
             if w > 0.0:
                 agree[a] += shares[b] * w
                 agree[b] += shares[a] * w
     votes = {m: shares[m] / agree[m] for m in live}
     total = sum(votes.values())
+    return {m: votes[m] / total for m in live}
+
+
+def _symmetric(base, deltas: Sequence, compared: Sequence, shares: Sequence[float]):
+    """base + sum_m a_m delta_m (see ``_symmetric_votes``), the compared deltas held whole."""
+    live = [m for m, d in enumerate(deltas) if d is not None and shares[m] > 0.0]
+
+    def dot(a: int, b: int) -> float:
+        if compared[a] is None or compared[b] is None:
+            return 0.0
+        return _dot(compared[a], compared[b])
+
+    votes = _symmetric_votes(live, shares, dot)
     out = base.clone()
     for m in live:
-        out.add_(deltas[m], alpha=votes[m] / total)
+        out.add_(deltas[m], alpha=votes[m])
     return out
 
 

@@ -6,8 +6,22 @@ from typing import Literal, Sequence
 
 from pydantic import Field
 
-from fedmerge.merging.strategies.base import ModelParams, Strategy, StrategyError, StrategyParams, TensorContext
+from fedmerge.merging.strategies.base import (
+    FunctionPass,
+    ModelParams,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StreamedTensor,
+    TensorContext,
+    flat_chunks,
+    merge_in_memory,
+)
 from fedmerge.merging.strategies.registry import register
+
+# Elements per chunk (whole rows with filter_wise): the norms and dot products are summed chunk by
+# chunk, so this is part of the definition; a tensor of one chunk gets the whole-tensor figures.
+CHUNK = 1 << 22
 
 
 class ModelStockParams(StrategyParams):
@@ -45,24 +59,89 @@ class ModelStock(Strategy):
     min_models = 2
 
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
-        import torch
-
         n = len(deltas)
         if n < 2:
             raise StrategyError(f"model_stock needs at least 2 task vectors for {ctx.name}, got {n}")
-        ds = [torch.zeros_like(base) if d is None else d for d in deltas]
-        rows = base.shape[0] if (self.params.filter_wise and base.dim() >= 2 and base.shape[0] > 0) else 1
-        flat = [d.reshape(rows, -1).float() for d in ds]
-        norms = [torch.linalg.vector_norm(f, dim=1) for f in flat]
-        cos = torch.zeros(rows, dtype=torch.float32, device=base.device)
-        for i in range(n):
-            for j in range(i + 1, n):
-                dot = torch.einsum("rk,rk->r", flat[i], flat[j])
-                denom = norms[i] * norms[j]
-                cos += torch.where(denom > 0, dot / denom.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(dot))
+        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas)
+
+    def streams(self, name: str, shape) -> bool:
+        return True
+
+    def streamed(self, ctx: TensorContext, shape, dtype, present) -> StreamedTensor:
+        return _ModelStockTensor(self.params, shape, len(present))
+
+
+class _ModelStockTensor(StreamedTensor):
+    """Model Stock on one tensor: a pass for the norms and pairwise dot products, then the merge.
+
+    ``rows`` ratios (one per row with filter_wise, else one): each chunk holds whole rows, so a
+    row's figures come from one chunk; a per-tensor figure is summed over the chunks."""
+
+    def __init__(self, params: ModelStockParams, shape, n_models: int):
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        self.params, self.n = params, n_models
+        self.rows = int(shape[0]) if (params.filter_wise and len(shape) >= 2 and shape[0] > 0) else 1
+        self.row_len = numel // self.rows if self.rows else numel
+        self.chunks = flat_chunks(numel, CHUNK, self.row_len if self.rows > 1 else None) if numel else [(0, 0)]
+        self.ratio = None
+
+    def _views(self, start: int, end: int, base, deltas):
+        import torch
+
+        r = (end - start) // self.row_len if self.rows > 1 else 1
+        return [(torch.zeros_like(base) if d is None else d).reshape(r, -1).float() for d in deltas]
+
+    def passes(self):
+        import torch
+
+        norms: list[list] = [[] for _ in range(self.n)]
+        dots: dict[tuple[int, int], list] = {(i, j): [] for i in range(self.n) for j in range(i + 1, self.n)}
+
+        def observe(start, end, base, deltas):
+            flat = self._views(start, end, base, deltas)
+            for i in range(self.n):
+                norms[i].append(torch.linalg.vector_norm(flat[i], dim=1))
+            for (i, j), acc in dots.items():
+                acc.append(torch.einsum("rk,rk->r", flat[i], flat[j]))
+
+        yield FunctionPass(observe)
+        self.ratio = self._ratio([_combine_norm(parts, self.rows > 1) for parts in norms], {k: _combine_sum(v, self.rows > 1) for k, v in dots.items()})
+
+    def _ratio(self, norms, dots):
+        import torch
+
+        n = self.n
+        cos = torch.zeros(self.rows, dtype=torch.float32, device=norms[0].device)
+        for (i, j), dot in dots.items():
+            denom = norms[i] * norms[j]
+            cos += torch.where(denom > 0, dot / denom.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(dot))
         cos = (cos / (n * (n - 1) / 2)).clamp_(0.0 if self.params.negative_cosine == "zero" else -1.0, 1.0)
         denom = 1.0 + (n - 1) * cos
-        ratio = torch.where(denom > 1e-6, n * cos / denom.clamp(min=1e-6), torch.zeros_like(cos))
-        avg = sum(flat) / n
-        out = base.reshape(rows, -1).float() + ratio[:, None] * avg
-        return out.reshape(base.shape).to(base.dtype)
+        return torch.where(denom > 1e-6, n * cos / denom.clamp(min=1e-6), torch.zeros_like(cos))
+
+    def merge(self, start, end, base, deltas, out=None):
+        flat = self._views(start, end, base, deltas)
+        ratio = self.ratio[start // self.row_len : end // self.row_len] if self.rows > 1 else self.ratio
+        avg = sum(flat) / self.n
+        merged = (base.reshape(len(ratio) if self.rows > 1 else 1, -1).float() + ratio[:, None] * avg).reshape(-1).to(base.dtype)
+        if out is None:
+            return merged
+        out.copy_(merged)
+        return out
+
+
+def _combine_sum(parts: list, by_row: bool):
+    """Per-chunk figures into the tensor's: rows are in one chunk each; one figure is summed."""
+    import torch
+
+    return torch.cat(parts) if by_row else (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
+
+
+def _combine_norm(parts: list, by_row: bool):
+    import torch
+
+    if by_row or len(parts) == 1:
+        return torch.cat(parts)
+    return torch.stack(parts).square().sum(0).sqrt()

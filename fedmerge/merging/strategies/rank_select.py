@@ -5,6 +5,8 @@ ascending rank by magnitude lies in a band. Sorting a large tensor is slow and i
 as large as the tensor, so this module finds the band exactly without a sort, streaming the tensor
 in fixed-size chunks:
 
+- ``RankSearch``: the search below as passes over a tensor fed in chunks, so a tensor too large
+  to hold (read again from disk for every pass) is ranked as exactly as one in memory;
 - ``rank_boundaries``: a seeded random sample brackets each wanted rank between two magnitudes;
   one pass counts the elements above the bracket and collects the few inside it, where the rank is
   read off exactly (with quantized bf16 deltas a bracket usually holds a single value and counting
@@ -64,6 +66,186 @@ def abs_into(x, buf):
     return out
 
 
+class RankSearch:
+    """The exact magnitudes at given ascending ranks of |x|, for x fed in chunks, in passes.
+
+    The chunks must be the same consecutive ranges in every pass (``Boundary.equal_per_chunk``
+    counts per chunk). Phases, one pass each: ``sample`` (the seeded sample that brackets each
+    rank), ``count`` (elements above each bracket, the candidates inside it), and only when a
+    bracket misses, ``radix_top`` and ``radix_low`` (the two radix histograms). A tensor of at
+    most ``sample`` elements is gathered whole in one ``exact`` pass and sorted. ``observe`` each
+    chunk of a pass, then ``end_pass``; ``result`` is set once ``done``.
+    """
+
+    def __init__(self, n: int, ranks: Sequence[int], device, sample: int = SAMPLE, radix: bool = False):
+        self.n, self.ranks, self.device, self.sample = n, list(ranks), device, sample
+        self.result: list[Boundary] | None = None
+        self._parts: list = []
+        if not self.ranks:
+            self.phase = "done"
+            self.result = []
+        elif radix:
+            self.phase = "radix_top"
+        else:
+            self.phase = "exact" if n <= sample else "sample"
+        if self.phase == "sample":
+            import torch
+
+            gen = torch.Generator(device=device).manual_seed(n)
+            idx = torch.randint(n, (sample,), generator=gen, device=device)
+            self._picks = idx.sort().values  # gathered chunk by chunk: the same multiset as flat[idx]
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    def observe(self, start: int, end: int, x, fbuf, ibuf) -> None:
+        """Feed the chunk of elements [start, end); ``fbuf`` (float32) and ``ibuf`` (int32) are
+        scratch space of at least ``end - start`` elements."""
+        import torch
+
+        if self.phase == "exact":
+            self._parts.append(x.abs().float())
+            self._chunk_sizes.append(end - start)
+        elif self.phase == "sample":
+            lo, hi = (int(v) for v in torch.searchsorted(self._picks, torch.tensor([start, end], device=self._picks.device)))
+            self._parts.append(x[self._picks[lo:hi] - start])
+        elif self.phase == "count":
+            a = abs_into(x, fbuf)
+            flag = ibuf.view(torch.float32)[: end - start]  # comparisons into float 0/1 are far cheaper than into bool
+            for j, (lo, hi) in enumerate(self._brackets):
+                torch.gt(a, hi, out=flag)
+                self._above[j] += int(flag.sum())  # exact: 0/1 partial sums stay below 2**24
+                if lo == hi:
+                    torch.eq(a, lo, out=flag)
+                    self._cands[j].append(int(flag.sum()))
+                else:
+                    self._cands[j].append(a[(a >= lo) & (a <= hi)])
+        elif self.phase == "radix_top":
+            a = abs_into(x, fbuf)
+            top = ibuf[: end - start]
+            torch.bitwise_right_shift(a.view(torch.int32), 16, out=top)
+            self._hist1 += torch.bincount(top, minlength=_TOP_BUCKETS)[:_TOP_BUCKETS]
+        elif self.phase == "radix_low":
+            a = abs_into(x, fbuf)
+            key = ibuf[: end - start]
+            for b, hists in self._per_chunk.items():
+                # Elements of bucket b map to 1..65536, the others to the two sentinels 0 and 65537.
+                torch.sub(a.view(torch.int32), b << 16, out=key)
+                key.clamp_(-1, _LOW_BUCKETS).add_(1)
+                hists.append(torch.bincount(key, minlength=_LOW_BUCKETS + 2)[1 : _LOW_BUCKETS + 1])
+
+    def begin_pass(self) -> None:
+        """Called before the first chunk of each pass (sets up the phase's accumulators)."""
+        import torch
+
+        self._chunk_sizes: list[int] = []
+        if self.phase == "count":
+            self._above = [0] * len(self.ranks)
+            self._cands: list[list] = [[] for _ in self.ranks]
+        elif self.phase == "radix_top":
+            self._hist1 = torch.zeros(_TOP_BUCKETS, dtype=torch.int64, device=self.device)
+
+    def end_pass(self) -> None:
+        import torch
+
+        if self.phase == "exact":
+            ordered = torch.cat(self._parts)
+            self._parts = []
+            values, _ = torch.sort(ordered, stable=True)
+            out = []
+            bounds = list(_offsets(self._chunk_sizes))
+            for r in self.ranks:
+                v = float(values[r])
+                less = int(torch.searchsorted(values, torch.tensor([v], device=values.device), right=False)[0])
+                eq = ordered == v
+                per = tuple(int(eq[s:e].sum()) for s, e in bounds)
+                out.append(Boundary(v, less, sum(per), per))
+            self._finish(out)
+        elif self.phase == "sample":
+            drawn = torch.cat(self._parts).abs().float().sort().values
+            self._parts = []
+            sample = self.sample
+            self._brackets = []
+            for r in self.ranks:
+                q = (r + 0.5) / self.n
+                margin = 6.0 * math.sqrt(q * (1.0 - q) / sample) + 4.0 / sample
+                i_lo, i_hi = math.floor((q - margin) * sample), math.ceil((q + margin) * sample)
+                lo = float(drawn[i_lo]) if i_lo > 0 else -1.0
+                hi = float(drawn[i_hi]) if i_hi < sample - 1 else math.inf
+                self._brackets.append((lo, hi))
+            self.phase = "count"
+        elif self.phase == "count":
+            self._resolve_counts()
+        elif self.phase == "radix_top":
+            cum1 = self._hist1.cumsum(0)
+            rank_t = torch.tensor(self.ranks, dtype=torch.int64, device=self.device)
+            self._buckets = torch.searchsorted(cum1, rank_t, right=True).tolist()
+            self._below = {b: int(cum1[b] - self._hist1[b]) for b in set(self._buckets)}
+            self._per_chunk: dict[int, list] = {b: [] for b in self._below}
+            self.phase = "radix_low"
+        elif self.phase == "radix_low":
+            out = []
+            for r, b in zip(self.ranks, self._buckets):
+                chunk_hists = torch.stack(self._per_chunk[b])
+                low = chunk_hists.sum(0)
+                cum2 = low.cumsum(0)
+                j = int(torch.searchsorted(cum2, torch.tensor([r - self._below[b]], device=self.device), right=True)[0])
+                bits = torch.tensor([(b << 16) | j], dtype=torch.int32).view(torch.float32)
+                out.append(Boundary(float(bits[0]), self._below[b] + int(cum2[j] - low[j]), int(low[j]), tuple(chunk_hists[:, j].tolist())))
+            self._per_chunk = {}
+            self._finish(out)
+
+    def _resolve_counts(self) -> None:
+        import torch
+
+        out = []
+        for j, r in enumerate(self.ranks):
+            lo, hi = self._brackets[j]
+            if lo == hi:
+                per = tuple(self._cands[j])
+                below = self.n - self._above[j] - sum(per)
+                if below <= r < below + sum(per):
+                    out.append(Boundary(lo, below, sum(per), per))
+                    continue
+                break  # the bracket missed: the radix passes answer every rank
+            n_cand = sum(c.numel() for c in self._cands[j])
+            below = self.n - self._above[j] - n_cand
+            if not (below <= r < below + n_cand):
+                break
+            values = torch.cat(self._cands[j])
+            v = float(values.sort().values[r - below])  # kthvalue degrades on heavily repeated values
+            less = below + int(torch.count_nonzero(values < v))
+            per = tuple(int(torch.count_nonzero(c == v)) for c in self._cands[j])
+            out.append(Boundary(v, less, sum(per), per))
+        self._cands = []
+        if len(out) == len(self.ranks):
+            self._finish(out)
+        else:
+            self.phase = "radix_top"
+
+    def _finish(self, out: list[Boundary]) -> None:
+        self.result = out
+        self.phase = "done"
+
+    def run(self, flat, fbuf, ibuf) -> list[Boundary]:
+        """Every pass over a tensor held in memory, in chunks of ``fbuf.numel()`` elements."""
+        n = flat.numel()
+        while not self.done:
+            self.begin_pass()
+            for s, e in chunks(n, fbuf.numel()):
+                self.observe(s, e, flat[s:e], fbuf, ibuf)
+            self.end_pass()
+        return self.result  # type: ignore[return-value]
+
+
+def _offsets(sizes: Sequence[int]):
+    start = 0
+    for size in sizes:
+        yield start, start + size
+        start += size
+
+
 def rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf, sample: int = SAMPLE) -> list[Boundary]:
     """For each 0-based ascending rank r of |flat|, the exact magnitude found there.
 
@@ -72,72 +254,7 @@ def rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf, sample: int = SAMPLE
     few inside it, where the rank is read off exactly. If a bracket misses (vanishingly rare and
     detected), the radix histogram gives the answer instead. Either way the result is exact.
     """
-    import torch
-
-    n = flat.numel()
-    dev = flat.device
-    if not ranks:
-        return []
-    if n <= sample:
-        ordered = flat.abs().float()
-        values, order = torch.sort(ordered, stable=True)
-        out = []
-        for r in ranks:
-            v = float(values[r])
-            less = int(torch.searchsorted(values, torch.tensor([v], device=dev), right=False)[0])
-            eq = (ordered == v)
-            per = tuple(int(eq[s:e].sum()) for s, e in chunks(n, fbuf.numel()))
-            out.append(Boundary(v, less, sum(per), per))
-        return out
-
-    gen = torch.Generator(device=dev).manual_seed(n)
-    idx = torch.randint(n, (sample,), generator=gen, device=dev)
-    drawn = flat[idx].abs().float().sort().values
-    brackets = []
-    for r in ranks:
-        q = (r + 0.5) / n
-        margin = 6.0 * math.sqrt(q * (1.0 - q) / sample) + 4.0 / sample
-        i_lo, i_hi = math.floor((q - margin) * sample), math.ceil((q + margin) * sample)
-        lo = float(drawn[i_lo]) if i_lo > 0 else -1.0
-        hi = float(drawn[i_hi]) if i_hi < sample - 1 else math.inf
-        brackets.append((lo, hi))
-
-    # Quantized (e.g. bf16) deltas tie heavily: a bracket often holds one value, then counts suffice.
-    above = [0] * len(ranks)
-    cands: list[list] = [[] for _ in ranks]
-    scratch = ibuf.view(torch.float32)  # comparisons into float 0/1 are far cheaper than into bool
-    for s, e in chunks(n, fbuf.numel()):
-        a = abs_into(flat[s:e], fbuf)
-        flag = scratch[: e - s]
-        for j, (lo, hi) in enumerate(brackets):
-            torch.gt(a, hi, out=flag)
-            above[j] += int(flag.sum())  # exact: 0/1 partial sums stay below 2**24
-            if lo == hi:
-                torch.eq(a, lo, out=flag)
-                cands[j].append(int(flag.sum()))
-            else:
-                cands[j].append(a[(a >= lo) & (a <= hi)])
-
-    out = []
-    for j, r in enumerate(ranks):
-        lo, hi = brackets[j]
-        if lo == hi:
-            per = tuple(cands[j])
-            below = n - above[j] - sum(per)
-            if below <= r < below + sum(per):
-                out.append(Boundary(lo, below, sum(per), per))
-                continue
-            return radix_boundaries(flat, ranks, fbuf, ibuf)
-        n_cand = sum(c.numel() for c in cands[j])
-        below = n - above[j] - n_cand
-        if not (below <= r < below + n_cand):
-            return radix_boundaries(flat, ranks, fbuf, ibuf)
-        values = torch.cat(cands[j])
-        v = float(values.sort().values[r - below])  # kthvalue degrades on heavily repeated values
-        less = below + int(torch.count_nonzero(values < v))
-        per = tuple(int(torch.count_nonzero(c == v)) for c in cands[j])
-        out.append(Boundary(v, less, sum(per), per))
-    return out
+    return RankSearch(flat.numel(), ranks, flat.device, sample).run(flat, fbuf, ibuf)
 
 
 def radix_boundaries(flat, ranks: Sequence[int], fbuf, ibuf) -> list[Boundary]:
@@ -146,40 +263,7 @@ def radix_boundaries(flat, ranks: Sequence[int], fbuf, ibuf) -> list[Boundary]:
     Level one histograms the top 16 bits of the float32 pattern of |x|, level two the low 16 bits
     of the elements in the bucket that holds the rank; together they pin the exact 32-bit value.
     """
-    import torch
-
-    n = flat.numel()
-    dev = flat.device
-    hist1 = torch.zeros(_TOP_BUCKETS, dtype=torch.int64, device=dev)
-    for s, e in chunks(n, fbuf.numel()):
-        a = abs_into(flat[s:e], fbuf)
-        top = ibuf[: e - s]
-        torch.bitwise_right_shift(a.view(torch.int32), 16, out=top)
-        hist1 += torch.bincount(top, minlength=_TOP_BUCKETS)[:_TOP_BUCKETS]
-    cum1 = hist1.cumsum(0)
-    rank_t = torch.tensor(list(ranks), dtype=torch.int64, device=dev)
-    buckets = torch.searchsorted(cum1, rank_t, right=True).tolist()
-    below = {b: int(cum1[b] - hist1[b]) for b in set(buckets)}
-
-    per_chunk: dict[int, list] = {b: [] for b in below}
-    for s, e in chunks(n, fbuf.numel()):
-        a = abs_into(flat[s:e], fbuf)
-        key = ibuf[: e - s]
-        for b, hists in per_chunk.items():
-            # Elements of bucket b map to 1..65536, the others to the two sentinels 0 and 65537.
-            torch.sub(a.view(torch.int32), b << 16, out=key)
-            key.clamp_(-1, _LOW_BUCKETS).add_(1)
-            hists.append(torch.bincount(key, minlength=_LOW_BUCKETS + 2)[1 : _LOW_BUCKETS + 1])
-
-    out = []
-    for r, b in zip(ranks, buckets):
-        chunk_hists = torch.stack(per_chunk[b])
-        low = chunk_hists.sum(0)
-        cum2 = low.cumsum(0)
-        j = int(torch.searchsorted(cum2, torch.tensor([r - below[b]], device=dev), right=True)[0])
-        bits = torch.tensor([(b << 16) | j], dtype=torch.int32).view(torch.float32)
-        out.append(Boundary(float(bits[0]), below[b] + int(cum2[j] - low[j]), int(low[j]), tuple(chunk_hists[:, j].tolist())))
-    return out
+    return RankSearch(flat.numel(), ranks, flat.device, radix=True).run(flat, fbuf, ibuf)
 
 
 class RankBand:
@@ -191,14 +275,30 @@ class RankBand:
 
     def __init__(self, flat, lo: int, hi: int, fbuf, ibuf, sample: int = SAMPLE):
         n = flat.numel()
-        self.lo, self.hi, self.n = max(lo, 0), min(hi, n), n
+        wanted = self.ranks_needed(n, lo, hi)
+        self._setup(n, lo, hi, dict(zip(wanted, rank_boundaries(flat, wanted, fbuf, ibuf, sample))) if wanted else {})
+
+    @staticmethod
+    def ranks_needed(n: int, lo: int, hi: int) -> list[int]:
+        """The ranks whose boundaries the band [lo, hi) of n elements needs (see ``RankSearch``)."""
+        lo, hi = max(lo, 0), min(hi, n)
         wanted = []
-        if self.lo < self.hi:
-            if self.lo > 0:
-                wanted.append(self.lo)
-            if self.hi < n:
-                wanted.append(self.hi - 1)
-        found = dict(zip(wanted, rank_boundaries(flat, wanted, fbuf, ibuf, sample))) if wanted else {}
+        if lo < hi:
+            if lo > 0:
+                wanted.append(lo)
+            if hi < n:
+                wanted.append(hi - 1)
+        return wanted
+
+    @classmethod
+    def from_search(cls, n: int, lo: int, hi: int, search: RankSearch) -> "RankBand":
+        """The band from a finished ``RankSearch`` of ``ranks_needed(n, lo, hi)``."""
+        band = cls.__new__(cls)
+        band._setup(n, lo, hi, dict(zip(search.ranks, search.result or [])))
+        return band
+
+    def _setup(self, n: int, lo: int, hi: int, found: dict[int, Boundary]) -> None:
+        self.lo, self.hi, self.n = max(lo, 0), min(hi, n), n
         self.lower = found.get(self.lo) if self.lo > 0 else None
         self.upper = found.get(self.hi - 1) if self.hi < n else None
         self._ties = {b.value: b for b in (self.lower, self.upper) if b is not None}

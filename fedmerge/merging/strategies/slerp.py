@@ -7,8 +7,22 @@ from typing import Sequence
 
 from pydantic import Field
 
-from fedmerge.merging.strategies.base import ModelParams, Strategy, StrategyError, StrategyParams, TensorContext
+from fedmerge.merging.strategies.base import (
+    FunctionPass,
+    ModelParams,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StreamedTensor,
+    TensorContext,
+    flat_chunks,
+    merge_in_memory,
+)
 from fedmerge.merging.strategies.registry import register
+
+# Elements per chunk: the norms and the dot product are summed chunk by chunk (part of the
+# definition); a tensor of one chunk gets the whole-tensor figures.
+CHUNK = 1 << 22
 
 
 class SlerpParams(StrategyParams):
@@ -41,26 +55,66 @@ class Slerp(Strategy):
     max_models = 2
 
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
-        import torch
-
         if len(deltas) != 2:
             raise StrategyError(f"slerp merges exactly two models, got {len(deltas)} for {ctx.name}")
-        t = self.params.t
+        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas)
+
+    def streams(self, name: str, shape) -> bool:
+        return True
+
+    def streamed(self, ctx: TensorContext, shape, dtype, present) -> StreamedTensor:
+        return _SlerpTensor(self.params.t, self.params.dot_threshold, shape)
+
+
+class _SlerpTensor(StreamedTensor):
+    """SLERP of one tensor: a pass for the two norms and the dot product, then the interpolation."""
+
+    def __init__(self, t: float, dot_threshold: float, shape):
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        self.t, self.dot_threshold, self.numel = t, dot_threshold, numel
+        self.chunks = flat_chunks(numel, CHUNK) if numel else [(0, 0)]
+        self.s0 = self.s1 = None
+
+    @staticmethod
+    def _points(base, deltas):
         v0 = base.clone() if deltas[0] is None else base + deltas[0]
         v1 = base.clone() if deltas[1] is None else base + deltas[1]
-        f0, f1 = v0.reshape(-1), v1.reshape(-1)
-        n0 = float(torch.linalg.vector_norm(f0, dtype=torch.float64))
-        n1 = float(torch.linalg.vector_norm(f1, dtype=torch.float64))
+        return v0, v1
+
+    def passes(self):
+        import torch
+
+        norm0: list[float] = []
+        norm1: list[float] = []
+        dots: list[float] = []
+
+        def observe(start, end, base, deltas):
+            f0, f1 = self._points(base, deltas)
+            norm0.append(float(torch.linalg.vector_norm(f0, dtype=torch.float64)))
+            norm1.append(float(torch.linalg.vector_norm(f1, dtype=torch.float64)))
+            dots.append(float(torch.dot(f0.double(), f1.double()) if self.numel <= 1 << 16 else torch.dot(f0, f1)))
+
+        yield FunctionPass(observe)
+        n0, n1 = (parts[0] if len(parts) == 1 else math.sqrt(sum(x * x for x in parts)) for parts in (norm0, norm1))
         if n0 == 0.0 or n1 == 0.0:
             cos = 1.0
         else:
-            cos = float(torch.dot(f0.double(), f1.double()) if f0.numel() <= 1 << 16 else torch.dot(f0, f1)) / (n0 * n1)
-            cos = max(-1.0, min(1.0, cos))
-        if abs(cos) > self.params.dot_threshold:
-            s0, s1 = 1.0 - t, t
+            cos = max(-1.0, min(1.0, sum(dots) / (n0 * n1)))
+        t = self.t
+        if abs(cos) > self.dot_threshold:
+            self.s0, self.s1 = 1.0 - t, t
         else:
             omega = math.acos(cos)
             sin_omega = math.sin(omega)
-            s0 = math.sin((1.0 - t) * omega) / sin_omega
-            s1 = math.sin(t * omega) / sin_omega
-        return v0.mul_(s0).add_(v1, alpha=s1)
+            self.s0 = math.sin((1.0 - t) * omega) / sin_omega
+            self.s1 = math.sin(t * omega) / sin_omega
+
+    def merge(self, start, end, base, deltas, out=None):
+        v0, v1 = self._points(base, deltas)
+        merged = v0.mul_(self.s0).add_(v1, alpha=self.s1)
+        if out is None:
+            return merged
+        out.copy_(merged)
+        return out

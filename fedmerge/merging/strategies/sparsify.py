@@ -21,9 +21,11 @@ and differs only in three choices, which ``VARIANTS`` lists one row per method:
 the agreeing models, per element; without: sum_i w_i). Each method is defined for one model too:
 the election is then the identity and the method is its sparsification (DARE's own use).
 
-Speed: a tensor is processed in fixed-size chunks of its flattened elements, so the temporary
-memory is a few chunks whatever the tensor size. The top-k threshold is found exactly without a
-sort (``rank_select``).
+Speed and memory: a tensor is processed in fixed-size chunks of its flattened elements, so the
+temporary memory is a few chunks whatever the tensor size, and the statistics (magnitude ranks,
+L1 norms) are gathered in passes over those chunks (``GeneralizedMerge``): the engine can read a
+tensor too large to hold again for each pass. The top-k threshold is found exactly without a sort
+(``rank_select``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,18 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from pydantic import Field, ValidationInfo, create_model, field_validator
 
-from fedmerge.merging.strategies.base import ModelParams, Strategy, StrategyError, StrategyParams, TensorContext
-from fedmerge.merging.strategies.rank_select import RankBand, abs_into, chunks
+from fedmerge.merging.strategies.base import (
+    FunctionPass,
+    ModelParams,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StreamedTensor,
+    TensorContext,
+    flat_chunks,
+    merge_in_memory,
+)
+from fedmerge.merging.strategies.rank_select import RankBand, RankSearch, abs_into
 from fedmerge.merging.strategies.registry import register
 
 # Elements per working chunk: 16 MiB of float32. Large enough that per-operation overhead is
@@ -44,6 +56,9 @@ from fedmerge.merging.strategies.registry import register
 # of the random masks (draws are made chunk by chunk): changing it changes DARE/DELLA outputs.
 CHUNK = 1 << 22
 assert CHUNK < 1 << 24  # float32 counts of 0/1 flags over one chunk are exact
+# Elements per block of TIES' sign election: its passes then stay in cache (a few MiB). Changes
+# nothing in the result (every element gets the same operations).
+ELECT_BLOCK = 1 << 22
 
 Sparsification = Literal["none", "magnitude", "random", "outliers", "rank_sampling"]
 
@@ -129,118 +144,217 @@ def generalized_merge(
 
     Returns a new tensor shaped like ``base``; inputs are not modified.
     """
-    import torch
+    merge = GeneralizedMerge(
+        ctx, base.shape, base.dtype, base.device, plans, [d is not None for d in deltas],
+        sparsification=sparsification, consensus=consensus, normalize=normalize, rescale=rescale,
+        rescale_mode=rescale_mode, lambda_=lambda_, chunk=chunk,
+    )  # fmt: skip
+    return merge_in_memory(merge, base, deltas)
 
-    flat_base = base.reshape(-1)
-    n = flat_base.numel()
-    dev = flat_base.device
-    dtype = flat_base.dtype
 
-    # DELLA ranks magnitudes within rows: chunks must hold whole rows.
-    row = base.numel() // base.shape[0] if base.dim() >= 2 and base.shape[0] else max(n, 1)
-    if sparsification == "rank_sampling":
-        chunk = max(1, chunk // row) * row
-    size = max(1, min(chunk, n))
-    bufs = _Buffers(
-        f=torch.empty(size, dtype=torch.float32, device=dev),
-        i=torch.empty(size, dtype=torch.int32, device=dev),
-        k=torch.empty(size, dtype=torch.float32, device=dev),
-        k2=torch.empty(size, dtype=torch.float32, device=dev),
-    )
-    sparsifiers = [
-        _Sparsifier(ctx, i, d.reshape(-1), p, sparsification, rescale, rescale_mode, row, bufs, size)
-        for i, (d, p) in enumerate(zip(deltas, plans))
-        if d is not None
-    ]
-    if rescale and rescale_mode == "l1":
-        for sp in sparsifiers:
-            sp.fit_l1()
+class GeneralizedMerge(StreamedTensor):
+    """Every method of this module on one tensor, in passes over fixed chunks of its elements.
 
-    total_weight = sum(p.weight for p in plans)
-    if abs(total_weight) < 1e-8:
-        total_weight = 1.0  # as mergekit: nothing sensible to divide by
+    Stages: the constructor lays the tensor out in chunks (``CHUNK`` elements; DELLA ranks within
+    rows, so its chunks hold whole rows) and plans one ``_Sparsifier`` per model with a delta;
+    ``passes`` yields the statistics the sparsifiers need (the magnitude ranks bounding TIES' and
+    Breadcrumbs' masks, then the L1 norms of ``rescale_mode: l1``) and rewinds them; ``merge``
+    combines one chunk (sparsify each delta, elect signs, sum, normalize, scale, add to the base).
+    The chunks and the order of random draws are the same whether the tensor is held in memory
+    or read again from disk for every pass, so both give the same bytes.
+    """
 
-    out = torch.empty_like(flat_base)
-    n_work = len(sparsifiers) if consensus else min(1, len(sparsifiers))
-    work = [torch.empty(size, dtype=dtype, device=dev) for _ in range(n_work)]
-    acc_buf = torch.empty(size, dtype=dtype, device=dev)
-    den_buf = torch.empty(size, dtype=dtype, device=dev) if (consensus and normalize) else None
-    sgn_buf = torch.empty(size, dtype=dtype, device=dev) if consensus else None
-    ones = torch.ones(size, dtype=dtype, device=dev) if consensus else None
+    def __init__(
+        self,
+        ctx: TensorContext,
+        shape: Sequence[int],
+        dtype,
+        device,
+        plans: Sequence[ModelPlan],
+        present: Sequence[bool],
+        *,
+        sparsification: Sparsification,
+        consensus: Literal["sum", "count"] | None,
+        normalize: bool,
+        rescale: bool,
+        rescale_mode: Literal["probability", "l1"],
+        lambda_: float,
+        chunk: int = CHUNK,
+    ):
+        n = 1
+        for dim in shape:
+            n *= int(dim)
+        self.ctx, self.n, self.dtype, self.device = ctx, n, dtype, device
+        self.consensus, self.normalize, self.lambda_ = consensus, normalize, lambda_
+        self.rescale_l1 = rescale and rescale_mode == "l1"
+        # DELLA ranks magnitudes within rows: chunks must hold whole rows.
+        self.row = n // int(shape[0]) if len(shape) >= 2 and shape[0] else max(n, 1)
+        self.chunks = flat_chunks(n, chunk, self.row if sparsification == "rank_sampling" else None) if n else [(0, 0)]
+        self.size = max(1, self.chunks[0][1] - self.chunks[0][0])
+        self.sparsifiers = [
+            _Sparsifier(ctx, i, n, p, sparsification, rescale, rescale_mode, self.row, device)
+            for i, (p, has) in enumerate(zip(plans, present))
+            if has
+        ]
+        total_weight = sum(p.weight for p in plans)
+        self.total_weight = 1.0 if abs(total_weight) < 1e-8 else total_weight  # as mergekit: nothing sensible to divide by
+        self._scratch: dict[str, Any] | None = None
 
-    for sp in sparsifiers:
-        sp.start()
-    for s, e in chunks(n, size):
-        m = e - s
-        acc = acc_buf[:m]
-        if not sparsifiers:
-            out[s:e] = flat_base[s:e]
-            continue
-        if consensus is None:
-            t = work[0][:m]
-            for j, sp in enumerate(sparsifiers):
-                sp.chunk(s, e, acc if j == 0 else t)
+    # -- scratch space, taken when the first pass starts, given back by ``close`` ----------------------
+    def _buffers(self) -> dict[str, Any]:
+        import torch
+
+        if self._scratch is None:
+            size, dev, dtype = self.size, self.device, self.dtype
+            ctx = self.ctx
+            taken: list = []
+
+            def take(dt):
+                buf = ctx.scratch(size, dt, dev)
+                taken.append(buf._base if buf._base is not None else buf)
+                return buf
+
+            bufs = _Buffers(take(torch.float32), take(torch.int32), take(torch.float32), take(torch.float32))
+            for sp in self.sparsifiers:
+                sp.bufs = bufs
+            n_work = len(self.sparsifiers) if self.consensus else min(1, len(self.sparsifiers))
+            self._scratch = {
+                "bufs": bufs,
+                "work": [take(dtype) for _ in range(n_work)],
+                "acc": take(dtype),
+                "den": take(dtype) if (self.consensus and self.normalize) else None,
+                "sgn": take(dtype) if self.consensus else None,
+                "one": torch.ones(1, dtype=dtype, device=dev),
+            }
+            self._taken = taken
+        return self._scratch
+
+    def close(self) -> None:
+        if self._scratch is not None and self.ctx.workspace is not None:
+            self.ctx.workspace.give(self._taken)
+        self._scratch = None
+        self._taken = []
+        for sp in self.sparsifiers:
+            sp.bufs = None
+
+    # -- statistics -------------------------------------------------------------------------------------
+    def passes(self):
+        bufs = self._buffers()["bufs"]
+        searches = [sp for sp in self.sparsifiers if sp.search is not None]
+        while any(not sp.search.done for sp in searches):
+            active = [sp for sp in searches if not sp.search.done]
+            for sp in active:
+                sp.search.begin_pass()
+            yield FunctionPass(lambda s, e, base, deltas, active=active: [sp.search.observe(s, e, deltas[sp.index], bufs.f, bufs.i) for sp in active])
+            for sp in active:
+                sp.search.end_pass()
+        for sp in searches:
+            sp.band = RankBand.from_search(self.n, sp.band_lo, sp.band_hi, sp.search)
+            sp.search = None
+        if self.rescale_l1:
+            tmp = self._buffers()["acc"]
+            for sp in self.sparsifiers:
+                sp.start()
+            yield FunctionPass(lambda s, e, base, deltas: [sp.observe_l1(deltas[sp.index], tmp[: e - s]) for sp in self.sparsifiers])
+            for sp in self.sparsifiers:
+                sp.fit_l1()
+        for sp in self.sparsifiers:
+            sp.start()
+
+    # -- one chunk of the output ------------------------------------------------------------------------
+    def merge(self, start, end, base, deltas, out=None):
+        import torch
+
+        m = end - start
+        if out is None:
+            out = torch.empty_like(base)
+        if not self.sparsifiers:
+            out.copy_(base)
+            return out
+        sc = self._buffers()
+        acc = sc["acc"][:m]
+        if self.consensus is None:
+            t = sc["work"][0][:m]
+            for j, sp in enumerate(self.sparsifiers):
+                sp.chunk(deltas[sp.index], acc if j == 0 else t)
                 if j:
                     acc.add_(t)
-            if normalize:
-                acc.div_(total_weight)
+            if self.normalize:
+                acc.div_(self.total_weight)
         else:
-            ts = [buf[:m] for buf in work]
-            for sp, t in zip(sparsifiers, ts):
-                sp.chunk(s, e, t)
-            # Elected sign per element as +1/-1; a tie elects +.
-            sgn = sgn_buf[:m]
-            if consensus == "sum":
-                torch.add(ts[0], ts[1], out=acc) if len(ts) > 1 else acc.copy_(ts[0])
-                for t in ts[2:]:
-                    acc.add_(t)
+            self._elect(sc, acc, [buf[:m] for buf in sc["work"]], deltas, m)
+        torch.add(base, acc, alpha=self.lambda_, out=out)
+        return out
+
+    def _elect(self, sc, acc, ts, deltas, m) -> None:
+        """TIES' sign election over one chunk, leaving the agreeing sum (or mean) in ``acc``.
+
+        The masks are made chunk by chunk (their tie counts and random draws are per chunk); the
+        election, a dozen elementwise passes, runs over blocks of ``ELECT_BLOCK`` elements so
+        each pass finds its operands in cache. Every element gets the same operations either way.
+        """
+        for sp, t in zip(self.sparsifiers, ts):
+            sp.chunk(deltas[sp.index], t)
+        for s in range(0, m, ELECT_BLOCK):
+            e = min(m, s + ELECT_BLOCK)
+            self._elect_block(sc, acc[s:e], [t[s:e] for t in ts], s, e)
+
+    def _elect_block(self, sc, acc, ts, s, e) -> None:
+        import torch
+
+        n = e - s
+        # Elected sign per element as +1/-1; a tie elects +.
+        sgn = sc["sgn"][s:e]
+        if self.consensus == "sum":
+            torch.add(ts[0], ts[1], out=acc) if len(ts) > 1 else acc.copy_(ts[0])
+            for t in ts[2:]:
+                acc.add_(t)
+        else:
+            torch.sign(ts[0], out=acc)
+            for t in ts[1:]:
+                acc.add_(torch.sign(t, out=sgn))
+        # copysign(1, acc) is +1 for acc = +0 (a tie: x + (-x) rounds to +0); acc is -0 only
+        # when every contribution is a signed zero, where no model can agree anyway.
+        torch.copysign(sc["one"].expand(n), acc, out=sgn)
+        # t * sgn > 0 exactly where a model agrees: clamping keeps |t| there and 0 elsewhere.
+        den = sc["den"][s:e] if sc["den"] is not None else None
+        for j, (sp, t) in enumerate(zip(self.sparsifiers, ts)):
+            t.mul_(sgn).clamp_(min=0)
+            if j == 0:
+                acc.copy_(t)
             else:
-                torch.sign(ts[0], out=acc)
-                for t in ts[1:]:
-                    acc.add_(torch.sign(t, out=sgn))
-            # copysign(1, acc) is +1 for acc = +0 (a tie: x + (-x) rounds to +0); acc is -0 only
-            # when every contribution is a signed zero, where no model can agree anyway.
-            torch.copysign(ones[:m], acc, out=sgn)
-            # t * sgn > 0 exactly where a model agrees: clamping keeps |t| there and 0 elsewhere.
-            den = den_buf[:m] if den_buf is not None else None
-            for j, (sp, t) in enumerate(zip(sparsifiers, ts)):
-                t.mul_(sgn).clamp_(min=0)
-                if j == 0:
-                    acc.copy_(t)
-                else:
-                    acc.add_(t)
-                if den is not None:
-                    t.sign_()
-                    if j == 0:
-                        torch.mul(t, sp.plan.weight, out=den)
-                    else:
-                        den.add_(t, alpha=sp.plan.weight)
-            acc.mul_(sgn)
+                acc.add_(t)
             if den is not None:
-                zero = bufs.k[:m]
-                torch.eq(den, 0, out=zero)
-                den.add_(zero)  # no agreeing model: the numerator is 0, divide by 1
-                acc.div_(den)
-        torch.add(flat_base[s:e], acc, alpha=lambda_, out=out[s:e])
-    return out.view(base.shape)
+                t.sign_()
+                if j == 0:
+                    torch.mul(t, sp.plan.weight, out=den)
+                else:
+                    den.add_(t, alpha=sp.plan.weight)
+        acc.mul_(sgn)
+        if den is not None:
+            zero = sc["bufs"].k[s:e]
+            torch.eq(den, 0, out=zero)
+            den.add_(zero)  # no agreeing model: the numerator is 0, divide by 1
+            acc.div_(den)
 
 
 class _Sparsifier:
     """One model's sparsify-and-scale, applied chunk by chunk; replayable (``start`` rewinds)."""
 
-    def __init__(self, ctx, index, flat, plan: ModelPlan, method, rescale, rescale_mode, row, bufs: _Buffers, size: int):
-        self.ctx, self.index, self.flat, self.plan = ctx, index, flat, plan
+    def __init__(self, ctx, index, n, plan: ModelPlan, method, rescale, rescale_mode, row, device):
+        self.ctx, self.index, self.n, self.plan = ctx, index, n, plan
         self.method = method if (method != "none" and plan.density < 1.0) else "none"
         self.rescale, self.mode, self.row = rescale, rescale_mode, row
-        self.bufs, self.size = bufs, size
-        self.dev = flat.device
+        self.dev = device
+        self.bufs: _Buffers | None = None
         self.scale = plan.weight
         self.gen = None
-        n = flat.numel()
-        self.band = None
+        self.band: RankBand | None = None
+        self.search: RankSearch | None = None
+        self.band_lo = self.band_hi = 0
         if self.method == "magnitude":
             k = int(plan.density * n)
-            self.band = RankBand(flat, n - k, n, bufs.f, bufs.i)
+            self.band_lo, self.band_hi = n - k, n
         elif self.method == "outliers":
             keep_n = int(plan.density * n)
             n_top = int(plan.gamma * n)
@@ -248,13 +362,17 @@ class _Sparsifier:
             if n_bot < 0:  # as mergekit: remove fewer outliers to reach the density
                 n_top += n_bot
                 n_bot = 0
-            self.band = RankBand(flat, n_bot, n - n_top, bufs.f, bufs.i)
+            self.band_lo, self.band_hi = n_bot, n - n_top
+        if self.method in ("magnitude", "outliers"):
+            self.search = RankSearch(n, RankBand.ranks_needed(n, self.band_lo, self.band_hi), device)
+            kept = max(0, min(self.band_hi, n) - max(self.band_lo, 0))
         if rescale and rescale_mode == "probability":
-            if self.band is not None and self.band.kept:
-                self.scale = plan.weight * n / self.band.kept
+            if self.search is not None and kept:
+                self.scale = plan.weight * n / kept
             elif self.method == "random" and plan.density > 0:
                 self.scale = plan.weight / plan.density
-            # rank_sampling divides each kept entry by its own probability (see _della_chunk)
+            # rank_sampling divides each kept entry by its own probability (see _della_keep)
+        self._before = self._after = 0.0
 
     def start(self):
         """Rewind before a pass: random masks are drawn afresh from the same per-(tensor, model)
@@ -265,12 +383,11 @@ class _Sparsifier:
         if self.band is not None:
             self.band.reset()
 
-    def chunk(self, s, e, t, *, raw=False):
-        """Write this model's processed delta for elements [s, e) into ``t`` (``raw``: unscaled)."""
+    def chunk(self, d, t, *, raw=False):
+        """Write this model's processed delta for the next chunk ``d`` into ``t`` (``raw``: unscaled)."""
         import torch
 
-        d = self.flat[s:e]
-        m = e - s
+        m = d.numel()
         scale = 1.0 if raw else self.scale
         if self.method == "none":
             torch.mul(d, scale, out=t)
@@ -313,21 +430,20 @@ class _Sparsifier:
             keep.div_(p.clamp_(min=1e-12))  # a kept entry has p > 0; the others stay 0
         return keep
 
-    def fit_l1(self):
-        """mergekit's rescale: scale the sparsified vector back to the original L1 norm."""
+    def observe_l1(self, d, tmp) -> None:
+        """Accumulate mergekit's L1 norms before and after sparsification over the next chunk."""
         import torch
 
         if self.method == "none":
             return
-        before = after = 0.0
-        self.start()
-        tmp = torch.empty(self.size, dtype=self.flat.dtype, device=self.dev)
-        for s, e in chunks(self.flat.numel(), self.size):
-            before += float(self.flat[s:e].abs().sum(dtype=torch.float64))
-            t = self.chunk(s, e, tmp[: e - s], raw=True)
-            after += float(t.abs().sum(dtype=torch.float64))
-        if before >= 1e-7 and after >= 1e-7:
-            self.scale = self.plan.weight * before / after
+        self._before += float(d.abs().sum(dtype=torch.float64))
+        t = self.chunk(d, tmp, raw=True)
+        self._after += float(t.abs().sum(dtype=torch.float64))
+
+    def fit_l1(self):
+        """mergekit's rescale: scale the sparsified vector back to the original L1 norm."""
+        if self.method != "none" and self._before >= 1e-7 and self._after >= 1e-7:
+            self.scale = self.plan.weight * self._before / self._after
 
 
 # -- the methods: one row each ---------------------------------------------------------------------
@@ -434,20 +550,19 @@ class GeneralizedTaskArithmetic(Strategy):
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
         if len(deltas) != len(ctx.model_params):
             raise StrategyError(f"{self.name}: {len(deltas)} deltas for {ctx.name} but {len(ctx.model_params)} model parameter sets")
+        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas], device=base.device), base, deltas)
+
+    def streams(self, name: str, shape: Sequence[int]) -> bool:
+        return True
+
+    def streamed(self, ctx: TensorContext, shape, dtype, present, device=None) -> GeneralizedMerge:
         p = self.params
         v = self.variant
-        return generalized_merge(
-            ctx,
-            base,
-            deltas,
-            [self._plan(mp) for mp in ctx.model_params],
-            sparsification=v.sparsification,
-            consensus=p.consensus if v.consensus else None,
-            normalize=p.normalize,
-            rescale=p.rescale,
-            rescale_mode=p.rescale_mode,
-            lambda_=p.lambda_,
-        )
+        return GeneralizedMerge(
+            ctx, shape, dtype, ctx.device if device is None else device, [self._plan(mp) for mp in ctx.model_params], present,
+            sparsification=v.sparsification, consensus=p.consensus if v.consensus else None, normalize=p.normalize,
+            rescale=p.rescale, rescale_mode=p.rescale_mode, lambda_=p.lambda_,
+        )  # fmt: skip
 
 
 def _class_name(name: str) -> str:

@@ -39,16 +39,44 @@ Conventions shared by the three:
   vocabularies whose SVD costs too much on CPU (the table is the largest matrix of the model) and
   for experiments; with tied embeddings the one stored table is treated like any other.
 - No randomness: the same inputs give the same bytes on one device type.
+- *Large matrices through their Gram matrices.* A tall matrix (m >= n) of at least
+  ``GRAM_ELEMENTS`` elements is not decomposed directly: its task matrices' cross-Gram matrices
+  D_s^T D_t (n x n, float64) are accumulated over row chunks, every method's algebra is done on
+  those (the thin SVD of a tall matrix is the eigendecomposition of its Gram matrix: M = U S V^T
+  with M^T M = V S^2 V^T, so U = M V S^-1), and the output is streamed row chunk by row chunk as
+  base + alpha sum_t D_t F_t, with F_t n x n. The result equals the direct SVD's within float
+  tolerance (directions with singular values near the support threshold are the least precise in
+  both). What is held is bounded by the matrix's smaller side, not its rows: Iso-C one n x n
+  Gram, TSV-M and Iso-CTS T (T + 1) / 2 of them, plus one row chunk of the inputs, whatever the
+  vocabulary of an embedding or LM head. The engine streams such a matrix from disk in two passes
+  (``streamed``); held in memory, the same object runs over it, so both give the same bytes.
+  Wide matrices (m < n) are held whole and decomposed directly.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field
 
-from fedmerge.merging.strategies.base import ModelParams, Strategy, StrategyError, StrategyParams, TensorContext
+from fedmerge.merging.strategies.base import (
+    FunctionPass,
+    ModelParams,
+    Strategy,
+    StrategyError,
+    StrategyParams,
+    StreamedTensor,
+    TensorContext,
+    flat_chunks,
+    merge_in_memory,
+)
 from fedmerge.merging.strategies.registry import register
+
+# Tall matrices with at least this many elements go through their Gram matrices (see above).
+GRAM_ELEMENTS = 1 << 22
+# Elements per row chunk of the Gram passes (whole rows): the Gram matrices are summed chunk by
+# chunk, so this is part of the definition of the large-matrix path.
+CHUNK = 1 << 22
 
 ISO_PAPER = "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, ICML 2025 (arXiv:2502.04959)"
 TSV_PAPER = "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025 (arXiv:2412.00081)"
@@ -185,6 +213,229 @@ def tsv_m(deltas: Sequence):
     return (u_perp * (s_all * keep)) @ vh_perp
 
 
+# -- the same updates from Gram matrices (large tall matrices) ---------------------------------------
+#
+# Each function takes the task matrices' cross-Gram matrices gram(s, t) = D_s^T D_t (n x n,
+# float64) and returns, per task, the n x n matrix F_t with Delta_merged = sum_t D_t F_t.
+
+
+def _eig_desc(g):
+    """Singular values (descending) and right singular vectors of a matrix whose Gram matrix is ``g``."""
+    import torch
+
+    lam, v = torch.linalg.eigh(g)
+    return lam.flip(0).clamp(min=0.0).sqrt(), v.flip(1)
+
+
+def _support64(s, shape):
+    """``support`` in float64, with the same float32 tolerance (boolean)."""
+    import torch
+
+    return s > s.amax() * (max(shape) * torch.finfo(torch.float32).eps)
+
+
+def _inverse(s, keep):
+    import torch
+
+    return torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+
+
+def _orth_from_gram(w, shape):
+    """Z with A Z = the orthogonal factor of A (on its support), from W = A^T A."""
+    sig, q = _eig_desc(w)
+    keep = _support64(sig, shape)
+    return (q * _inverse(sig, keep)) @ q.T
+
+
+def _orth_rows(b, shape):
+    """The orthogonal factor of a short, wide matrix ``b`` held whole: (B B^T)^-1/2 B on its support."""
+    sig, q = _eig_desc(b @ b.T)
+    keep = _support64(sig, shape)
+    return ((q * _inverse(sig, keep)) @ q.T) @ b
+
+
+def _sum_gram(gram: Callable[[int, int], Any], tasks: int):
+    total = None
+    for a in range(tasks):
+        for b in range(tasks):
+            total = gram(a, b).clone() if total is None else total.add_(gram(a, b))
+    return total
+
+
+def iso_c_from_gram(g, m: int, n: int) -> list:
+    """Iso-C from the Gram matrix of the summed task matrix M (one task): M P = mean(S) U V^T."""
+    s, v = _eig_desc(g)
+    keep = _support64(s, (m, n))
+    mean = (s * keep).sum() / keep.sum().clamp(min=1)
+    return [(v * (_inverse(s, keep) * mean)) @ v.T]
+
+
+def tsv_m_from_gram(gram: Callable[[int, int], Any], tasks: int, m: int, n: int) -> list:
+    """TSV-M (see ``tsv_m``) from the tasks' cross-Gram matrices."""
+    import torch
+
+    k = max(1, min(m, n) // tasks)
+    vs, ss = [], []
+    for t in range(tasks):
+        s, v = _eig_desc(gram(t, t))
+        vs.append(v[:, :k])
+        ss.append(s[:k])
+    s_all = torch.cat(ss)
+    keep = _support64(s_all, (m, n))
+    inv = _inverse(s_all, keep)
+    es = [vs[t] * inv[t * k : (t + 1) * k] for t in range(tasks)]  # U_t,k = D_t E_t (0 off the support)
+    w = torch.cat([torch.cat([es[a].T @ gram(a, b) @ es[b] for b in range(tasks)], 1) for a in range(tasks)], 0)
+    z = _orth_from_gram(w, (m, tasks * k))
+    vh_perp = _orth_rows(torch.cat([v.T for v in vs], 0) * keep[:, None], (tasks * k, n))
+    tail = z @ ((s_all * keep)[:, None] * vh_perp)
+    return [es[t] @ tail[t * k : (t + 1) * k] for t in range(tasks)]
+
+
+def iso_cts_from_gram(gram: Callable[[int, int], Any], tasks: int, m: int, n: int, fraction: float) -> list:
+    """Iso-CTS (see ``iso_cts``) from the tasks' cross-Gram matrices.
+
+    U_k = M V_k S_k^-1; A_t = U_k^T D_t; the residual R_t = D_t - U_k A_t has Gram matrix
+    D_t^T D_t - A_t^T A_t; everything, down to the output, is D_t times an n x r matrix."""
+    import torch
+
+    rank = min(m, n)
+    k, s_task = common_split(rank, tasks, fraction)
+    s_m, v_m = _eig_desc(_sum_gram(gram, tasks))
+    v_k, inv_k = v_m[:, :k], _inverse(s_m[:k], _support64(s_m, (m, n))[:k])
+    common = v_k * inv_k  # U_k = sum_u D_u common
+    to_t = [sum(gram(u, t) for u in range(tasks)) for t in range(tasks)]  # M^T D_t
+    a = [common.T @ to_t[t] for t in range(tasks)]  # A_t = U_k^T D_t  (k x n)
+    v_ts, s_ts = [], []
+    for t in range(tasks):
+        if s_task:
+            s, v = _eig_desc(gram(t, t) - a[t].T @ a[t])
+            v_ts.append(v[:, :s_task])
+            s_ts.append(s[:s_task])
+    s_all = torch.cat([s_m[:k], *s_ts])
+    keep = _support64(s_all, (m, n))
+    inv = _inverse(s_all, keep)
+    r = s_all.numel()
+    # E_u: U_all = sum_u D_u E_u; column block 0 the common directions, block t task t's own.
+    es = [torch.zeros(n, r, dtype=v_m.dtype, device=v_m.device) for _ in range(tasks)]
+    for u in range(tasks):
+        es[u][:, :k] = common * keep[:k]
+    for t in range(tasks):
+        cols = slice(k + t * s_task, k + (t + 1) * s_task)
+        own = v_ts[t] * inv[cols]  # U_t,s = R_t V_t,s / s = D_t own - U_k A_t own
+        es[t][:, cols] += own
+        shift = common @ (a[t] @ own)
+        for u in range(tasks):
+            es[u][:, cols] -= shift
+    w = sum(es[x].T @ gram(x, y) @ es[y] for x in range(tasks) for y in range(tasks))
+    z = _orth_from_gram(w, (m, r))
+    vh_all = torch.cat([v_k.T, *[v.T for v in v_ts]], 0) * keep[:, None]
+    vh_perp = _orth_rows(vh_all, (r, n))
+    kept = s_all * keep
+    keep2 = _support64(kept, (m, n))
+    mean = (kept * keep2).sum() / keep2.sum().clamp(min=1)
+    tail = z @ ((keep2 * mean)[:, None] * vh_perp)
+    return [e @ tail for e in es]
+
+
+class GramTensor(StreamedTensor):
+    """A tall matrix (m >= n) merged from Gram matrices: one pass accumulates them over row
+    chunks (float64), the method turns them into the per-task F_t, a second pass writes
+    base + alpha sum_t D_t F_t chunk by chunk. Iso-C works on the summed task matrix alone."""
+
+    def __init__(self, method: "SpectralMerge", shape, weights: Sequence[float], present: Sequence[bool], device, chunk: int = CHUNK):
+        m, n = int(shape[0]), int(shape[1])
+        self.method, self.m, self.n, self.device = method, m, n, device
+        self.used = [(i, w) for i, (w, has) in enumerate(zip(weights, present)) if w > 0.0 and has]
+        self.summed = isinstance(method, IsoC)
+        self.chunks = flat_chunks(m * n, chunk, n)
+        self.factors: list | None = None
+
+    def _tasks(self, deltas, rows: int) -> list:
+        """The weighted float32 task matrices of one row chunk (their sum for Iso-C)."""
+        import torch
+
+        dev = torch.device(self.device)
+        ds = []
+        for i, w in self.used:
+            d32 = deltas[i].to(device=dev, dtype=torch.float32).view(rows, self.n)
+            ds.append(d32 * w if w != 1.0 else d32)
+        if self.summed and ds:
+            total = ds[0].clone()
+            for d in ds[1:]:
+                total.add_(d)
+            return [total]
+        return ds
+
+    def passes(self):
+        import torch
+
+        if not self.used:
+            return
+        k = 1 if self.summed else len(self.used)
+        grams: dict[tuple[int, int], Any] = {}
+
+        def observe(start, end, base, deltas):
+            xs = [x.double() for x in self._tasks(deltas, (end - start) // self.n)]
+            for a in range(k):
+                for b in range(a, k):
+                    g = grams.get((a, b))
+                    if g is None:
+                        grams[a, b] = xs[a].T @ xs[b]
+                    else:
+                        g.addmm_(xs[a].T, xs[b])
+
+        yield FunctionPass(observe)
+
+        def gram(a: int, b: int):
+            return grams[a, b] if a <= b else grams[b, a].T
+
+        factors = self.method.update_from_gram(gram, k, self.m, self.n)
+        self.factors = [f.to(device=torch.device(self.device), dtype=torch.float32) for f in factors]
+
+    def merge(self, start, end, base, deltas, out=None):
+        import torch
+
+        rows = (end - start) // self.n
+        b32 = base.to(device=torch.device(self.device), dtype=torch.float32).view(rows, self.n)
+        if self.factors is None:
+            merged = b32.clone()
+        else:
+            tasks = self._tasks(deltas, rows)
+            update = tasks[0] @ self.factors[0]
+            for x, f in zip(tasks[1:], self.factors[1:]):
+                update.addmm_(x, f)
+            merged = torch.add(b32, update, alpha=self.method.params.alpha)
+        merged = merged.reshape(-1).to(base.dtype)
+        if out is None:
+            return merged
+        out.copy_(merged)
+        return out
+
+
+class _MeanTensor(StreamedTensor):
+    """Tensors that are not matrices: alpha times the weighted mean of the task vectors (no pass)."""
+
+    def __init__(self, weights: Sequence[float], alpha: float, numel: int):
+        self.weights, self.alpha = list(weights), alpha
+        self.chunks = flat_chunks(numel, CHUNK) if numel else [(0, 0)]
+
+    def merge(self, start, end, base, deltas, out=None):
+        merged = _weighted_mean(base, deltas, self.weights, self.alpha)
+        if out is None:
+            return merged
+        out.copy_(merged)
+        return out
+
+
+def _weighted_mean(base, deltas, weights, alpha):
+    total = sum(weights)
+    out = base.clone()
+    for w, d in zip(weights, deltas):
+        if w > 0.0 and d is not None:
+            out.add_(d, alpha=alpha * w / total)
+    return out
+
+
 # -- the strategies ----------------------------------------------------------------------------------
 
 
@@ -216,6 +467,13 @@ class SpectralMerge(Strategy):
         """The merged task matrix of one weight matrix from its weighted float32 task matrices."""
         raise NotImplementedError
 
+    def update_from_gram(self, gram: Callable[[int, int], Any], tasks: int, m: int, n: int) -> list:
+        """The same update from the cross-Gram matrices (see ``GramTensor``): per task, F_t."""
+        raise NotImplementedError
+
+    def _gram_path(self, name: str, shape) -> bool:
+        return len(shape) == 2 and int(shape[0]) >= int(shape[1]) >= 2 and (self.params.token_tables == "spectral" or not is_token_table(name))
+
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
         import torch
 
@@ -223,15 +481,13 @@ class SpectralMerge(Strategy):
         if len(deltas) != len(weights):
             raise StrategyError(f"{self.name}: {len(deltas)} deltas for {ctx.name} but {len(weights)} model parameter sets")
         alpha = self.params.alpha
-        used = [(w, d) for w, d in zip(weights, deltas) if w > 0.0 and d is not None]
         if not is_spectral(ctx.name, base, self.params.token_tables):
-            total = sum(weights)
-            out = base.clone()
-            for w, d in used:
-                out.add_(d, alpha=alpha * w / total)
-            return out
+            return _weighted_mean(base, deltas, weights, alpha)
+        used = [(w, d) for w, d in zip(weights, deltas) if w > 0.0 and d is not None]
         if not used:
             return base.clone()
+        if base.numel() >= GRAM_ELEMENTS and self._gram_path(ctx.name, base.shape):
+            return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas)
         dev = torch.device(ctx.device)
         scaled = []
         for w, d in used:
@@ -239,6 +495,18 @@ class SpectralMerge(Strategy):
             scaled.append(d32 * w if w != 1.0 else d32)
         merged = self.update(scaled)
         return torch.add(base.to(device=dev, dtype=torch.float32), merged, alpha=alpha).to(base.dtype)
+
+    def streams(self, name: str, shape) -> bool:
+        return len(shape) != 2 or min(int(d) for d in shape) < 2 or self._gram_path(name, shape) or (self.params.token_tables == "mean" and is_token_table(name))
+
+    def streamed(self, ctx: TensorContext, shape, dtype, present) -> StreamedTensor:
+        weights = [mp.weight for mp in ctx.model_params]
+        if self._gram_path(ctx.name, shape):
+            return GramTensor(self, shape, weights, present, ctx.device)
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        return _MeanTensor(weights, self.params.alpha, numel)
 
 
 @register
@@ -262,6 +530,9 @@ class IsoC(SpectralMerge):
     def update(self, deltas):
         return iso_c(deltas)
 
+    def update_from_gram(self, gram, tasks, m, n):
+        return iso_c_from_gram(gram(0, 0), m, n)
+
 
 @register
 class IsoCts(SpectralMerge):
@@ -283,6 +554,9 @@ class IsoCts(SpectralMerge):
     def update(self, deltas):
         return iso_cts(deltas, self.params.common_space_fraction)
 
+    def update_from_gram(self, gram, tasks, m, n):
+        return iso_cts_from_gram(gram, tasks, m, n, self.params.common_space_fraction)
+
 
 @register
 class TsvM(SpectralMerge):
@@ -301,4 +575,7 @@ class TsvM(SpectralMerge):
 
     def update(self, deltas):
         return tsv_m(deltas)
+
+    def update_from_gram(self, gram, tasks, m, n):
+        return tsv_m_from_gram(gram, tasks, m, n)
 
