@@ -6,7 +6,8 @@ Strategies only ever see deltas, so a full fine-tune, a LoRA adapter and a delta
 coordinator are interchangeable inputs:
 
 - ``TaskVector(model, base)``: a full model folder minus the base, computed lazily per tensor.
-- ``DeltaCheckpoint(folder)``: a folder of safetensors whose tensors *are* deltas.
+- ``DeltaCheckpoint(folder)``: a folder of safetensors whose tensors *are* deltas, exact or as a
+  compressed package left them (decoded a row chunk at a time, see ``fedmerge.checkpoints.codecs``).
 - ``LoraDelta(adapter, base)``: a PEFT LoRA adapter, each adapted module's B @ A x scaling
   (see ``fedmerge.merging.lora``).
 
@@ -33,7 +34,9 @@ from fedmerge.checkpoints import (
     combine_digests,
     tensor_bytes,
 )
+from fedmerge.checkpoints.codecs import TensorCodec, parse_compression
 from fedmerge.checkpoints.delta import subtract_reference
+from fedmerge.checkpoints.errors import CodecError
 from fedmerge.merging.lora import LoraDelta, is_lora_adapter  # noqa: F401  (re-exported: contract name)
 
 DELTA_KIND = "delta"
@@ -128,6 +131,11 @@ class DeltaCheckpoint:
 
     Tensors the folder does not hold are zero deltas. This is the form in which the coordinator
     spools verified contributions and ``write_delta_checkpoint`` saves any delta source.
+
+    A compressed contribution keeps its encoded form: ``fedmerge.json`` names the spec, the seed
+    and each encoded tensor (shape, value dtype), the folder holds its encoded rows, and
+    ``get_delta`` decodes only the rows asked for, so a merge never holds more float32 than the
+    rows it works on.
     """
 
     kind = DELTA_KIND
@@ -139,6 +147,13 @@ class DeltaCheckpoint:
         self.metadata = meta
         self.label = label or str(meta.get("label") or self.folder.name)
         self.digests = _DigestRecorder()
+        self.codecs = _encoded_tensors(meta, self.reader)
+
+    @property
+    def compression(self) -> str:
+        """The spec its deltas were compressed with (``none``: exact)."""
+        c = self.metadata.get("compression")
+        return str(c["spec"]) if isinstance(c, dict) and "spec" in c else "none"
 
     @property
     def config(self) -> dict[str, Any]:
@@ -148,6 +163,9 @@ class DeltaCheckpoint:
         return self.reader.names()
 
     def info(self, name: str) -> TensorInfo:
+        codec = self.codecs.get(name)
+        if codec is not None:
+            return TensorInfo(name, codec.shape, codec.value_dtype)
         return self.reader.info(name)
 
     def file_of(self, name: str) -> Path:
@@ -158,6 +176,9 @@ class DeltaCheckpoint:
             return None
         raw = self.reader.get(name, rows=rows)
         self.digests.feed(self.reader.info(name), raw, rows)
+        codec = self.codecs.get(name)
+        if codec is not None:
+            return codec.decode(raw, rows[0] if rows is not None else 0)
         return raw.float() if raw.dtype != _f32() else raw
 
     def fingerprint(self) -> str | None:
@@ -165,6 +186,29 @@ class DeltaCheckpoint:
 
     def describe(self) -> dict[str, Any]:
         return {"label": self.label, "kind": self.kind, "path": str(self.folder), "fingerprint": self.fingerprint()}
+
+
+def _encoded_tensors(meta: dict[str, Any], reader: CheckpointReader) -> dict[str, TensorCodec]:
+    """The decoders of a compressed delta folder's encoded tensors, each checked against its file."""
+    comp, encoded = meta.get("compression"), meta.get("encoded")
+    if comp is None and encoded is None:
+        return {}
+    where = reader.folder / METADATA_NAME
+    try:
+        compression = parse_compression(str(comp["spec"]))
+        seed = int(comp["seed"])
+        out = {}
+        for name, e in dict(encoded).items():
+            shape, dtype = tuple(int(d) for d in e["shape"]), str(e["dtype"])
+            out[name] = codec = compression.for_tensor(name, shape, seed, dtype)
+            stored = reader.info(name)
+            if stored.dtype != "U8" or stored.shape != (codec.rows, codec.row_bytes):
+                raise CheckpointError(f"{reader.file_of(name)}: tensor {name!r} is stored as {stored.dtype} {list(stored.shape)}, but {compression.spec} of shape {list(shape)} takes U8 {[codec.rows, codec.row_bytes]}")
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, CodecError) as exc:
+        raise CheckpointError(f"{where}: the compression record of this delta folder is not usable ({type(exc).__name__}: {exc})") from None
+    return out
 
 
 def _f32():

@@ -1,0 +1,158 @@
+"""Storing codecs: how a row of float32 values becomes bytes, and back.
+
+- ``raw``: the values as they are, in the package's delta dtype (what follows a selecting stage
+  when no quantizer is named).
+- ``int8``: per-row absmax: ``s = max|x| / 127`` (float32), ``q = round(x / s)`` in [-127, 127];
+  row bytes ``[q (n bytes)][s (4 bytes)]``; every value is within ``s / 2`` of the original.
+- ``int4[:G]``: groups of G (default 64) consecutive values of a row, each with its own
+  ``s = bf16(max|x| / 7)``, ``q = round(x / s)`` in [-7, 7] stored as ``q + 8`` in a nibble (low
+  nibble first); row bytes ``[nibbles (ceil(n/2) bytes)][scales (ceil(n/G) bf16)]``; every value
+  is within ``s / 2`` of the original. With G = 64 a row costs 0.53 bytes per value.
+
+Every function takes and returns 2-D tensors of whole rows, so any row range encodes and decodes
+on its own. Rounding is round-half-to-even everywhere (torch's ``round``), so encoding is
+reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedmerge.checkpoints.dtypes import dtype_nbytes, torch_dtype
+from fedmerge.checkpoints.errors import UnknownCompression
+
+
+def _tiny():
+    import torch
+
+    return torch.finfo(torch.float32).tiny
+
+
+# -- raw -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RawParams:
+    pass
+
+
+def raw_width(p: RawParams, n: int, value_dtype: str) -> int:
+    return n * dtype_nbytes(value_dtype)
+
+
+def raw_encode(p: RawParams, x, ctx):
+    import torch
+
+    r = x.shape[0]
+    return x.to(torch_dtype(ctx.value_dtype)).contiguous().view(torch.uint8).reshape(r, -1)
+
+
+def raw_decode(p: RawParams, y, n: int, ctx):
+    import torch
+
+    return y.contiguous().view(torch_dtype(ctx.value_dtype)).to(torch.float32)
+
+
+def raw_fields(p: RawParams, n: int, value_dtype: str) -> list[tuple[int, int, str]]:
+    return [(0, raw_width(p, n, value_dtype), value_dtype)]
+
+
+# -- int8 ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int8Params:
+    pass
+
+
+def int8_parse(arg: str | None) -> Int8Params:
+    if arg is not None:
+        raise UnknownCompression(f"int8 takes no argument (got int8:{arg}); it scales each row by its largest value")
+    return Int8Params()
+
+
+def int8_width(p: Int8Params, n: int, value_dtype: str) -> int:
+    return n + 4
+
+
+def int8_encode(p: Int8Params, x, ctx):
+    import torch
+
+    s = x.abs().amax(dim=1).div_(127.0)
+    q = torch.div(x, s.clamp_min(_tiny()).unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+    return torch.cat([q.view(torch.uint8), s.view(torch.uint8).reshape(-1, 4)], dim=1)
+
+
+def int8_decode(p: Int8Params, y, n: int, ctx):
+    import torch
+
+    s = y[:, n:].contiguous().view(torch.float32)
+    return y[:, :n].contiguous().view(torch.int8).to(torch.float32).mul_(s)
+
+
+def int8_fields(p: Int8Params, n: int, value_dtype: str) -> list[tuple[int, int, str]]:
+    return [(n, n + 4, "F32")]
+
+
+# -- int4 ------------------------------------------------------------------------------------------
+INT4_GROUP = 64
+
+
+@dataclass(frozen=True)
+class Int4Params:
+    group: int = INT4_GROUP
+
+
+def int4_parse(arg: str | None) -> Int4Params:
+    if arg is None:
+        return Int4Params()
+    try:
+        group = int(arg)
+    except ValueError:
+        group = 0
+    if not 2 <= group <= 4096 or group % 2:
+        raise UnknownCompression(f"int4:{arg}: the group size must be an even integer from 2 to 4096 (default {INT4_GROUP})")
+    return Int4Params(group)
+
+
+def int4_spell(p: Int4Params) -> str:
+    return "int4" if p.group == INT4_GROUP else f"int4:{p.group}"
+
+
+def _int4_sizes(p: Int4Params, n: int) -> tuple[int, int]:
+    """(nibble bytes, groups) of a row of n values."""
+    return -(-n // 2), -(-n // p.group)
+
+
+def int4_width(p: Int4Params, n: int, value_dtype: str) -> int:
+    nib, groups = _int4_sizes(p, n)
+    return nib + 2 * groups
+
+
+def int4_encode(p: Int4Params, x, ctx):
+    import torch
+
+    r, n = x.shape
+    nib, groups = _int4_sizes(p, n)
+    padded = torch.nn.functional.pad(x, (0, groups * p.group - n)).view(r, groups, p.group)
+    s = padded.abs().amax(dim=2).div_(7.0).to(torch.bfloat16)
+    q = torch.div(padded, s.to(torch.float32).clamp_min(_tiny()).unsqueeze(2)).round_().clamp_(-7, 7)
+    codes = q.view(r, groups * p.group)[:, : 2 * nib].add_(8).to(torch.uint8).view(r, nib, 2)
+    packed = codes[:, :, 0] | (codes[:, :, 1] << 4)
+    return torch.cat([packed, s.view(torch.uint8).reshape(r, 2 * groups)], dim=1)
+
+
+def int4_decode(p: Int4Params, y, n: int, ctx):
+    import torch
+
+    r = y.shape[0]
+    nib, groups = _int4_sizes(p, n)
+    packed = y[:, :nib]
+    codes = torch.stack([packed & 15, packed >> 4], dim=2).view(r, 2 * nib)
+    values = torch.zeros(r, groups * p.group, dtype=torch.float32)
+    values[:, :n] = codes[:, :n]
+    values = values.sub_(8.0).view(r, groups, p.group)
+    s = y[:, nib:].contiguous().view(torch.bfloat16).to(torch.float32)
+    values.mul_(s.unsqueeze(2))
+    return values.view(r, groups * p.group)[:, :n]
+
+
+def int4_fields(p: Int4Params, n: int, value_dtype: str) -> list[tuple[int, int, str]]:
+    nib, groups = _int4_sizes(p, n)
+    return [(nib, nib + 2 * groups, "BF16")]
