@@ -9,7 +9,9 @@ no process on either side ever holds more than a part in memory.
 A round, as messages (all ``query.<action>``; each message starts a fresh ClientApp process,
 so every handler does one small thing and keeps what it computed on disk):
 
-- ``open_round``   coordinator -> client: round id, reference fingerprint, part size, delta dtype.
+- ``open_round``   coordinator -> client: round id, reference fingerprint, part size, delta dtype,
+                   compression (a codec spec; ``none`` when absent). A hospital that does not
+                   know the spec, or whose config does not allow it, refuses the round.
                    reply: the institution the client says it is (a hint only: the coordinator
                    knows which institution each node is bound to), the PartPlan of its package
                    and, when asked, the package's first part (one message fewer per round).

@@ -29,3 +29,7 @@ class NothingReceived(ClientError):
     """A commit arrived for a model none of whose parts were received."""
 
 
+
+
+class CompressionRefused(ClientError):
+    """The coordinator asked for a compression this hospital does not know or does not allow."""

@@ -34,6 +34,7 @@ from fedmerge.checkpoints.atomic import write_json_atomic
 from fedmerge.client.config import ClientConfig
 from fedmerge.client.errors import (
     ClientError,
+    CompressionRefused,
     NothingReceived,
     RoundNotOpened,
     TrainHookFailed,
@@ -105,13 +106,15 @@ class HospitalNode:
         )
 
     # -- contributing -------------------------------------------------------------------------------
-    def open_round(self, r: int, reference_fingerprint: str, part_bytes: int, delta_dtype: str = "float32") -> dict[str, Any]:
+    def open_round(self, r: int, reference_fingerprint: str, part_bytes: int, delta_dtype: str = "float32", *, compression: str = "none") -> dict[str, Any]:
         """Build (once) this round's signed package against the named reference; describe its parts."""
+        compression = self.accepted_compression(compression)
         rdir = self.round_dir(r)
         plan_file = rdir / "plan.json"
         if plan_file.exists():
             cached = json.loads(plan_file.read_text())
-            if (cached["reference_fingerprint"], cached["part_bytes"], cached.get("delta_dtype", "float32")) == (reference_fingerprint, part_bytes, delta_dtype):
+            asked = (reference_fingerprint, part_bytes, delta_dtype, compression)
+            if (cached["reference_fingerprint"], cached["part_bytes"], cached.get("delta_dtype", "float32"), cached.get("compression", "none")) == asked:
                 return {"institution": self.cfg.institution, "plan": cached["plan"]}
             shutil.rmtree(rdir)
         reference = self.find_reference(reference_fingerprint)
@@ -134,16 +137,31 @@ class HospitalNode:
                 against: Path | None = None
             else:
                 model, against = source, reference
-            pkg = Path(pack_delta(model, against, tmp / "package", identity, r, reference_fingerprint, seal_to=seal_to, dtype=delta_dtype))
+            pkg = Path(pack_delta(model, against, tmp / "package", identity, r, reference_fingerprint, seal_to=seal_to, dtype=delta_dtype, compress=compression))
             final = rdir / "package"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(pkg, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         plan = protocol.plan_folder(final, part_bytes)
-        write_json_atomic(plan_file, {"reference_fingerprint": reference_fingerprint, "part_bytes": part_bytes, "delta_dtype": delta_dtype, "plan": plan.to_json()})
+        write_json_atomic(plan_file, {"reference_fingerprint": reference_fingerprint, "part_bytes": part_bytes, "delta_dtype": delta_dtype, "compression": compression, "plan": plan.to_json()})
         log.info("%s: round %d package ready (%d bytes, %d part(s))", self.cfg.institution, r, plan.total_bytes, len(plan.parts))
         return {"institution": self.cfg.institution, "plan": plan.to_json()}
+
+    def accepted_compression(self, spec: str) -> str:
+        """The canonical spelling of the compression the coordinator asks for, if this hospital
+        knows it and its config allows it; ``CompressionRefused`` otherwise."""
+        from fedmerge.checkpoints.codecs import canonical_spec
+        from fedmerge.checkpoints.errors import UnknownCompression
+
+        try:
+            canonical = canonical_spec(spec)
+        except UnknownCompression as exc:
+            raise CompressionRefused(f"{self.cfg.institution}: the coordinator asks for {exc}") from None
+        allowed = self.cfg.compression
+        if allowed is not None and canonical not in allowed:
+            raise CompressionRefused(f"{self.cfg.institution}: the coordinator asks for compression {canonical}; this hospital packs only with {', '.join(allowed)} (client config `compression`)")
+        return canonical
 
     def _contribution_source(self, r: int, reference: Path) -> str:
         if not self.cfg.train_hook:

@@ -142,12 +142,21 @@ class FederationConfig(BaseModel):
     reference: Literal["base", "global"] = "base"
     # float32 deltas make a federated round byte-identical to the offline merge; bfloat16 halves the bytes.
     delta_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # How hospitals encode their deltas' matrices (fedmerge.checkpoints.codecs): none (exact), int8,
+    # int4, sparse:<density>, or selecting stages then one storing stage (sparse:0.25+int4).
+    # Announced in every open-round message; a package compressed otherwise is rejected.
+    compression: str = "none"
     # Refuse contributions that are not sealed to the coordinator (a recorded rejection).
     require_sealed: bool = True
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     evaluator: EvaluatorHook | None = None
     sample_seed: int = 0
     superlink: SuperLinkConfig | None = None
+
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, v: str) -> str:
+        return _canonical_compression(v)
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> "FederationConfig":
@@ -163,6 +172,16 @@ class FederationConfig(BaseModel):
     @property
     def state(self) -> Path:
         return Path(self.state_dir)
+
+
+def _canonical_compression(v: str) -> str:
+    from fedmerge.checkpoints.codecs import canonical_spec
+    from fedmerge.checkpoints.errors import UnknownCompression
+
+    try:
+        return canonical_spec(v)
+    except UnknownCompression as exc:  # its message lists the valid specs
+        raise ValueError(str(exc)) from None
 
 
 def load_federation_config(path) -> FederationConfig:

@@ -22,6 +22,15 @@ from fedmerge.checkpoints.dtypes import dtype_nbytes, torch_dtype
 from fedmerge.checkpoints.errors import UnknownCompression
 
 
+def _view(y, dtype):
+    """uint8 columns as ``dtype`` values (copied when their layout or alignment does not allow a view)."""
+    r = y.shape[0]
+    flat = y.contiguous().reshape(-1)
+    if flat.storage_offset() % dtype.itemsize:
+        flat = flat.clone()
+    return flat.view(dtype).reshape(r, -1)
+
+
 def _tiny():
     import torch
 
@@ -48,7 +57,7 @@ def raw_encode(p: RawParams, x, ctx):
 def raw_decode(p: RawParams, y, n: int, ctx):
     import torch
 
-    return y.contiguous().view(torch_dtype(ctx.value_dtype)).to(torch.float32)
+    return _view(y, torch_dtype(ctx.value_dtype)).to(torch.float32)
 
 
 def raw_fields(p: RawParams, n: int, value_dtype: str) -> list[tuple[int, int, str]]:
@@ -82,8 +91,8 @@ def int8_encode(p: Int8Params, x, ctx):
 def int8_decode(p: Int8Params, y, n: int, ctx):
     import torch
 
-    s = y[:, n:].contiguous().view(torch.float32)
-    return y[:, :n].contiguous().view(torch.int8).to(torch.float32).mul_(s)
+    s = _view(y[:, n:], torch.float32)
+    return _view(y[:, :n], torch.int8).to(torch.float32).mul_(s)
 
 
 def int8_fields(p: Int8Params, n: int, value_dtype: str) -> list[tuple[int, int, str]]:
@@ -148,7 +157,7 @@ def int4_decode(p: Int4Params, y, n: int, ctx):
     values = torch.zeros(r, groups * p.group, dtype=torch.float32)
     values[:, :n] = codes[:, :n]
     values = values.sub_(8.0).view(r, groups, p.group)
-    s = y[:, nib:].contiguous().view(torch.bfloat16).to(torch.float32)
+    s = _view(y[:, nib:], torch.bfloat16).to(torch.float32)
     values.mul_(s.unsqueeze(2))
     return values.view(r, groups * p.group)[:, :n]
 
