@@ -34,9 +34,8 @@ from fedmerge.checkpoints import (
     combine_digests,
     tensor_bytes,
 )
-from fedmerge.checkpoints.codecs import TensorCodec, parse_compression
+from fedmerge.checkpoints.codecs.folder import folder_codecs
 from fedmerge.checkpoints.delta import subtract_reference
-from fedmerge.checkpoints.errors import CodecError
 from fedmerge.merging.lora import LoraDelta, is_lora_adapter  # noqa: F401  (re-exported: contract name)
 
 DELTA_KIND = "delta"
@@ -147,7 +146,7 @@ class DeltaCheckpoint:
         self.metadata = meta
         self.label = label or str(meta.get("label") or self.folder.name)
         self.digests = _DigestRecorder()
-        self.codecs = _encoded_tensors(meta, self.reader)
+        self.codecs = folder_codecs(meta, self.reader)
 
     @property
     def compression(self) -> str:
@@ -186,29 +185,6 @@ class DeltaCheckpoint:
 
     def describe(self) -> dict[str, Any]:
         return {"label": self.label, "kind": self.kind, "path": str(self.folder), "fingerprint": self.fingerprint()}
-
-
-def _encoded_tensors(meta: dict[str, Any], reader: CheckpointReader) -> dict[str, TensorCodec]:
-    """The decoders of a compressed delta folder's encoded tensors, each checked against its file."""
-    comp, encoded = meta.get("compression"), meta.get("encoded")
-    if comp is None and encoded is None:
-        return {}
-    where = reader.folder / METADATA_NAME
-    try:
-        compression = parse_compression(str(comp["spec"]))
-        seed = int(comp["seed"])
-        out = {}
-        for name, e in dict(encoded).items():
-            shape, dtype = tuple(int(d) for d in e["shape"]), str(e["dtype"])
-            out[name] = codec = compression.for_tensor(name, shape, seed, dtype)
-            stored = reader.info(name)
-            if stored.dtype != "U8" or stored.shape != (codec.rows, codec.row_bytes):
-                raise CheckpointError(f"{reader.file_of(name)}: tensor {name!r} is stored as {stored.dtype} {list(stored.shape)}, but {compression.spec} of shape {list(shape)} takes U8 {[codec.rows, codec.row_bytes]}")
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, CodecError) as exc:
-        raise CheckpointError(f"{where}: the compression record of this delta folder is not usable ({type(exc).__name__}: {exc})") from None
-    return out
 
 
 def _f32():

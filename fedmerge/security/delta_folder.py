@@ -18,6 +18,8 @@ import logging
 from pathlib import Path
 
 from fedmerge.checkpoints import CheckpointWriter, TensorInfo
+from fedmerge.checkpoints.codecs.folder import encoding_metadata
+from fedmerge.checkpoints.codecs.folder import stored_info as encoded_info
 from fedmerge.security.errors import PackageError
 from fedmerge.security.manifest import DeltaManifest, TensorEntry
 
@@ -33,17 +35,14 @@ def delta_metadata(manifest: DeltaManifest) -> dict:
     m = manifest
     meta = {"kind": "delta", "sender": m.sender, "round": m.round, "reference": m.reference, "nonce": m.nonce, "created": m.created, "label": m.label, "package_format": m.format, "sealed": m.sealed is not None}
     if m.compression is not None:
-        meta["compression"] = m.compression.to_dict()
-        meta["encoded"] = {t.name: {"shape": list(t.shape), "dtype": t.dtype} for t in m.tensors if m.codec_of(t) is not None}
+        meta.update(encoding_metadata(m.compression.spec, m.compression.seed, {t.name: (t.shape, t.dtype) for t in m.tensors if m.codec_of(t) is not None}))
     return meta
 
 
 def stored_info(manifest: DeltaManifest, t: TensorEntry) -> TensorInfo:
     """How a package's tensor is stored in a delta folder: as is, or as its encoded rows."""
     codec = manifest.codec_of(t)
-    if codec is None:
-        return TensorInfo(t.name, t.shape, t.dtype)
-    return TensorInfo(t.name, (codec.rows, codec.row_bytes), "U8")
+    return TensorInfo(t.name, t.shape, t.dtype) if codec is None else encoded_info(codec)
 
 
 class DeltaFolderWriter:

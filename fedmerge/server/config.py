@@ -76,7 +76,13 @@ class SuperLinkConfig(BaseModel):
     ca_cert: ConfigPath
     server_cert: ConfigPath  # TLS is not optional
     server_key: ConfigPath
-    database_path: ConfigPath | None = None  # default: <state_dir>/superlink.db
+    # Where Flower keeps its link state (nodes, runs, messages in flight and their payload objects):
+    # "memory" (default), or "file" (SQLite at database_path). Rounds resume from fedmerge's own
+    # journal and spool, and a restarted coordinator starts a fresh SuperLink and registers the
+    # node keys again, so nothing needs the file; in memory, every part skips a SQLite write, read
+    # and delete, and no plaintext part of a published model rests on the coordinator's disk.
+    link_state: Literal["memory", "file"] = "memory"
+    database_path: ConfigPath | None = None  # with link_state: file; default: <state_dir>/superlink.db
     # institution -> OpenSSH public key of its SuperNode (`fedmerge node-key` output). A node's
     # contributions count only for the institution its key is bound to, and only bound nodes
     # receive published models.
