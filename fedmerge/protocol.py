@@ -23,6 +23,12 @@ so every handler does one small thing and keeps what it computed on disk):
                    the round made of it (``outcome``: contributed, late, rejected...).
 - ``install_commit`` commit alone (a model folder with no bytes to send).
 
+A model may be pushed compressed (the coordinator's ``publish_compression``): the plan's ``extra``
+then names the reference to rebuild on (``rebuild_against``: its fingerprint), and the folder
+holds the model's small files and its encoded delta under ``delta/``
+(``fedmerge.checkpoints.rebuild``); the hospital rebuilds the weights, then checks the whole
+folder against the signed publication as for any model.
+
 A hospital that cannot do what it is asked answers with ``refused`` (the error's type) and
 ``reason``, scrubbed of its local paths (``scrub_paths``), instead of raising: nothing about its
 file system leaves the hospital.
@@ -57,6 +63,8 @@ PAYLOAD = "payload"  # ArrayRecord holding one part's bytes as a uint8 array
 PAYLOAD_KEY = "bytes"
 
 DEFAULT_PART_BYTES = 64 * 1024 * 1024
+REBUILD_AGAINST = "rebuild_against"  # a pushed plan's extra: rebuild the model on this reference
+PUBLISHED_DELTA_DIR = "delta"  # where a compressed publication's encoded delta sits in the pushed folder
 _READ_BLOCK = 4 * 1024 * 1024
 
 

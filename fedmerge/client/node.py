@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HospitalNode", "ClientError"]
 
-# A published model folder is flat (the publication lists plain file names).
-_MODEL_FILE_NAMES = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+# A published model folder is flat (the publication lists plain file names); a compressed one
+# also holds its encoded delta, one level down.
+_MODEL_FILE_NAMES = re.compile(rf"(?:{protocol.PUBLISHED_DELTA_DIR}/)?[A-Za-z0-9_][A-Za-z0-9._-]{{0,254}}")
 _MAX_MODEL_PART_BYTES = 1 << 30
 _ROUND_DIR = re.compile(r"round-(\d{4,})")
 
@@ -257,6 +258,9 @@ class HospitalNode:
         for f in plan.files:  # make the received bytes durable before anything points at them
             with open(staging / f.path, "rb") as fh:
                 os.fsync(fh.fileno())
+        against = plan.extra.get(protocol.REBUILD_AGAINST)
+        if against is not None:
+            self._rebuild(staging, str(against), r)
         publication = self._verify_publication(staging, r)
         self.models.mkdir(parents=True, exist_ok=True)
         (self.models / f".{final.name}.plan").write_text(plan_json)
@@ -276,6 +280,20 @@ class HospitalNode:
         self._note_outcome(r, outcome)
         log.info("%s: installed round %d at %s (fingerprint %s)", self.cfg.institution, r, final, publication.fingerprint)
         return {"round": r, "installed": final.name}
+
+    def _rebuild(self, staging: Path, reference_fingerprint: str, r: int) -> None:
+        """Turn a compressed publication's folder into the model: the named local reference plus the
+        decoded delta (``fedmerge.checkpoints.rebuild``), in place of ``staging``. Nothing of it is
+        trusted until the whole folder matches the signed publication."""
+        from fedmerge.checkpoints.rebuild import rebuild_model
+
+        reference = self.find_reference(reference_fingerprint)
+        rebuilt = staging.with_name(staging.name + ".rebuilt")
+        shutil.rmtree(rebuilt, ignore_errors=True)
+        rebuild_model(reference, staging / protocol.PUBLISHED_DELTA_DIR, rebuilt, sidecars_from=staging)
+        shutil.rmtree(staging)
+        os.replace(rebuilt, staging)
+        log.info("%s: round %d's model rebuilt on %s from its encoded delta", self.cfg.institution, r, reference)
 
     def _verify_publication(self, folder: Path, r: int):
         """The coordinator's signed publication of ``folder``: pinned signer, round ``r``, newer than installed."""

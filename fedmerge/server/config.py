@@ -152,6 +152,9 @@ class FederationConfig(BaseModel):
     # int4, sparse:<density>, or selecting stages then one storing stage (sparse:0.25+int4).
     # Announced in every open-round message; a package compressed otherwise is rejected.
     compression: str = "none"
+    # How the round's model is pushed back: none (the whole model) or a codec spec; then the model
+    # is published as reference + decode(encode(merged - reference)), what every hospital rebuilds.
+    publish_compression: str = "none"
     # Refuse contributions that are not sealed to the coordinator (a recorded rejection).
     require_sealed: bool = True
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
@@ -159,7 +162,7 @@ class FederationConfig(BaseModel):
     sample_seed: int = 0
     superlink: SuperLinkConfig | None = None
 
-    @field_validator("compression")
+    @field_validator("compression", "publish_compression")
     @classmethod
     def _known_compression(cls, v: str) -> str:
         return _canonical_compression(v)
