@@ -109,6 +109,44 @@ class PeakRss:
         return {k: round(v / 1024**2, 3) for k, v in self.peak_kb.items()}
 
 
+class CpuMeter:
+    """CPU seconds (user + system, with reaped children's) spent by each kind of process of a deployment.
+
+    Processes are found by the deployment's folder in their command line or environment; an app
+    process that ends is counted through the launcher that forked and reaped it. On a shared
+    machine, CPU seconds move far less with the load than wall seconds.
+    """
+
+    KINDS = {"superlink": "superlink_main", "serverapp launcher+apps": "guard --serve serverapp", "supernodes": "flower-supernode",
+             "clientapp launchers+apps": "guard --serve clientapp", "superexec": "flower-superexec"}  # fmt: skip
+
+    def __init__(self, work: Path):
+        self.work = str(work)
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> dict[str, float]:
+        out = {k: 0.0 for k in self.KINDS}
+        for pid_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                kind = next((k for k, pat in self.KINDS.items() if pat in cmd), None)
+                if kind is None or (self.work not in cmd and self.work.encode() not in (pid_dir / "environ").read_bytes()):
+                    continue
+                fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
+                out[kind] += sum(int(fields[i]) for i in (11, 12, 13, 14)) / self.tick  # utime stime cutime cstime
+            except (OSError, ValueError, IndexError):
+                continue
+        return out
+
+    def __enter__(self) -> "CpuMeter":
+        self.start = self._sample()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._sample()
+        self.seconds = {k: round(max(0.0, end[k] - self.start[k]), 1) for k in self.KINDS}
+
+
 @dataclass
 class RoundSettings:
     part_bytes: int
@@ -190,7 +228,7 @@ class Deployment:
     def round(self) -> dict:
         """One fedmerge round: its record's figures and the peak RSS of each kind of process."""
         labels = {"coordinator_serverapp": "guard --serve serverapp", "superlink": "fedmerge.federation.superlink_main", "client_apps": "guard --serve clientapp"}
-        with PeakRss(labels) as rss:
+        with PeakRss(labels) as rss, CpuMeter(self.work) as cpu:
             self.coord.submit()
             records = self.coord.wait(timeout=7200, poll_s=2.0)
         rec = records[0]
@@ -203,6 +241,7 @@ class Deployment:
             "bytes_sent_per_client": {k: c.bytes for k, c in rec.contributions.items()},
             "model_bytes_received_per_client": pub.model_bytes,
             "peak_rss_gb": rss.gb(),
+            "round_cpu_seconds_by_process": cpu.seconds,
         }
 
     def bare(self, up_bytes: int, down_bytes: int) -> dict:
@@ -216,13 +255,14 @@ class Deployment:
             "nodes": self.n, "up_bytes": up_bytes, "down_bytes": down_bytes, "part_bytes": self.settings.part_bytes,
             "window": cfg.parts_in_flight, "total_window": cfg.parts_in_flight_total, "payload": self.transport.payload, "out": str(out),
         }))  # fmt: skip
-        with PeakRss({"bare_serverapp": "guard --serve serverapp"}) as rss:
+        with PeakRss({"bare_serverapp": "guard --serve serverapp"}) as rss, CpuMeter(self.work) as cpu:
             t0 = time.perf_counter()
             flower_internals.start_run(self.coord.superlink.control, BARE_APP, {"plan": str(plan)})
             while not out.exists():
                 self.coord.superlink.check_alive()
                 time.sleep(1.0)
             wall = time.perf_counter() - t0
+            time.sleep(2.0)  # the bare ServerApp ends and is reaped: its CPU time lands in its launcher
         res = json.loads(out.read_text())
         if res.get("failed"):
             raise RuntimeError(f"the bare transfer failed for nodes {res['failed']}")
@@ -230,6 +270,8 @@ class Deployment:
         return {
             "bare_transfer_seconds": round(res["seconds"], 1), "bare_up_seconds": round(res["up_seconds"], 1), "bare_down_seconds": round(res["down_seconds"], 1),
             "bare_run_wall_seconds": round(wall, 1), "bare_mb_per_s": round(moved / 1e6 / res["seconds"], 1), "bare_serverapp_peak_rss_gb": rss.gb()["bare_serverapp"],
+            "bare_cpu_seconds": round(sum(cpu.seconds.values()), 1), "bare_cpu_seconds_per_gb": round(sum(cpu.seconds.values()) / (moved / 1e9), 1),
+            "bare_cpu_seconds_by_process": cpu.seconds,
         }  # fmt: skip
 
     def engine_alone(self) -> float:
