@@ -5,7 +5,7 @@
 - ``int8``: per-row absmax: ``s = max|x| / 127`` (float32), ``q = round(x / s)`` in [-127, 127];
   row bytes ``[q (n bytes)][s (4 bytes)]``; every value is within ``s / 2`` of the original.
 - ``int4[:G]``: groups of G (default 64) consecutive values of a row, each with its own
-  ``s = bf16(max|x| / 7)``, ``q = round(x / s)`` in [-7, 7] stored as ``q + 8`` in a nibble (low
+  ``s = bf16(max|x| / 7)``, ``q = round(x * (1 / s))`` in [-7, 7] stored as ``q + 8`` in a nibble (low
   nibble first); row bytes ``[nibbles (ceil(n/2) bytes)][scales (ceil(n/G) bf16)]``; every value
   is within ``s / 2`` of the original. With G = 64 a row costs 0.53 bytes per value.
 
@@ -139,11 +139,19 @@ def int4_encode(p: Int4Params, x, ctx):
 
     r, n = x.shape
     nib, groups = _int4_sizes(p, n)
-    padded = torch.nn.functional.pad(x, (0, groups * p.group - n)).view(r, groups, p.group)
-    s = padded.abs().amax(dim=2).div_(7.0).to(torch.bfloat16)
-    q = torch.div(padded, s.to(torch.float32).clamp_min(_tiny()).unsqueeze(2)).round_().clamp_(-7, 7)
-    codes = q.view(r, groups * p.group)[:, : 2 * nib].add_(8).to(torch.uint8).view(r, nib, 2)
-    packed = codes[:, :, 0] | (codes[:, :, 1] << 4)
+    width = groups * p.group
+    padded = x if width == n else torch.nn.functional.pad(x, (0, width - n))
+    grouped = padded.view(r, groups, p.group)
+    lo, hi = torch.aminmax(grouped, dim=2)
+    s = torch.maximum(hi, lo.neg_()).div_(7.0).to(torch.bfloat16)
+    sf = s.to(torch.float32)
+    inv = torch.where(sf > 0, 1.0 / sf.clamp_min(_tiny()), torch.zeros_like(sf))
+    q = torch.mul(grouped, inv.unsqueeze(2)).round_().clamp_(-7, 7).view(r, width)
+    if 2 * nib != width:
+        q = q[:, : 2 * nib]
+    q = q.reshape(r, nib, 2)
+    # both nibbles at once, in float: (q_even + 8) + 16 (q_odd + 8)
+    packed = torch.addcmul(q[:, :, 0], q[:, :, 1], torch.tensor(16.0)).add_(136.0).to(torch.uint8)
     return torch.cat([packed, s.view(torch.uint8).reshape(r, 2 * groups)], dim=1)
 
 
@@ -153,13 +161,15 @@ def int4_decode(p: Int4Params, y, n: int, ctx):
     r = y.shape[0]
     nib, groups = _int4_sizes(p, n)
     packed = y[:, :nib]
-    codes = torch.stack([packed & 15, packed >> 4], dim=2).view(r, 2 * nib)
     values = torch.zeros(r, groups * p.group, dtype=torch.float32)
-    values[:, :n] = codes[:, :n]
-    values = values.sub_(8.0).view(r, groups, p.group)
+    pairs = values[:, : 2 * nib].view(r, nib, 2)
+    pairs[:, :, 0] = packed & 15
+    pairs[:, :, 1] = packed >> 4
+    if 2 * nib != groups * p.group:
+        values[:, 2 * nib :] = 8.0  # padding decodes to zero (and is cut off below)
     s = _view(y[:, nib:], torch.bfloat16).to(torch.float32)
-    values.mul_(s.unsqueeze(2))
-    return values.view(r, groups * p.group)[:, :n]
+    values = values.view(r, groups, p.group).sub_(8.0).mul_(s.unsqueeze(2)).view(r, groups * p.group)
+    return values if groups * p.group == n else values[:, :n]
 
 
 def int4_fields(p: Int4Params, n: int, value_dtype: str) -> list[tuple[int, int, str]]:
