@@ -152,14 +152,16 @@ class Collection:
         self.plans[node] = plan
         have = self.spool.start(node, plan, inst)
         if payload is not None and 0 not in have:
-            self._receive(node, 0, meta, payload)
+            if self._receive(node, 0, meta, payload):
+                return []  # a one-part package, complete with the open reply (and finished already)
             have.add(0)
         todo = [i for i in range(len(plan.parts)) if i not in have]
         if not todo:
             self._finish(node)
         return [Request(protocol.FETCH_PART, {"round": self.r, "part": i}, None, i) for i in todo]
 
-    def _receive(self, node: int, index: int, meta: dict[str, Any], data: bytes | None) -> None:
+    def _receive(self, node: int, index: int, meta: dict[str, Any], data: bytes | None) -> bool:
+        """Spool one part; True when it completed the package (which is then verified and decided)."""
         plan = self.plans[node]
         if data is None or meta.get("part") != index or meta.get("sha256") != protocol.part_digest(data):
             raise NodeFailed(f"part {index} arrived damaged, missing or out of place")
@@ -168,6 +170,7 @@ class Collection:
         self.record.bytes_received[inst] = self.record.bytes_received.get(inst, 0) + len(data)
         if complete:
             self._finish(node)
+        return complete
 
     # -- decisions ---------------------------------------------------------------------------------
     def _finish(self, node: int) -> None:

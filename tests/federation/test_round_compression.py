@@ -19,10 +19,11 @@ from fedmerge.protocol import OPEN_ROUND, read_meta
 from fedmerge.server.config import load_federation_config
 
 STRATEGY = {"method": "task_arithmetic", "parameters": {"lambda": 0.6}, "seed": 1}
+PART = 4 * 1024 * 1024
 
 
 def test_an_int4_round_merges_and_installs_the_encoded_contributions(make_federation, tmp_path):
-    tf = make_federation(3, strategy=STRATEGY, federation_overrides={"compression": "int4"})
+    tf = make_federation(3, strategy=STRATEGY, part_bytes=PART, federation_overrides={"compression": "int4"})
     asked: list[dict] = []
 
     def note_open_round(node, msg):
@@ -34,6 +35,9 @@ def test_an_int4_round_merges_and_installs_the_encoded_contributions(make_federa
     assert [r.status for r in report.rounds] == ["completed"]
     assert [m["compression"] for m in asked] == ["int4"] * 3
     rnd = report.rounds[0]
+    # each int4 package fits the one part that rides on the open reply: accepted once, never refused after
+    assert all(c.bytes <= PART for c in rnd.record.contributions.values())
+    assert rnd.record.rejections == [] and rnd.record.drops == []
     deltas = {inst: DeltaCheckpoint(d, label=inst) for inst, d in sorted(rnd.delta_dirs.items())}
     # every accepted contribution is stored encoded, and decodes to the codec of the hospital's true delta
     comp = parse_compression("int4")
