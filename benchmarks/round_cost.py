@@ -61,15 +61,18 @@ class Transport:
     link_state: str  # "memory" or "file" (superlink.link_state)
     env: dict[str, str] = field(default_factory=dict)  # over fedmerge's defaults, for every Flower process
     payload: str = "raw"  # "raw" (fedmerge's Array of bytes) or "numpy" (np.save'd, as before); bare app only
+    poll_max_s: float | None = None  # the coordinator's longest wait between polls (None: the Exchange's default); bare app only
 
 
 _FLOWER_DEFAULT_CHUNK = {FLOWER_CHUNK: str(5 * 1024 * 1024)}
+_BEFORE = dict(link_state="file", env=_FLOWER_DEFAULT_CHUNK, payload="numpy", poll_max_s=0.05)
 TRANSPORTS: dict[str, Transport] = {
-    "flower-defaults": Transport("SQLite link state, 5 MiB array chunks, numpy payloads (fedmerge before)", "file", _FLOWER_DEFAULT_CHUNK, "numpy"),
-    "memory": Transport("in-memory link state only", "memory", _FLOWER_DEFAULT_CHUNK, "numpy"),
-    "one-chunk": Transport("one array chunk per part only", "file", {}, "numpy"),
-    "raw-payload": Transport("payload bytes as they are (no np.save / np.load copies) only", "file", _FLOWER_DEFAULT_CHUNK, "raw"),
-    "fedmerge": Transport("all of them (fedmerge's defaults)", "memory", {}, "raw"),
+    "flower-defaults": Transport("SQLite link state, 5 MiB array chunks, numpy payloads, polls every 50 ms (fedmerge before)", **_BEFORE),
+    "memory": Transport("in-memory link state only", **{**_BEFORE, "link_state": "memory"}),
+    "one-chunk": Transport("one array chunk per part only", **{**_BEFORE, "env": {}}),
+    "raw-payload": Transport("payload bytes as they are (no np.save / np.load copies) only", **{**_BEFORE, "payload": "raw"}),
+    "poll-backoff": Transport("polls spaced out to 0.4 s while nothing comes only", **{**_BEFORE, "poll_max_s": None}),
+    "fedmerge": Transport("all of them (fedmerge's defaults)", "memory", {}, "raw", None),
 }
 
 
@@ -110,41 +113,62 @@ class PeakRss:
 
 
 class CpuMeter:
-    """CPU seconds (user + system, with reaped children's) spent by each kind of process of a deployment.
+    """CPU seconds (user + system) spent by each kind of process of a deployment while it runs.
 
-    Processes are found by the deployment's folder in their command line or environment; an app
-    process that ends is counted through the launcher that forked and reaped it. On a shared
-    machine, CPU seconds move far less with the load than wall seconds.
+    Processes are found by the deployment's folder in their command line or environment and
+    sampled every ``interval`` seconds (an app process lives for one message; forked by a
+    launcher, it carries the launcher's command line). Each process counts what it spent between
+    the start (or its birth) and its last sample. On a shared machine, CPU seconds move far less
+    with the load than wall seconds.
     """
 
     KINDS = {"superlink": "superlink_main", "serverapp launcher+apps": "guard --serve serverapp", "supernodes": "flower-supernode",
              "clientapp launchers+apps": "guard --serve clientapp", "superexec": "flower-superexec"}  # fmt: skip
 
-    def __init__(self, work: Path):
-        self.work = str(work)
+    def __init__(self, work: Path, interval: float = 0.2):
+        self.work, self.interval = str(work), interval
         self.tick = os.sysconf("SC_CLK_TCK")
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self) -> dict[str, float]:
-        out = {k: 0.0 for k in self.KINDS}
+    def _sample(self, initial: bool = False) -> None:
         for pid_dir in Path("/proc").glob("[0-9]*"):
             try:
-                cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                kind = next((k for k, pat in self.KINDS.items() if pat in cmd), None)
-                if kind is None or (self.work not in cmd and self.work.encode() not in (pid_dir / "environ").read_bytes()):
-                    continue
+                pid = int(pid_dir.name)
+                if pid not in self.last:
+                    cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    kind = next((k for k, pat in self.KINDS.items() if pat in cmd), None)
+                    if kind is None or (self.work not in cmd and self.work.encode() not in (pid_dir / "environ").read_bytes()):
+                        continue
+                else:
+                    kind = self.last[pid][0]
                 fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
-                out[kind] += sum(int(fields[i]) for i in (11, 12, 13, 14)) / self.tick  # utime stime cutime cstime
+                used = (int(fields[11]) + int(fields[12])) / self.tick  # utime, stime
+                if pid not in self.last:
+                    self.first[pid] = used if initial else 0.0
+                self.last[pid] = (kind, used)
             except (OSError, ValueError, IndexError):
                 continue
-        return out
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
 
     def __enter__(self) -> "CpuMeter":
-        self.start = self._sample()
+        self._sample(initial=True)
+        self._t.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        end = self._sample()
-        self.seconds = {k: round(max(0.0, end[k] - self.start[k]), 1) for k in self.KINDS}
+        self._stop.set()
+        self._t.join()
+        self._sample()
+        totals = {k: 0.0 for k in self.KINDS}
+        for pid, (kind, used) in self.last.items():
+            totals[kind] += max(0.0, used - self.first[pid])
+        self.seconds = {k: round(v, 1) for k, v in totals.items()}
 
 
 @dataclass
@@ -254,6 +278,7 @@ class Deployment:
         plan.write_text(json.dumps({
             "nodes": self.n, "up_bytes": up_bytes, "down_bytes": down_bytes, "part_bytes": self.settings.part_bytes,
             "window": cfg.parts_in_flight, "total_window": cfg.parts_in_flight_total, "payload": self.transport.payload, "out": str(out),
+            "poll_max_s": self.transport.poll_max_s,
         }))  # fmt: skip
         with PeakRss({"bare_serverapp": "guard --serve serverapp"}) as rss, CpuMeter(self.work) as cpu:
             t0 = time.perf_counter()
@@ -262,7 +287,6 @@ class Deployment:
                 self.coord.superlink.check_alive()
                 time.sleep(1.0)
             wall = time.perf_counter() - t0
-            time.sleep(2.0)  # the bare ServerApp ends and is reaped: its CPU time lands in its launcher
         res = json.loads(out.read_text())
         if res.get("failed"):
             raise RuntimeError(f"the bare transfer failed for nodes {res['failed']}")

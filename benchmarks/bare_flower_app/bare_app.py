@@ -66,6 +66,8 @@ def main(grid: Grid, context: Context) -> None:
     nodes = sorted(grid.get_node_ids())
     t0 = time.perf_counter()
     windows = {"window": plan["window"], "total_window": plan.get("total_window")}
+    if plan.get("poll_max_s") is not None:
+        windows["poll_max_s"] = plan["poll_max_s"]
     kind = plan.get("payload", "raw")
     make = content_for(kind)
     up = Exchange(grid, group_id="up", make_content=make, **windows)
