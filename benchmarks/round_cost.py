@@ -391,6 +391,7 @@ def main() -> int:
     ap.add_argument("--set", default="1b", choices=["1b", "small", "toy"], help="the ~1B set, a ~0.16B one of the same shape family, or tiny toy models (checks the script; overhead-bound)")
     ap.add_argument("--bare-for", default=None, help="N values that also get the bare-transfer and engine baselines (default: all)")
     ap.add_argument("--bare-only-mb", type=int, default=None, help="skip the fedmerge round: only the bare transfers of this many MiB each way per node")
+    ap.add_argument("--transport-mb", type=int, default=256, help="MiB each way per node of each --transports comparison (default 256)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -412,7 +413,7 @@ def main() -> int:
         for n in real_ns:
             if args.transports or args.bare_only_mb is not None:
                 names = args.transports.split(",") if args.transports else [args.transport]
-                each = (args.bare_only_mb or 256) * 1024**2
+                each = (args.bare_only_mb or args.transport_mb) * 1024**2
                 results += transport_effects(root / f"n{n}", n, models, settings, names, each)
             if args.bare_only_mb is not None:
                 continue
