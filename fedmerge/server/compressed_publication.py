@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fedmerge.checkpoints.codecs import parse_compression
-from fedmerge.checkpoints.rebuild import copy_sidecars, encode_model_delta, rebuild_model
+from fedmerge.checkpoints.rebuild import copy_sidecars, encode_and_rebuild
 from fedmerge.protocol import PUBLISHED_DELTA_DIR
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ def clear(model_dir: Path) -> None:
 def rebuild_as_published(merged: Path, reference: Path, model_dir: Path, spec: str) -> float:
     """Encode ``merged - reference``, rebuild ``model_dir`` from it, drop the merge; returns the seconds."""
     t0 = time.perf_counter()
-    delta = delta_dir_of(model_dir)
-    encode_model_delta(merged, reference, delta, parse_compression(spec), secrets.randbelow(1 << 53))
-    rebuild_model(reference, delta, model_dir, sidecars_from=merged)
+    encode_and_rebuild(merged, reference, delta_dir_of(model_dir), model_dir, parse_compression(spec), secrets.randbelow(1 << 53), sidecars_from=merged)
     shutil.rmtree(merged)
     seconds = time.perf_counter() - t0
     log.info("published model encoded as %s against %s and rebuilt in %.1f s", spec, reference, seconds)

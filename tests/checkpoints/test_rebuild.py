@@ -10,7 +10,7 @@ import torch
 
 from fedmerge.checkpoints import CheckpointReader, IncompatibleCheckpoint
 from fedmerge.checkpoints.codecs import TensorCodec, parse_compression
-from fedmerge.checkpoints.rebuild import encode_model_delta, rebuild_model
+from fedmerge.checkpoints.rebuild import encode_and_rebuild, encode_model_delta, rebuild_model
 from fedmerge.toymodels import TinyMistralSpec, build_tiny_mistral, perturb_checkpoint
 
 SPEC = TinyMistralSpec(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
@@ -74,3 +74,16 @@ def test_a_model_with_a_tensor_the_reference_lacks_is_not_sent_as_a_delta(pair, 
     with pytest.raises(IncompatibleCheckpoint) as exc:
         encode_model_delta(tmp_path / "extra", base, tmp_path / "delta", parse_compression("int4"), 1)
     assert "extra.weight" in str(exc.value)
+
+
+@pytest.mark.parametrize("spec", ["int4", "sparse:0.5+int8"])
+def test_encoding_and_rebuilding_in_one_pass_writes_the_same_folders(spec, pair, tmp_path):
+    """What the coordinator publishes (one pass) is what a hospital rebuilds from the delta it receives."""
+    base, ft = pair
+    comp = parse_compression(spec)
+    delta, published = encode_and_rebuild(ft, base, tmp_path / "delta", tmp_path / "published", comp, 5, sidecars_from=ft)
+    hospital = rebuild_model(base, delta, tmp_path / "hospital", sidecars_from=ft)
+    assert sorted(p.name for p in published.iterdir()) == sorted(p.name for p in hospital.iterdir())
+    assert all(filecmp.cmp(published / p.name, hospital / p.name, shallow=False) for p in published.iterdir())
+    separate = encode_model_delta(ft, base, tmp_path / "delta2", comp, 5)
+    assert all(filecmp.cmp(delta / p.name, separate / p.name, shallow=False) for p in delta.iterdir())
