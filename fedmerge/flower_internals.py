@@ -8,7 +8,9 @@ that are not a documented interface:
   ``flwr.superlink.cli.flower_superlink``), to serve the full API on loopback and only the Fleet
   API on the public address (``serve_superlink``);
 - the SQLite pragmas of its state database, for a busy timeout that outlasts large blob writes
-  (``patch_sqlite_busy_timeout``);
+  (``patch_sqlite_busy_timeout``), and the name of its in-memory link state;
+- the environment settings of its object transfers (``transport_env``: array chunk size, objects
+  pushed and pulled at once);
 - the ``install_from_fab`` step of the ClientApp and ServerApp processes, where the app-pinning
   guard checks a bundle before Flower installs or imports it (``guard_bundle_install``), and the
   entry points of those processes (``run_app_process``);
@@ -91,6 +93,28 @@ def patch_sqlite_busy_timeout(ms: int = BUSY_TIMEOUT_MS) -> None:
     from flwr.supercore import sql_mixin
 
     sql_mixin.SQLITE_PRAGMAS = tuple((k, str(ms) if k == "busy_timeout" else v) for k, v in sql_mixin.SQLITE_PRAGMAS)
+
+
+# The ``--database`` value that keeps the SuperLink's link state and objects in Python memory.
+IN_MEMORY_LINK_STATE = ":flwr-in-memory:"
+
+
+# -- how Flower moves objects --------------------------------------------------------------------------
+
+# Flower 1.41 cuts every array into objects of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE bytes (5 MiB) and
+# moves each object with its own request, two at a time. A part (at most 256 MiB by default, plus
+# its salt) in one object costs one request per hop instead of ~50, and keeps every part's bytes
+# distinct (the salt is in its one chunk).
+ARRAY_CHUNK_BYTES = 257 * 1024 * 1024
+TRANSPORT_SETTINGS = {
+    "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(ARRAY_CHUNK_BYTES),
+}
+
+
+def transport_env() -> dict[str, str]:
+    """Environment settings for every Flower process fedmerge starts (SuperLink, SuperNodes, apps)."""
+    require_supported()
+    return dict(TRANSPORT_SETTINGS)
 
 
 # -- the SuperLink's listeners -----------------------------------------------------------------------

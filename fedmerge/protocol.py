@@ -9,7 +9,9 @@ no process on either side ever holds more than a part in memory.
 A round, as messages (all ``query.<action>``; each message starts a fresh ClientApp process,
 so every handler does one small thing and keeps what it computed on disk):
 
-- ``open_round``   coordinator -> client: round id, reference fingerprint, part size, delta dtype.
+- ``open_round``   coordinator -> client: round id, reference fingerprint, part size, delta dtype,
+                   compression (a codec spec; ``none`` when absent). A hospital that does not
+                   know the spec, or whose config does not allow it, refuses the round.
                    reply: the institution the client says it is (a hint only: the coordinator
                    knows which institution each node is bound to), the PartPlan of its package
                    and, when asked, the package's first part (one message fewer per round).
@@ -32,6 +34,12 @@ contributing hospital (see ``fedmerge.server.selection``):
                    signature, this round, this candidate, this reference), rebuilds the candidate
                    and scores it on its own validation split. reply: the round and one accuracy
                    per candidate and task (``acc/<candidate>/<task>``), nothing else.
+
+A model may be pushed compressed (the coordinator's ``publish_compression``): the plan's ``extra``
+then names the reference to rebuild on (``rebuild_against``: its fingerprint), and the folder
+holds the model's small files and its encoded delta under ``delta/``
+(``fedmerge.checkpoints.rebuild``); the hospital rebuilds the weights, then checks the whole
+folder against the signed publication as for any model.
 
 A hospital that cannot do what it is asked answers with ``refused`` (the error's type) and
 ``reason``, scrubbed of its local paths (``scrub_paths``), instead of raising: nothing about its
@@ -69,6 +77,8 @@ PAYLOAD = "payload"  # ArrayRecord holding one part's bytes as a uint8 array
 PAYLOAD_KEY = "bytes"
 
 DEFAULT_PART_BYTES = 64 * 1024 * 1024
+REBUILD_AGAINST = "rebuild_against"  # a pushed plan's extra: rebuild the model on this reference
+PUBLISHED_DELTA_DIR = "delta"  # where a compressed publication's encoded delta sits in the pushed folder
 _READ_BLOCK = 4 * 1024 * 1024
 
 
@@ -273,23 +283,23 @@ def plan_folder(folder: str | os.PathLike[str], part_bytes: int = DEFAULT_PART_B
 def read_part(folder: str | os.PathLike[str], plan: PartPlan, index: int) -> bytes:
     if not 0 <= index < len(plan.parts):
         raise ProtocolError(f"part {index} does not exist (the plan has {len(plan.parts)})")
-    out = bytearray()
     root = Path(folder)
+    pieces = []
     for s in plan.parts[index]:
         with open(root / s.file, "rb") as fh:
             fh.seek(s.offset)
             data = fh.read(s.length)
         if len(data) != s.length:
             raise ProtocolError(f"{root / s.file}: shorter than its plan says (part {index})")
-        out += data
-    return bytes(out)
+        pieces.append(data)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # one segment (the usual case): no copy
 
 
-def part_digest(data: bytes) -> str:
+def part_digest(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_part(folder: str | os.PathLike[str], plan: PartPlan, index: int, data: bytes, fsync: bool = True) -> None:
+def write_part(folder: str | os.PathLike[str], plan: PartPlan, index: int, data: bytes | memoryview, fsync: bool = True) -> None:
     """Write one part's bytes at their offsets (idempotent: a part written twice is the same)."""
     if not 0 <= index < len(plan.parts):
         raise ProtocolError(f"part {index} does not exist (the plan has {len(plan.parts)})")
@@ -331,6 +341,9 @@ def check_complete(folder: str | os.PathLike[str], plan: PartPlan) -> None:
 
 
 SALT_BYTES = 16
+# A payload Array holds the salted part's bytes as they are (Flower's ``Array(dtype, shape, stype,
+# data)`` form): no numpy serialisation on the way out, no numpy parse and copy on the way in.
+RAW_STYPE = "fedmerge.raw-bytes"
 
 
 def make_content(meta: dict[str, Any], payload: bytes | None = None):
@@ -340,18 +353,16 @@ def make_content(meta: dict[str, Any], payload: bytes | None = None):
     so two messages carrying identical bytes (two hospitals' all-zero deltas of a frozen layer,
     or the same model part pushed to every node) would share objects in flight; a transfer
     that completes for one message could then release what another still waits for. The salt
-    makes every part its own object.
+    makes every part its own object (parts fit one of Flower's array chunks: see
+    ``fedmerge.flower_internals.transport_env``).
     """
-    import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     records: dict[str, Any] = {META: ConfigRecord({k: v for k, v in meta.items() if v is not None})}
     if payload is not None:
-        buf = np.empty(SALT_BYTES + len(payload), dtype=np.uint8)
-        buf[:SALT_BYTES] = np.frombuffer(os.urandom(SALT_BYTES), dtype=np.uint8)
-        buf[SALT_BYTES:] = np.frombuffer(payload, dtype=np.uint8)
+        data = os.urandom(SALT_BYTES) + payload  # the one copy: Flower's Array takes bytes
         # ArrayRecord, not a ConfigRecord bytes value: Flower chunks arrays when it moves them.
-        records[PAYLOAD] = ArrayRecord({PAYLOAD_KEY: Array(buf)})
+        records[PAYLOAD] = ArrayRecord({PAYLOAD_KEY: Array(dtype="uint8", shape=(len(data),), stype=RAW_STYPE, data=data)})
     return RecordDict(records)
 
 
@@ -361,13 +372,15 @@ def read_meta(content) -> dict[str, Any]:
     return dict(content.config_records[META])
 
 
-def read_payload(content) -> bytes:
+def read_payload(content) -> memoryview:
+    """The part's bytes (a view into the message, not a copy); a numpy-serialised payload is read too."""
     if PAYLOAD not in content.array_records:
         raise ProtocolError("message carries no payload")
-    data = content.array_records[PAYLOAD][PAYLOAD_KEY].numpy()
-    if data.shape[0] < SALT_BYTES:
+    arr = content.array_records[PAYLOAD][PAYLOAD_KEY]
+    data = memoryview(arr.data) if arr.stype == RAW_STYPE else memoryview(arr.numpy()).cast("B")
+    if len(data) < SALT_BYTES:
         raise ProtocolError("message payload is shorter than its salt")
-    return data[SALT_BYTES:].tobytes()
+    return data[SALT_BYTES:]
 
 
 # -- candidate selection --------------------------------------------------------------------------

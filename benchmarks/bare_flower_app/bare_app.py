@@ -14,18 +14,38 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge import protocol
-from fedmerge.server.exchange import run_exchange
+from fedmerge.server.exchange import Exchange, Request
 
 server = ServerApp()
 client = ClientApp()
 
 
+def numpy_content(meta: dict, payload: bytes | None):
+    """A message as fedmerge built them before its raw-bytes payloads: salt + bytes in a numpy
+    array, which Flower serialises with np.save (the ``numpy`` payload of a transport)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    records = {protocol.META: ConfigRecord(meta)}
+    if payload is not None:
+        buf = np.empty(protocol.SALT_BYTES + len(payload), dtype=np.uint8)
+        buf[: protocol.SALT_BYTES] = np.frombuffer(os.urandom(protocol.SALT_BYTES), dtype=np.uint8)
+        buf[protocol.SALT_BYTES :] = np.frombuffer(payload, dtype=np.uint8)
+        records[protocol.PAYLOAD] = ArrayRecord({protocol.PAYLOAD_KEY: Array(buf)})
+    return RecordDict(records)
+
+
+def content_for(payload_kind: str):
+    return numpy_content if payload_kind == "numpy" else protocol.make_content
+
+
 @client.query("give")
 def give(message: Message, context: Context) -> Message:
-    n = int(protocol.read_meta(message.content)["n"])
+    meta = protocol.read_meta(message.content)
+    n = int(meta["n"])
     # Random bytes: Flower stores objects by content hash, so a part of zeros would move as a
     # handful of distinct 5 MiB chunks (4 objects for 64 MiB instead of 14), not as its size.
-    return Message(protocol.make_content({"n": n}, os.urandom(n)), reply_to=message)
+    return Message(content_for(str(meta.get("payload", "raw")))({"n": n}, os.urandom(n)), reply_to=message)
 
 
 @client.query("take")
@@ -45,13 +65,20 @@ def main(grid: Grid, context: Context) -> None:
         time.sleep(0.5)
     nodes = sorted(grid.get_node_ids())
     t0 = time.perf_counter()
-    up = {n: [("query.give", {"n": s}, None, i) for i, s in enumerate(_sizes(plan["up_bytes"], plan["part_bytes"]))] for n in nodes}
     windows = {"window": plan["window"], "total_window": plan.get("total_window")}
-    run_exchange(grid, up, lambda *a: None, group_id="up", deadline=time.monotonic() + 3600, make_content=protocol.make_content, **windows)
+    if plan.get("poll_max_s") is not None:
+        windows["poll_max_s"] = plan["poll_max_s"]
+    kind = plan.get("payload", "raw")
+    make = content_for(kind)
+    up = Exchange(grid, group_id="up", make_content=make, **windows)
+    for n in nodes:
+        up.add(n, [Request("query.give", {"n": s, "payload": kind}, None, i) for i, s in enumerate(_sizes(plan["up_bytes"], plan["part_bytes"]))])
+    failed = up.run(lambda *a: None, time.monotonic() + 3600)
     t1 = time.perf_counter()
-    down = {n: [("query.take", {"n": s}, s, i) for i, s in enumerate(_sizes(plan["down_bytes"], plan["part_bytes"]))] for n in nodes}
-    run_exchange(grid, down, lambda *a: None, group_id="down", deadline=time.monotonic() + 3600,
-                 make_content=lambda meta, n: protocol.make_content(meta, os.urandom(n)), **windows)
+    down = Exchange(grid, group_id="down", make_content=lambda meta, n: make(meta, os.urandom(n)), **windows)
+    for n in nodes:
+        down.add(n, [Request("query.take", {"n": s}, s, i) for i, s in enumerate(_sizes(plan["down_bytes"], plan["part_bytes"]))])
+    failed.update(down.run(lambda *a: None, time.monotonic() + 3600))
     t2 = time.perf_counter()
     with open(plan["out"], "w") as fh:
-        json.dump({"up_seconds": t1 - t0, "down_seconds": t2 - t1, "seconds": t2 - t0}, fh)
+        json.dump({"up_seconds": t1 - t0, "down_seconds": t2 - t1, "seconds": t2 - t0, "failed": {str(k): v for k, v in failed.items()}}, fh)

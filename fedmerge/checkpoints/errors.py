@@ -23,3 +23,15 @@ class MalformedSafetensors(CheckpointError):
 
 class IncompatibleCheckpoint(CheckpointError):
     """Two checkpoints cannot be merged: architecture, names, shapes or vocabulary differ."""
+
+
+class CodecError(CheckpointError):
+    """A compression spec, or a compressed tensor, is not one fedmerge can use."""
+
+
+class UnknownCompression(CodecError):
+    """A compression spec names a codec that is not registered, or gives it a bad argument."""
+
+
+class EncodedDataInvalid(CodecError):
+    """Compressed bytes do not fit their codec's layout, or would decode to non-finite values."""

@@ -54,7 +54,10 @@ def open_round(message: Message, context: Context) -> Message:
     def handle(meta: dict) -> tuple[dict, bytes | None]:
         node = _node(context)
         r = int(meta["round"])
-        out = node.open_round(r, str(meta["reference_fingerprint"]), int(meta["part_bytes"]), str(meta.get("delta_dtype", "float32")))
+        out = node.open_round(
+            r, str(meta["reference_fingerprint"]), int(meta["part_bytes"]), str(meta.get("delta_dtype", "float32")),
+            compression=str(meta.get("compression", "none")),
+        )  # fmt: skip
         if meta.get("with_first_part"):
             # The first part rides on the reply: one message fewer per client and round.
             part_meta, data = node.fetch_part(r, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedmerge.configfile import ConfigError, ConfigPath, load_config
 
@@ -48,6 +48,27 @@ class ClientConfig(BaseModel):
     max_candidates: int = Field(4, ge=1, description="most candidates scored per round (each is a download and an evaluation)")
     # Largest candidate package accepted; null: twice the base model's files (a float32 delta of a bf16 base).
     max_candidate_bytes: int | None = Field(None, gt=0)
+
+    # The compressions (fedmerge.checkpoints.codecs specs) this hospital agrees to pack its delta
+    # with: one spec or a list; null: any spec the coordinator announces that this fedmerge knows.
+    # A round asking for another is refused (CompressionRefused).
+    compression: list[str] | None = None
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _specs(cls, v):
+        from fedmerge.checkpoints.codecs import canonical_spec
+        from fedmerge.checkpoints.errors import UnknownCompression
+
+        if v is None:
+            return None
+        specs = [v] if isinstance(v, str) else v
+        if not isinstance(specs, list) or not specs:
+            raise ValueError("give a compression spec (e.g. int4) or a non-empty list of them")
+        try:
+            return [canonical_spec(str(s)) for s in specs]
+        except UnknownCompression as exc:  # its message lists the valid specs
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _one_source(self) -> "ClientConfig":

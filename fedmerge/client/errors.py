@@ -42,3 +42,7 @@ class CandidateRefused(ClientError):
 
 class ScorerFailed(ClientError):
     """The validation scorer could not be loaded, or returned something other than accuracies."""
+
+
+class CompressionRefused(ClientError):
+    """The coordinator asked for a compression this hospital does not know or does not allow."""

@@ -34,6 +34,7 @@ from fedmerge.checkpoints.atomic import write_json_atomic
 from fedmerge.client.config import ClientConfig
 from fedmerge.client.errors import (
     ClientError,
+    CompressionRefused,
     NothingReceived,
     RoundNotOpened,
     TrainHookFailed,
@@ -45,8 +46,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HospitalNode", "ClientError"]
 
-# A published model folder is flat (the publication lists plain file names).
-_MODEL_FILE_NAMES = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+# A published model folder is flat (the publication lists plain file names); a compressed one
+# also holds its encoded delta, one level down.
+_MODEL_FILE_NAMES = re.compile(rf"(?:{protocol.PUBLISHED_DELTA_DIR}/)?[A-Za-z0-9_][A-Za-z0-9._-]{{0,254}}")
 _MAX_MODEL_PART_BYTES = 1 << 30
 _ROUND_DIR = re.compile(r"round-(\d{4,})")
 
@@ -105,13 +107,15 @@ class HospitalNode:
         )
 
     # -- contributing -------------------------------------------------------------------------------
-    def open_round(self, r: int, reference_fingerprint: str, part_bytes: int, delta_dtype: str = "float32") -> dict[str, Any]:
+    def open_round(self, r: int, reference_fingerprint: str, part_bytes: int, delta_dtype: str = "float32", *, compression: str = "none") -> dict[str, Any]:
         """Build (once) this round's signed package against the named reference; describe its parts."""
+        compression = self.accepted_compression(compression)
         rdir = self.round_dir(r)
         plan_file = rdir / "plan.json"
         if plan_file.exists():
             cached = json.loads(plan_file.read_text())
-            if (cached["reference_fingerprint"], cached["part_bytes"], cached.get("delta_dtype", "float32")) == (reference_fingerprint, part_bytes, delta_dtype):
+            asked = (reference_fingerprint, part_bytes, delta_dtype, compression)
+            if (cached["reference_fingerprint"], cached["part_bytes"], cached.get("delta_dtype", "float32"), cached.get("compression", "none")) == asked:
                 return {"institution": self.cfg.institution, "plan": cached["plan"]}
             shutil.rmtree(rdir)
         reference = self.find_reference(reference_fingerprint)
@@ -134,16 +138,31 @@ class HospitalNode:
                 against: Path | None = None
             else:
                 model, against = source, reference
-            pkg = Path(pack_delta(model, against, tmp / "package", identity, r, reference_fingerprint, seal_to=seal_to, dtype=delta_dtype))
+            pkg = Path(pack_delta(model, against, tmp / "package", identity, r, reference_fingerprint, seal_to=seal_to, dtype=delta_dtype, compress=compression))
             final = rdir / "package"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(pkg, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         plan = protocol.plan_folder(final, part_bytes)
-        write_json_atomic(plan_file, {"reference_fingerprint": reference_fingerprint, "part_bytes": part_bytes, "delta_dtype": delta_dtype, "plan": plan.to_json()})
+        write_json_atomic(plan_file, {"reference_fingerprint": reference_fingerprint, "part_bytes": part_bytes, "delta_dtype": delta_dtype, "compression": compression, "plan": plan.to_json()})
         log.info("%s: round %d package ready (%d bytes, %d part(s))", self.cfg.institution, r, plan.total_bytes, len(plan.parts))
         return {"institution": self.cfg.institution, "plan": plan.to_json()}
+
+    def accepted_compression(self, spec: str) -> str:
+        """The canonical spelling of the compression the coordinator asks for, if this hospital
+        knows it and its config allows it; ``CompressionRefused`` otherwise."""
+        from fedmerge.checkpoints.codecs import canonical_spec
+        from fedmerge.checkpoints.errors import UnknownCompression
+
+        try:
+            canonical = canonical_spec(spec)
+        except UnknownCompression as exc:
+            raise CompressionRefused(f"{self.cfg.institution}: the coordinator asks for {exc}") from None
+        allowed = self.cfg.compression
+        if allowed is not None and canonical not in allowed:
+            raise CompressionRefused(f"{self.cfg.institution}: the coordinator asks for compression {canonical}; this hospital packs only with {', '.join(allowed)} (client config `compression`)")
+        return canonical
 
     def _contribution_source(self, r: int, reference: Path) -> str:
         if not self.cfg.train_hook:
@@ -239,6 +258,9 @@ class HospitalNode:
         for f in plan.files:  # make the received bytes durable before anything points at them
             with open(staging / f.path, "rb") as fh:
                 os.fsync(fh.fileno())
+        against = plan.extra.get(protocol.REBUILD_AGAINST)
+        if against is not None:
+            self._rebuild(staging, str(against), r)
         publication = self._verify_publication(staging, r)
         self.models.mkdir(parents=True, exist_ok=True)
         (self.models / f".{final.name}.plan").write_text(plan_json)
@@ -258,6 +280,20 @@ class HospitalNode:
         self._note_outcome(r, outcome)
         log.info("%s: installed round %d at %s (fingerprint %s)", self.cfg.institution, r, final, publication.fingerprint)
         return {"round": r, "installed": final.name}
+
+    def _rebuild(self, staging: Path, reference_fingerprint: str, r: int) -> None:
+        """Turn a compressed publication's folder into the model: the named local reference plus the
+        decoded delta (``fedmerge.checkpoints.rebuild``), in place of ``staging``. Nothing of it is
+        trusted until the whole folder matches the signed publication."""
+        from fedmerge.checkpoints.rebuild import rebuild_model
+
+        reference = self.find_reference(reference_fingerprint)
+        rebuilt = staging.with_name(staging.name + ".rebuilt")
+        shutil.rmtree(rebuilt, ignore_errors=True)
+        rebuild_model(reference, staging / protocol.PUBLISHED_DELTA_DIR, rebuilt, sidecars_from=staging)
+        shutil.rmtree(staging)
+        os.replace(rebuilt, staging)
+        log.info("%s: round %d's model rebuilt on %s from its encoded delta", self.cfg.institution, r, reference)
 
     def _verify_publication(self, folder: Path, r: int):
         """The coordinator's signed publication of ``folder``: pinned signer, round ``r``, newer than installed."""

@@ -77,7 +77,7 @@ class CoordinatorDaemon:
             sl.ca_cert,
             sl.server_cert or "",
             sl.server_key or "",
-            sl.database_path or self.cfg.state / "superlink.db",
+            (sl.database_path or self.cfg.state / "superlink.db") if sl.link_state == "file" else None,
             serverapp_env=pinned_config_env(self.config_path),
         )
         self.ledger = RoundLedger(self.cfg.state)

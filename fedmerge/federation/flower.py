@@ -111,6 +111,8 @@ def guarded_env(home: Path, kind: str, pinned: list[str], extra: dict[str, str] 
     env[LAUNCH_SOCKET_ENV] = str(home / "launch.sock")
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    for key, value in internals.transport_env().items():  # set in the environment, they win
+        env.setdefault(key, value)
     env.update(extra or {})
     return env
 
@@ -169,10 +171,11 @@ class _OwnedFlowerProcess:
 
 
 class SuperLink(_OwnedFlowerProcess):
-    """The coordinator's SuperLink: TLS, SuperNode authentication, a state database, Control on loopback only.
+    """The coordinator's SuperLink: TLS, SuperNode authentication, its link state, Control on loopback only.
 
     ``serverapp_pins`` is the allow-list of app bundles its ServerApp launcher runs: this
-    fedmerge's own bundle, nothing else.
+    fedmerge's own bundle, nothing else. ``database``: a SQLite file for the link state, or None
+    to keep it in memory.
     """
 
     def __init__(
@@ -182,13 +185,13 @@ class SuperLink(_OwnedFlowerProcess):
         ca_cert: str | os.PathLike[str],
         server_cert: str | os.PathLike[str],
         server_key: str | os.PathLike[str],
-        database: str | os.PathLike[str],
+        database: str | os.PathLike[str] | None,
         serverapp_env: dict[str, str] | None = None,
     ):
         self.home = Path(home)
         self.public = Address.parse(public_address, "superlink.address")
         self.ca_cert, self.server_cert, self.server_key = Path(ca_cert), Path(server_cert), Path(server_key)
-        self.database = Path(database)
+        self.database = Path(database) if database is not None else None
         self.serverapp_env = dict(serverapp_env or {})
         self.log_file = self.home / "superlink.log"
         self.status_file = self.home / "superlink.json"
@@ -220,7 +223,7 @@ class SuperLink(_OwnedFlowerProcess):
             pid, started = int(prev["pid"]), prev.get("start_time")
         except (OSError, ValueError, KeyError, TypeError):
             return
-        where = f"listening on {prev.get('fleet')} and {prev.get('loopback')}, state {self.database}"
+        where = f"listening on {prev.get('fleet')} and {prev.get('loopback')}, state {self.database or 'in memory'}"
         parent = prev.get("parent")
         if parent and process_alive(int(parent)) and process_start_time(int(parent)) == prev.get("parent_start_time"):
             if process_alive(pid) and process_start_time(pid) == started:
@@ -259,9 +262,9 @@ class SuperLink(_OwnedFlowerProcess):
             "--ssl-certfile", str(self.server_cert),
             "--ssl-keyfile", str(self.server_key),
             "--enable-supernode-auth",
-            "--database", str(self.database),
+            "--database", str(self.database) if self.database is not None else internals.IN_MEMORY_LINK_STATE,
         ]  # fmt: skip
-        log.info("starting the SuperLink: Fleet API on %s, full API on %s (state %s, log %s)", self.public, self.loopback, self.database, self.log_file)
+        log.info("starting the SuperLink: Fleet API on %s, full API on %s (link state %s, log %s)", self.public, self.loopback, self.database or "in memory", self.log_file)
         self.status_file.unlink(missing_ok=True)
         self._log = open(self.log_file, "ab")
         self.launcher = _start_launcher("serverapp", env, self._log)

@@ -7,7 +7,8 @@ check and describe it. Strategies only ever see deltas, so a full fine-tune, a L
 delta spooled by the coordinator are interchangeable inputs:
 
 - ``TaskVector(model, base)``: a full model folder minus the base, computed lazily per tensor.
-- ``DeltaCheckpoint(folder)``: a folder of safetensors whose tensors *are* deltas.
+- ``DeltaCheckpoint(folder)``: a folder of safetensors whose tensors *are* deltas, exact or as a
+  compressed package left them (decoded a row chunk at a time, see ``fedmerge.checkpoints.codecs``).
 - ``LoraDelta(adapter, base)``: a PEFT LoRA adapter, each adapted module's B @ A x scaling
   (see ``fedmerge.merging.lora``).
 
@@ -33,6 +34,7 @@ from fedmerge.checkpoints import (
     combine_digests,
     tensor_bytes,
 )
+from fedmerge.checkpoints.codecs.folder import folder_codecs
 from fedmerge.checkpoints.delta import subtract_reference
 from fedmerge.merging.lora import LoraDelta, is_lora_adapter  # noqa: F401  (re-exported: contract name)
 from fedmerge.merging.source import DeltaSource, DeltaTensors, NotADeltaSource, require_delta_source  # noqa: F401  (re-exported: contract names)
@@ -126,6 +128,11 @@ class DeltaCheckpoint(DeltaSource):
 
     Tensors the folder does not hold are zero deltas. This is the form in which the coordinator
     spools verified contributions and ``write_delta_checkpoint`` saves any delta source.
+
+    A compressed contribution keeps its encoded form: ``fedmerge.json`` names the spec, the seed
+    and each encoded tensor (shape, value dtype), the folder holds its encoded rows, and
+    ``get_delta`` decodes only the rows asked for, so a merge never holds more float32 than the
+    rows it works on.
     """
 
     kind = DELTA_KIND
@@ -138,6 +145,13 @@ class DeltaCheckpoint(DeltaSource):
         self.metadata = meta
         self.label = label or str(meta.get("label") or self.folder.name)
         self.digests = _DigestRecorder()
+        self.codecs = folder_codecs(meta, self.reader)
+
+    @property
+    def compression(self) -> str:
+        """The spec its deltas were compressed with (``none``: exact)."""
+        c = self.metadata.get("compression")
+        return str(c["spec"]) if isinstance(c, dict) and "spec" in c else "none"
 
     @property
     def config(self) -> dict[str, Any]:
@@ -147,6 +161,9 @@ class DeltaCheckpoint(DeltaSource):
         return self.reader.names()
 
     def info(self, name: str) -> TensorInfo:
+        codec = self.codecs.get(name)
+        if codec is not None:
+            return TensorInfo(name, codec.shape, codec.value_dtype)
         return self.reader.info(name)
 
     def file_of(self, name: str) -> Path:
@@ -157,6 +174,9 @@ class DeltaCheckpoint(DeltaSource):
             return None
         raw = self.reader.get(name, rows=rows)
         self.digests.feed(self.reader.info(name), raw, rows)
+        codec = self.codecs.get(name)
+        if codec is not None:
+            return codec.decode(raw, rows[0] if rows is not None else 0)
         return raw.float() if raw.dtype != _f32() else raw
 
     def record_digests(self, enabled: bool) -> None:

@@ -81,6 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _trust_args(p, required=False)
     p.add_argument("--dtype", default="float32", help="delta dtype: float32 (default, exact), bfloat16, float16")
     p.add_argument("--chunk-mib", type=float, default=4.0, help="chunk size in MiB (default 4, at most 64)")
+    p.add_argument("--compress", default="none", metavar="SPEC", help=_compress_help())
+    p.add_argument("--compress-seed", type=int, metavar="N", help="seed of the codecs' random choices (default: drawn at random; signed in the manifest)")
     p.set_defaults(func=_cmd_delta_pack)
     for action, helptext in (("verify", "check a package (signature, sender, round, sealing, every byte of data)"), ("unpack", "verify and write the deltas as a safetensors folder")):
         p = ds.add_parser(action, help=helptext)
@@ -95,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--reference", help="reference model folder: its fingerprint and tensor shapes must match")
         p.add_argument("--replay-guard", help="JSON file of accepted rounds and nonces (refuses replays; updated on success)")
         p.add_argument("--allow-unsealed", action="store_true", help="accept a package that is not sealed (by default only sealed packages pass)")
+        p.add_argument("--compression", metavar="SPEC", help="refuse a package compressed otherwise (none, int4, sparse:0.25+int4...)")
         if action == "verify":
             p.add_argument("--manifest-only", action="store_true", help="check signature, sender, round and sizes only; the data is NOT checked")
         else:
@@ -117,6 +120,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fingerprint", help="refuse a publication naming another weights fingerprint")
     p.add_argument("--check-fingerprint", action="store_true", help="also recompute the weights' fingerprint")
     p.set_defaults(func=_cmd_verify_model)
+
+
+def _compress_help() -> str:
+    from fedmerge.checkpoints.codecs import describe_codecs
+
+    return "encode the delta's matrices: " + "; ".join(f"{usage}: {summary}" for usage, summary in describe_codecs()) + " (default none). Stages compose with '+', e.g. sparse:0.25+int4"
 
 
 def _pinned(args: argparse.Namespace):
@@ -235,8 +244,10 @@ def _cmd_delta_pack(args: argparse.Namespace) -> int:
     out = pack_delta(
         args.model, args.reference, args.out, ident, args.round, args.fingerprint, seal_to,
         dtype=args.dtype, chunk_bytes=int(args.chunk_mib * 1024 * 1024) // 8 * 8, progress=True,
+        compress=args.compress, compress_seed=args.compress_seed,
     )  # fmt: skip
-    print(f"{out}: package from {ident.name}, round {args.round}{', sealed to ' + seal_to.name if seal_to else ''}")
+    compressed = "" if args.compress == "none" else f", compressed {args.compress}"
+    print(f"{out}: package from {ident.name}, round {args.round}{', sealed to ' + seal_to.name if seal_to else ''}{compressed}")
     return 0
 
 
@@ -256,7 +267,7 @@ def _verify(args: argparse.Namespace, unpack_to: str | None):
     return verify_package(
         args.package, trust, expected_round=args.round, expected_reference=fingerprint, opener=opener,
         replay_guard=guard, expected_tensors=expected, check_data=not args.manifest_only, unpack_to=unpack_to,
-        require_sealed=not args.allow_unsealed,
+        require_sealed=not args.allow_unsealed, expected_compression=args.compression,
     )  # fmt: skip
 
 
@@ -264,6 +275,7 @@ def _cmd_delta_verify(args: argparse.Namespace) -> int:
     v = _verify(args, None)
     m = v.manifest
     print(f"{args.package}: valid package from {v.sender}, round {m.round}, reference {m.reference}, {len(m.tensors)} tensors, {m.total_bytes / 1e6:.1f} MB {m.tensors[0].dtype}"
+          + (f" compressed {m.compression_spec}" if m.compression else "")
           + (f", sealed to {m.sealed.recipient}" if m.sealed else ", NOT sealed")
           + ("" if v.data_checked else "\nMANIFEST ONLY: signature, sender, round and file sizes were checked; the tensor data was NOT checked (run without --manifest-only, with --key for a sealed package)"))  # fmt: skip
     return 0

@@ -113,7 +113,11 @@ class TensorMismatch(DataError):
 
 
 class NonFiniteValues(DataError):
-    """A tensor holds NaN or infinite values."""
+    """A tensor holds NaN or infinite values (or, compressed, scales that would decode to them)."""
+
+
+class CompressionMismatch(DataError):
+    """The package is compressed otherwise than the coordinator asked (or asked for none)."""
 
 
 class TruncatedData(DataError):

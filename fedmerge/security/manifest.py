@@ -14,7 +14,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from fedmerge.checkpoints.codecs import Compression, TensorCodec, parse_compression
 from fedmerge.checkpoints.dtypes import dtype_nbytes
+from fedmerge.checkpoints.errors import UnknownCompression
 from fedmerge.security.errors import ManifestInvalid, PackageError
 from fedmerge.security.keys import NAME_RE
 from fedmerge.security.seal import SCHEME, TAG_BYTES
@@ -37,6 +39,7 @@ MAX_CHUNK_BYTES = 64 * 1024 * 1024
 IN_FLIGHT_BYTES = 4 * MAX_CHUNK_BYTES
 # The dtypes a delta may travel in (safetensors codes; sizes come from fedmerge.checkpoints.dtypes).
 DELTA_DTYPES = ("F32", "BF16", "F16")
+MAX_SEED = 1 << 53
 DATA_FILE_RE = re.compile(r"^data-\d{5}\.bin$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -69,7 +72,7 @@ class TensorEntry:
     sha256: str
     file: str
     offset: int
-    nbytes: int  # plaintext bytes
+    nbytes: int  # plaintext bytes as sent: the encoded bytes when the package is compressed
     stored: int  # bytes in the data file (plaintext + one tag per chunk when sealed)
     chunks: int
 
@@ -99,6 +102,23 @@ class SealInfo:
 
 
 @dataclass(frozen=True)
+class CompressionInfo:
+    """How the package's matrices are encoded: the canonical spec and the seed every random choice
+    derives from (per tensor and stage; see ``fedmerge.checkpoints.codecs``). Signed with the
+    manifest, so the mask a decoder regenerates is the one the sender used."""
+
+    spec: str
+    seed: int
+
+    @property
+    def compression(self) -> Compression:
+        return parse_compression(self.spec)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "seed": self.seed}
+
+
+@dataclass(frozen=True)
 class DeltaManifest:
     sender: str
     round: int
@@ -111,6 +131,7 @@ class DeltaManifest:
     sealed: SealInfo | None = None
     label: str = ""
     format: str = FORMAT
+    compression: CompressionInfo | None = None
     _by_name: dict = field(default_factory=dict, compare=False, repr=False)
 
     def tensor(self, name: str) -> TensorEntry:
@@ -125,8 +146,19 @@ class DeltaManifest:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @property
+    def compression_spec(self) -> str:
+        return self.compression.spec if self.compression else "none"
+
+    def codec_of(self, t: TensorEntry) -> TensorCodec | None:
+        """The tensor's decoder when it travels encoded; None when its bytes are its values."""
+        c = self.compression
+        if c is None or not c.compression.applies_to(t.shape):
+            return None
+        return c.compression.for_tensor(t.name, t.shape, c.seed, t.dtype)
+
     def to_dict(self) -> dict:
-        return {
+        doc = {
             "format": self.format,
             "kind": "delta",
             "sender": self.sender,
@@ -140,6 +172,9 @@ class DeltaManifest:
             "files": [{"name": n, "size": s} for n, s in self.files],
             "tensors": [t.to_dict() for t in self.tensors],
         }
+        if self.compression is not None:  # absent when exact: such manifests read as before
+            doc["compression"] = self.compression.to_dict()
+        return doc
 
     def to_bytes(self) -> bytes:
         return canonical_bytes(self.to_dict())
@@ -208,7 +243,7 @@ def parse_manifest(raw: bytes, require_canonical: bool = True) -> DeltaManifest:
         raise
     except (ValueError, RecursionError) as exc:
         raise _bad(f"not valid ASCII JSON ({str(exc)[:120]})") from None
-    top = {"format", "kind", "sender", "round", "reference", "nonce", "created", "chunk_bytes", "label", "sealed", "files", "tensors"}
+    top = {"format", "kind", "sender", "round", "reference", "nonce", "created", "chunk_bytes", "label", "sealed", "files", "tensors", "compression"}
     d = _keys(data, top, "")
     if d.get("format") != FORMAT:
         raise _bad(f"format is {d.get('format')!r}"[:200] + f"; this fedmerge reads {FORMAT!r}")
@@ -232,6 +267,9 @@ def parse_manifest(raw: bytes, require_canonical: bool = True) -> DeltaManifest:
         sealed = SealInfo(_str(s, "recipient", "sealed.", NAME_RE, 64), _str(s, "recipient_key", "sealed.", B64_32), _str(s, "ephemeral_key", "sealed.", B64_32))
     elif "sealed" not in d:
         raise _bad("field 'sealed' is missing (null when not sealed)")
+
+    compression = _parse_compression(d["compression"]) if "compression" in d else None
+    comp = compression.compression if compression else None
 
     files_raw = d.get("files")
     if not isinstance(files_raw, list) or not files_raw or len(files_raw) > 100_000:
@@ -267,10 +305,11 @@ def parse_manifest(raw: bytes, require_canonical: bool = True) -> DeltaManifest:
         dtype = t.get("dtype")
         if not isinstance(dtype, str) or dtype not in DELTA_DTYPES:
             raise _bad(f"{where}dtype {dtype!r} is not one of {', '.join(DELTA_DTYPES)}"[:300])
-        numel = math.prod(shape)
         nbytes = _int(t, "nbytes", where)
-        if nbytes != numel * dtype_nbytes(dtype):
-            raise _bad(f"{where}nbytes {nbytes} does not match shape {shape} in {dtype}")
+        expected = comp.nbytes(tuple(shape), dtype) if comp is not None else math.prod(shape) * dtype_nbytes(dtype)
+        if nbytes != expected:
+            how = f" encoded as {comp.spec}" if comp is not None and comp.applies_to(tuple(shape)) else ""
+            raise _bad(f"{where}nbytes {nbytes} does not match shape {shape} in {dtype}{how} ({expected})")
         chunks = _int(t, "chunks", where, 1, 1 << 40)
         if chunks != chunk_count(nbytes, chunk_bytes):
             raise _bad(f"{where}chunks {chunks} does not match {nbytes} bytes in chunks of {chunk_bytes}")
@@ -289,10 +328,23 @@ def parse_manifest(raw: bytes, require_canonical: bool = True) -> DeltaManifest:
     for fname, size in files:
         if cursor[fname] != size:
             raise _bad(f"files: {fname} size {size} does not match the {cursor[fname]} bytes of its tensors")
-    m = DeltaManifest(sender, round_id, reference, nonce, created, chunk_bytes, tuple(tensors), tuple(files), sealed, label)
+    m = DeltaManifest(sender, round_id, reference, nonce, created, chunk_bytes, tuple(tensors), tuple(files), sealed, label, compression=compression)
     if require_canonical and m.to_bytes() != bytes(raw):
         raise _bad("not in canonical form (sorted keys, no spaces); it was edited or written by another tool")
     return m
+
+
+def _parse_compression(raw: object) -> CompressionInfo:
+    c = _keys(raw, {"spec", "seed"}, "compression.")
+    spec = _str(c, "spec", "compression.", maxlen=200)
+    seed = _int(c, "seed", "compression.", 0, MAX_SEED)
+    try:
+        parsed = parse_compression(spec)
+    except UnknownCompression as exc:
+        raise _bad(f"compression.spec: {exc}"[:400]) from None
+    if parsed.is_none or parsed.spec != spec:
+        raise _bad(f"compression.spec {spec!r} is not a canonical compressed spec (write {parsed.spec!r}, or leave compression out)")
+    return CompressionInfo(spec, seed)
 
 
 def signature_payload(kind: str, manifest_bytes: bytes) -> bytes:

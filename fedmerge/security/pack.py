@@ -11,6 +11,11 @@ The delta of one tensor is computed a few rows at a time (float32 by default, wi
 subtraction of ``fedmerge.checkpoints.delta``, exactly as the merge engine computes it), cut into
 chunks of ``chunk_bytes``, checked for finiteness, hashed, sealed and written, with the stages
 overlapping in the bottom layer's bounded pipeline. The package appears only when complete.
+
+With ``compress`` (a spec of ``fedmerge.checkpoints.codecs``: ``int8``, ``int4``,
+``sparse:0.25+int4``...), every matrix is encoded row by row from its float32 delta before it is
+chunked: what is hashed, sealed and sent are the encoded bytes, and the manifest signs the spec
+and the seed its random choices derive from.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fedmerge.checkpoints import CheckpointReader, dtype_nbytes, model_fingerprint, tensor_bytes, torch_dtype
+from fedmerge.checkpoints.codecs import Compression, TensorCodec, parse_compression
 from fedmerge.checkpoints.compat import CompatibilityCheck
 from fedmerge.checkpoints.delta import subtract_reference
 from fedmerge.checkpoints.pipeline import DEFAULT_WORKERS, ByteBudget, run_ordered
+from fedmerge.checkpoints.errors import UnknownCompression
 from fedmerge.security.errors import NonFiniteValues, PackageError, TensorMismatch
 from fedmerge.security.finite import has_non_finite
 from fedmerge.security.hashing import HashLanes
@@ -39,8 +46,10 @@ from fedmerge.security.manifest import (
     IN_FLIGHT_BYTES,
     MANIFEST_NAME,
     MAX_CHUNK_BYTES,
+    MAX_SEED,
     MIN_CHUNK_BYTES,
     SIGNATURE_NAME,
+    CompressionInfo,
     DeltaManifest,
     SealInfo,
     TensorEntry,
@@ -56,6 +65,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_FILE_BYTES = 2 * 1024**3
+# Float32 elements of delta a worker encodes at once: bounds what encoding holds, whatever the chunk.
+ENCODE_ELEMENTS = 1 << 21
 
 
 def _row_elements(shape: tuple[int, ...]) -> int:
@@ -135,31 +146,55 @@ class FolderPairDelta:
         d = self.get_delta(name, rows=(r0, r1)).to(out_dtype).reshape(-1)
         return tensor_bytes(d[a - r0 * row : b - r0 * row])
 
+    def encoded(self, codec: TensorCodec, a: int, b: int, check) -> memoryview:
+        """Bytes a..b-1 of the tensor's encoded form: the rows that hold them, computed and encoded
+        a bounded number of elements at a time (``check`` sees each float32 block first)."""
+        import torch
 
-def _source_blocks(source: Any, name: str, out_dtype, target_bytes: int) -> Iterator[memoryview] | None:
-    """The delta of one tensor as byte blocks of about ``target_bytes``, or None when the source
-    leaves it untouched (receivers read a tensor a package lacks as a zero delta).
+        w = codec.row_bytes
+        r0, r1 = a // w, -(-b // w)
+        step = max(1, ENCODE_ELEMENTS // max(1, codec.n))
+        parts = []
+        for s in range(r0, r1, step):
+            d = self.get_delta(codec.name, rows=(s, min(r1, s + step)))
+            check(d)
+            parts.append(codec.encode(d, s))
+        enc = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return tensor_bytes(enc.reshape(-1)[a - r0 * w : b - r0 * w])
+
+
+def _source_blocks(source: Any, name: str, out_dtype, target_bytes: int, codec: TensorCodec | None = None, check=None) -> Iterator[memoryview] | None:
+    """The delta of one tensor as byte blocks of about ``target_bytes`` of float32, or None when
+    the source leaves it untouched (receivers read a tensor a package lacks as a zero delta).
 
     A matrix is asked for a few rows at a time (``get_delta(name, rows=...)``, part of the
     ``DeltaSource`` contract), so memory never holds a whole tensor. The first block is computed
     here, eagerly, so a ``None`` delta is known before the tensor is planned into the package.
+    With ``codec``, each block of rows is checked (``check``) and encoded.
     """
     shape = tuple(int(d) for d in source.info(name).shape)
     step = max(1, target_bytes // max(1, _row_elements(shape) * 4))
+
+    def as_bytes(d, r0: int) -> memoryview:
+        if codec is None:
+            return tensor_bytes(d.to(out_dtype))
+        check(d)
+        return tensor_bytes(codec.encode(d, r0))
+
     if len(shape) < 2 or shape[0] <= step:
         d = source.get_delta(name)
-        return None if d is None else iter([tensor_bytes(d.to(out_dtype))])
+        return None if d is None else iter([as_bytes(d, 0)])
     first = source.get_delta(name, rows=(0, step))
     if first is None:
         return None
 
     def rows() -> Iterator[memoryview]:
-        yield tensor_bytes(first.to(out_dtype))
+        yield as_bytes(first, 0)
         for r0 in range(step, shape[0], step):
             part = source.get_delta(name, rows=(r0, min(shape[0], r0 + step)))
             if part is None:
                 raise PackageError(f"tensor {name!r}: the delta source gave rows 0:{step} but nothing for rows {r0}:{min(shape[0], r0 + step)}", tensor=name)
-            yield tensor_bytes(part.to(out_dtype))
+            yield as_bytes(part, r0)
 
     return rows()
 
@@ -194,6 +229,8 @@ def pack_delta(
     overwrite: bool = False,
     progress: bool = False,
     torch_threads: int | None = 1,
+    compress: str | Compression = "none",
+    compress_seed: int | None = None,
 ) -> Path:
     """Compute, sign and (optionally) seal a delta package; returns the package directory.
 
@@ -203,6 +240,9 @@ def pack_delta(
     ``chunk_bytes``: a multiple of 8 from 256 bytes to 64 MiB. The directory appears only when
     complete (written in a temporary folder, then renamed). ``torch_threads``: torch's intra-op
     threads while packing (restored after). One is fastest: the other cores hash and seal.
+    ``compress``: a codec spec (``none``, ``int8``, ``int4``, ``sparse:0.25+int4``...) applied to
+    every matrix; ``compress_seed`` (default: drawn at random) is the seed its random choices
+    derive from, signed in the manifest.
     """
     import torch
 
@@ -215,10 +255,42 @@ def pack_delta(
             if not isinstance(reference, (str, os.PathLike)):
                 raise PackageError("give reference_fingerprint when the delta source is not a pair of folders")
             reference_fingerprint = model_fingerprint(CheckpointReader(reference), progress=True)
-        job = PackJob(source, Path(out_dir), identity, round_id, reference_fingerprint, seal_to, dtype, chunk_bytes, max_file_bytes, workers)
+        job = PackJob(source, Path(out_dir), identity, round_id, reference_fingerprint, seal_to, dtype, chunk_bytes, max_file_bytes, workers,
+                      compression=_compression(compress), seed=compress_seed)  # fmt: skip
         return job.run(label=label, overwrite=overwrite, progress=progress)
     finally:
         torch.set_num_threads(saved_threads)
+
+
+def _compression(compress: str | Compression) -> Compression:
+    if isinstance(compress, Compression):
+        return compress
+    try:
+        return parse_compression(compress)
+    except UnknownCompression as exc:
+        raise PackageError(str(exc)) from None
+
+
+class _Elements:
+    """A raw chunk's recipe: elements a..b-1 of a tensor's delta, computed in the pool."""
+
+    def __init__(self, name: str, a: int, b: int, elsize: int):
+        self.name, self.a, self.b = name, a, b
+        self.nbytes = (b - a) * elsize
+
+    def compute(self, job: "PackJob") -> memoryview:
+        return job.source.elements(self.name, self.a, self.b, job.tdtype)
+
+
+class _EncodedBytes:
+    """An encoded chunk's recipe: bytes a..b-1 of a tensor's encoded form, computed in the pool."""
+
+    def __init__(self, codec: TensorCodec, a: int, b: int):
+        self.codec, self.a, self.b = codec, a, b
+        self.nbytes = b - a
+
+    def compute(self, job: "PackJob") -> memoryview:
+        return job.source.encoded(self.codec, self.a, self.b, job.finite_check(self.codec.name))
 
 
 class PackJob:
@@ -230,7 +302,8 @@ class PackJob:
     to the hash lanes; ``_finish`` writes and signs the manifest.
     """
 
-    def __init__(self, source: Any, out: Path, identity: Identity, round_id: int, reference_fingerprint: str, seal_to: PublicIdentity | None, dtype: str, chunk_bytes: int, max_file_bytes: int, workers: int):
+    def __init__(self, source: Any, out: Path, identity: Identity, round_id: int, reference_fingerprint: str, seal_to: PublicIdentity | None, dtype: str, chunk_bytes: int, max_file_bytes: int, workers: int,
+                 *, compression: Compression | None = None, seed: int | None = None):  # fmt: skip
         if type(round_id) is not int or round_id < 0:
             raise PackageError(f"round {round_id!r} must be a non-negative integer")
         if type(chunk_bytes) is not int or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES or chunk_bytes % 8:
@@ -247,6 +320,11 @@ class PackJob:
         self.chunk_bytes = chunk_bytes
         self.max_file_bytes = max_file_bytes
         self.workers = workers
+        self.compression = compression or parse_compression("none")
+        if seed is not None and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
+            raise PackageError(f"compression seed {seed!r} must be an integer from 0 to 2^53")
+        self.seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        self.compression_info = None if self.compression.is_none else CompressionInfo(self.compression.spec, self.seed)
         self.nonce = secrets.token_hex(16)
         self.sealer: ChunkSealer | None = None
         self.seal_info: SealInfo | None = None
@@ -274,7 +352,7 @@ class PackJob:
         if not names:
             raise PackageError("the delta source has no tensors")
         started = time.perf_counter()
-        total = sum(math.prod(self.source.info(n).shape) for n in names) * self.elsize
+        total = sum(self.compression.nbytes(tuple(self.source.info(n).shape), self.code) for n in names)
         self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"pack {out.name}", disable=not progress, leave=False)
         out.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -294,26 +372,32 @@ class PackJob:
         finally:
             self._bar.close()
         log.info(
-            "packed %s: %d tensors, %.1f MB %s%s, round %d, in %.1fs", out, len(self.entries), manifest.total_bytes / 1e6, self.code,
+            "packed %s: %d tensors, %.1f MB %s%s, round %d, in %.1fs", out, len(self.entries), manifest.total_bytes / 1e6,
+            self.code if self.compression.is_none else f"{self.compression.spec} (values {self.code})",
             f", sealed to {self.seal_to.name}" if self.seal_to else "", self.round_id, time.perf_counter() - started,
         )  # fmt: skip
         return out
 
     # -- stages ------------------------------------------------------------------------------------
     def _plan(self, names: list[str]) -> Iterator[tuple]:
-        """Where every tensor goes, and its chunks: bytes, or from folders a recipe (element range)
-        that the pool computes in parallel."""
+        """Where every tensor goes, and its chunks: bytes, or from folders a recipe (an element or
+        encoded byte range) that the pool computes in parallel."""
         source, cb, elsize = self.source, self.chunk_bytes, self.elsize
         ti = -1
         for name in names:
-            direct = isinstance(source, FolderPairDelta) and source.chunkable(name, cb // elsize)
-            blocks = None if direct else _source_blocks(source, name, self.tdtype, cb)
+            shape = tuple(int(d) for d in source.info(name).shape)
+            codec = self._codec(name, shape)
+            folders = isinstance(source, FolderPairDelta)
+            if codec is not None:
+                direct = folders and codec.row_bytes * 8 <= cb
+                blocks = None if direct else _source_blocks(source, name, self.tdtype, cb, codec, self.finite_check(name))
+            else:
+                direct = folders and source.chunkable(name, cb // elsize)
+                blocks = None if direct else _source_blocks(source, name, self.tdtype, cb)
             if blocks is None and not direct:
                 continue
             ti += 1
-            shape = tuple(int(d) for d in source.info(name).shape)
-            numel = math.prod(shape)
-            nbytes = numel * elsize
+            nbytes = codec.nbytes if codec is not None else math.prod(shape) * elsize
             n = chunk_count(nbytes, cb)
             if not self.files or (self.files[-1][1] and self.files[-1][1] + nbytes + n * self.tag > self.max_file_bytes):
                 self.files.append([f"data-{len(self.files):05d}.bin", 0])
@@ -321,9 +405,13 @@ class PackJob:
             self.files[-1][1] += entry["stored"]
             self.entries.append(entry)
             if direct:
-                per = cb // elsize
                 for ci in range(n):
-                    yield (ti, name, ci, n, (name, ci * per, min(numel, (ci + 1) * per)), entry)
+                    if codec is not None:
+                        recipe: Any = _EncodedBytes(codec, ci * cb, min(nbytes, (ci + 1) * cb))
+                    else:
+                        per = cb // elsize
+                        recipe = _Elements(name, ci * per, min(math.prod(shape), (ci + 1) * per), elsize)
+                    yield (ti, name, ci, n, recipe, entry)
                 continue
             got = 0
             for ci, chunk in enumerate(_rechunk(blocks, cb)):
@@ -332,16 +420,35 @@ class PackJob:
             if got != nbytes:
                 raise TensorMismatch(f"tensor {name!r}: the delta source gave {got} bytes, its shape {list(shape)} in {self.code} needs {nbytes}", sender=self.identity.name, tensor=name)
 
+    def _codec(self, name: str, shape: tuple[int, ...]) -> TensorCodec | None:
+        if not self.compression.applies_to(shape):
+            return None
+        return self.compression.for_tensor(name, shape, self.seed, self.code)
+
+    def finite_check(self, name: str):
+        """Refuse a float32 delta block holding NaN or infinity (checked before it is encoded)."""
+        import torch
+
+        def check(d) -> None:
+            if not bool(torch.isfinite(d).all()):
+                raise NonFiniteValues(f"tensor {name!r}: the delta holds NaN or infinite values; check the fine-tuned weights", sender=self.identity.name, tensor=name)
+
+        return check
+
     def _cost(self, item: tuple) -> int:
         chunk = item[4]
-        nbytes = (chunk[2] - chunk[1]) * self.elsize if isinstance(chunk, tuple) else len(chunk)
-        return nbytes * (2 if self.sealer else 1)
+        nbytes = len(chunk) if isinstance(chunk, memoryview) else chunk.nbytes
+        extra = ENCODE_ELEMENTS * 8 if isinstance(chunk, _EncodedBytes) else 0  # float32 rows and their encoding
+        return nbytes * (2 if self.sealer else 1) + extra
 
     def _compute(self, item: tuple):
-        ti, name, ci, n, chunk, _ = item
-        if isinstance(chunk, tuple):
-            chunk = self.source.elements(*chunk, self.tdtype)
-        if has_non_finite(chunk, self.code):
+        ti, name, ci, n, chunk, entry = item
+        if not isinstance(chunk, memoryview):
+            encoded = isinstance(chunk, _EncodedBytes)
+            chunk = chunk.compute(self)
+        else:
+            encoded = self.compression.applies_to(tuple(entry["shape"]))
+        if not encoded and has_non_finite(chunk, self.code):
             raise NonFiniteValues(f"tensor {name!r}: the delta holds NaN or infinite values (chunk {ci + 1}/{n}); check the fine-tuned weights", sender=self.identity.name, tensor=name)
         return chunk, (self.sealer.seal(ti, name, ci, n, chunk) if self.sealer else chunk)
 
@@ -383,6 +490,7 @@ class PackJob:
             files=tuple((f, s) for f, s in self.files),
             sealed=self.seal_info,
             label=label,
+            compression=self.compression_info,
         )
         raw = manifest.to_bytes()
         parse_manifest(raw)  # never send what the receiver would refuse

@@ -10,12 +10,15 @@ the sender and, where there is one, the tensor:
    checked over them BEFORE the JSON is parsed, so a forged manifest costs one read and one
    Ed25519 check, never a parse;
 4. the manifest is well formed and canonical, names the signer as its sender, is sealed when
-   sealing is required, and is for the expected round and reference (and not a replay);
+   sealing is required, is for the expected round and reference (and not a replay), and is
+   compressed as expected;
 5. tensors, dtypes and shapes fit the reference model (when given); the folder holds exactly the
    listed plain files with their exact sizes (no links, FIFOs or extras);
 6. every chunk is read, authenticated (sealed), checked finite and hashed against the manifest,
    a bounded number of bytes in flight at once; with ``unpack_to`` the deltas are written in the
-   same pass and appear only when all of it passed.
+   same pass and appear only when all of it passed. A compressed tensor is checked as it was
+   sent: its digest covers the encoded bytes, and its stored scales (or values) must be finite
+   and stay finite once decoding multiplies them; it is unpacked encoded, never decoded here.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from fedmerge.checkpoints.codecs import canonical_spec
 from fedmerge.checkpoints.compat import CompatibilityCheck, Shapes
 from fedmerge.checkpoints.errors import CheckpointError
 from fedmerge.checkpoints.pipeline import DEFAULT_WORKERS, ByteBudget, run_ordered
 from fedmerge.checkpoints.reader import open_regular
 from fedmerge.security.delta_folder import DEFAULT_SHARD_BYTES, DeltaFolderWriter
+from fedmerge.checkpoints.errors import UnknownCompression
 from fedmerge.security.errors import (
     ChunkAuthenticationFailed,
+    CompressionMismatch,
     DigestMismatch,
     ManifestInvalid,
     NonFiniteValues,
@@ -132,6 +138,11 @@ class VerifiedPackage:
     sender_key: bytes = b""
 
     @property
+    def compression(self) -> str:
+        """The package's compression spec (``none`` when its deltas travel exactly)."""
+        return self.manifest.compression_spec
+
+    @property
     def round(self) -> int:
         return self.manifest.round
 
@@ -170,6 +181,7 @@ def verify_package(
     require_sealed: bool = True,
     expected_tensors: Shapes | None = None,
     expected_dtype: str | None = None,
+    expected_compression: str | None = None,
     check_data: bool = True,
     unpack_to: str | os.PathLike[str] | None = None,
     workers: int = DEFAULT_WORKERS,
@@ -181,7 +193,8 @@ def verify_package(
     or a ``CheckpointReader``) makes a tensor or shape that differs from the reference model a
     ``TensorMismatch``. ``check_data=False`` stops after the manifest-level checks: the data is
     NOT checked (``data_checked`` is False) and such a package is not unpacked. The replay guard
-    records the package only once all of it passed.
+    records the package only once all of it passed. ``expected_compression`` (a codec spec, or
+    ``none``) makes a package compressed otherwise a ``CompressionMismatch``.
     """
     pkg = Path(pkg_dir)
     if not pkg.is_dir():
@@ -202,6 +215,8 @@ def verify_package(
         for t in manifest.tensors:
             if t.dtype != want:
                 raise TensorMismatch(f"package from {sender!r}: tensor {t.name!r} is {t.dtype}, expected {want}", sender=sender, tensor=t.name)
+    if expected_compression is not None:
+        _check_compression(manifest, expected_compression)
     if expected_tensors is not None:
         _check_expected(manifest, expected_tensors)
     _check_files(pkg, manifest)
@@ -232,6 +247,18 @@ def _sealer_or_refuse(pkg: Path, manifest: DeltaManifest, opener: Identity | Non
     if opener is None:
         raise OpenerRequired(f"package from {manifest.sender!r} ({pkg}) is sealed to {manifest.sealed.recipient!r}; give that coordinator's identity to check its data", sender=manifest.sender, path=pkg)
     return sealer_for(manifest, opener, sender_key)
+
+
+def _check_compression(manifest: DeltaManifest, expected: str) -> None:
+    try:
+        want = canonical_spec(expected)
+    except UnknownCompression as exc:
+        raise PackageError(f"expected compression: {exc}") from None
+    if manifest.compression_spec != want:
+        raise CompressionMismatch(
+            f"package from {manifest.sender!r} is compressed as {manifest.compression_spec}, the coordinator asked for {want}",
+            sender=manifest.sender,
+        )
 
 
 def _check_expected(manifest: DeltaManifest, expected: Shapes) -> None:
@@ -285,6 +312,7 @@ class DataCheck:
         self.budget = ByteBudget(in_flight_bytes)
         self._fds: dict[str, int] = {}
         self._lanes: HashLanes | None = None
+        self._codecs = [manifest.codec_of(t) for t in manifest.tensors]
 
     def run(self) -> None:
         try:
@@ -326,7 +354,14 @@ class DataCheck:
         if len(buf) != want:
             raise TruncatedData(f"package from {sender!r}: tensor {t.name!r} is cut short in {self.pkg / t.file} (chunk {ci + 1}/{t.chunks})", sender=sender, tensor=t.name)
         plain = self.sealer.open(ti, t.name, ci, t.chunks, buf) if self.sealer else buf
-        if has_non_finite(plain, t.dtype):
+        codec = self._codecs[ti]
+        if codec is not None:
+            if not codec.finite(plain, ci * self.manifest.chunk_bytes):
+                raise NonFiniteValues(
+                    f"package from {sender!r}: tensor {t.name!r} ({codec.spec}) stores NaN, infinite, or overflowing scales or values (chunk {ci + 1}/{t.chunks})",
+                    sender=sender, tensor=t.name,
+                )  # fmt: skip
+        elif has_non_finite(plain, t.dtype):
             raise NonFiniteValues(f"package from {sender!r}: tensor {t.name!r} holds NaN or infinite values (chunk {ci + 1}/{t.chunks})", sender=sender, tensor=t.name)
         return plain
 

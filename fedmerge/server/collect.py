@@ -35,10 +35,11 @@ _OPEN = "open"
 def package_limits(config: FederationConfig, reference: CheckpointReader) -> protocol.PlanLimits:
     """What a delta package may be: its three kinds of files, at most ``max_package_bytes``.
 
-    Without a configured maximum: the delta of every reference tensor at ``delta_dtype``, plus a
-    GCM tag per smallest chunk (sealed), plus the largest manifest and its signature.
+    Without a configured maximum: the delta of every reference tensor at ``delta_dtype``, encoded
+    as ``compression`` asks, plus a GCM tag per smallest chunk (sealed), plus the largest manifest
+    and its signature.
     """
-    from fedmerge.checkpoints.dtypes import dtype_nbytes
+    from fedmerge.checkpoints.codecs import parse_compression
     from fedmerge.security.manifest import DATA_FILE_RE, MANIFEST_NAME, MAX_MANIFEST_BYTES, MIN_CHUNK_BYTES, SIGNATURE_NAME
     from fedmerge.security.manifest import delta_dtype
     from fedmerge.security.seal import TAG_BYTES
@@ -46,8 +47,8 @@ def package_limits(config: FederationConfig, reference: CheckpointReader) -> pro
     names = re.compile("|".join([re.escape(MANIFEST_NAME), re.escape(SIGNATURE_NAME), DATA_FILE_RE.pattern.strip("^$")]))
     limit = config.max_package_bytes
     if limit is None:
-        width = dtype_nbytes(delta_dtype(config.delta_dtype))
-        data = sum(info.numel for info in reference.infos()) * width
+        code, compression = delta_dtype(config.delta_dtype), parse_compression(config.compression)
+        data = sum(compression.nbytes(info.shape, code) for info in reference.infos())
         limit = data + math.ceil(data / MIN_CHUNK_BYTES) * TAG_BYTES + MAX_MANIFEST_BYTES + 64 * 1024
     return protocol.PlanLimits(names=names, max_total_bytes=limit, part_bytes=config.part_bytes)
 
@@ -99,6 +100,7 @@ class Collection:
             # wait at the SuperLink at once: only worth it while N is within the global cap.
             "with_first_part": len(asked) <= cfg.parts_in_flight_total,
             "delta_dtype": cfg.delta_dtype,
+            "compression": cfg.compression,
         }
         # With quorum verified, stragglers get a grace period rather than the whole timeout.
         deadline = GraceDeadline(cfg.round_timeout_s, cfg.straggler_grace_s, lambda: len(self.record.contributions) >= cfg.min_clients)
@@ -140,14 +142,16 @@ class Collection:
         self.plans[node] = plan
         have = self.spool.start(node, plan, inst)
         if payload is not None and 0 not in have:
-            self._receive(node, 0, meta, payload)
+            if self._receive(node, 0, meta, payload):
+                return []  # a one-part package, complete with the open reply (and finished already)
             have.add(0)
         todo = [i for i in range(len(plan.parts)) if i not in have]
         if not todo:
             self._finish(node)
         return [Request(protocol.FETCH_PART, {"round": self.r, "part": i}, None, i) for i in todo]
 
-    def _receive(self, node: int, index: int, meta: dict[str, Any], data: bytes | None) -> None:
+    def _receive(self, node: int, index: int, meta: dict[str, Any], data: bytes | None) -> bool:
+        """Spool one part; True when it completed the package (which is then verified and decided)."""
         plan = self.plans[node]
         if data is None or meta.get("part") != index or meta.get("sha256") != protocol.part_digest(data):
             raise NodeFailed(f"part {index} arrived damaged, missing or out of place")
@@ -159,6 +163,7 @@ class Collection:
         self.record.bytes_received[inst] = self.record.bytes_received.get(inst, 0) + len(data)
         if complete:
             self._finish(node)
+        return complete
 
     # -- decisions ---------------------------------------------------------------------------------
     def _finish(self, node: int) -> None:
@@ -173,7 +178,8 @@ class Collection:
             spool.unpack_dir(node).parent.mkdir(parents=True, exist_ok=True)
             verified = verify_package(
                 pkg, self.trust, expected_round=self.r, expected_reference=self.record.reference.fingerprint, opener=self.identity,
-                expected_tensors=self.reference, expected_dtype=self.cfg.delta_dtype, unpack_to=spool.unpack_dir(node),
+                expected_tensors=self.reference, expected_dtype=self.cfg.delta_dtype, expected_compression=self.cfg.compression,
+                unpack_to=spool.unpack_dir(node),
                 require_sealed=self.cfg.require_sealed,
             )  # fmt: skip
             if verified.sender != inst:

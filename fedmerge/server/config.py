@@ -201,7 +201,13 @@ class SuperLinkConfig(BaseModel):
     ca_cert: ConfigPath
     server_cert: ConfigPath  # TLS is not optional
     server_key: ConfigPath
-    database_path: ConfigPath | None = None  # default: <state_dir>/superlink.db
+    # Where Flower keeps its link state (nodes, runs, messages in flight and their payload objects):
+    # "memory" (default), or "file" (SQLite at database_path). Rounds resume from fedmerge's own
+    # journal and spool, and a restarted coordinator starts a fresh SuperLink and registers the
+    # node keys again, so nothing needs the file; in memory, every part skips a SQLite write, read
+    # and delete, and no plaintext part of a published model rests on the coordinator's disk.
+    link_state: Literal["memory", "file"] = "memory"
+    database_path: ConfigPath | None = None  # with link_state: file; default: <state_dir>/superlink.db
     # institution -> OpenSSH public key of its SuperNode (`fedmerge node-key` output). A node's
     # contributions count only for the institution its key is bound to, and only bound nodes
     # receive published models.
@@ -267,6 +273,13 @@ class FederationConfig(BaseModel):
     reference: Literal["base", "global"] = "base"
     # float32 deltas make a federated round byte-identical to the offline merge; bfloat16 halves the bytes.
     delta_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # How hospitals encode their deltas' matrices (fedmerge.checkpoints.codecs): none (exact), int8,
+    # int4, sparse:<density>, or selecting stages then one storing stage (sparse:0.25+int4).
+    # Announced in every open-round message; a package compressed otherwise is rejected.
+    compression: str = "none"
+    # How the round's model is pushed back: none (the whole model) or a codec spec; then the model
+    # is published as reference + decode(encode(merged - reference)), what every hospital rebuilds.
+    publish_compression: str = "none"
     # Refuse contributions that are not sealed to the coordinator (a recorded rejection).
     require_sealed: bool = True
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
@@ -274,6 +287,11 @@ class FederationConfig(BaseModel):
     evaluator: EvaluatorHook | None = None
     sample_seed: int = 0
     superlink: SuperLinkConfig | None = None
+
+    @field_validator("compression", "publish_compression")
+    @classmethod
+    def _known_compression(cls, v: str) -> str:
+        return _canonical_compression(v)
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> "FederationConfig":
@@ -299,6 +317,16 @@ class FederationConfig(BaseModel):
     @property
     def state(self) -> Path:
         return Path(self.state_dir)
+
+
+def _canonical_compression(v: str) -> str:
+    from fedmerge.checkpoints.codecs import canonical_spec
+    from fedmerge.checkpoints.errors import UnknownCompression
+
+    try:
+        return canonical_spec(v)
+    except UnknownCompression as exc:  # its message lists the valid specs
+        raise ValueError(str(exc)) from None
 
 
 def load_federation_config(path) -> FederationConfig:

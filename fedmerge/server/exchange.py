@@ -112,6 +112,7 @@ class Exchange:
         total_window: int | None = None,
         ttl: float | None = None,
         poll_s: float = 0.05,
+        poll_max_s: float = 0.4,
     ):
         self.grid = grid
         self.group_id = group_id
@@ -120,6 +121,9 @@ class Exchange:
         self.make_content = make_content
         self.ttl = ttl
         self.poll_s = poll_s
+        # Each poll asks the SuperLink once per request in flight: while nothing comes, wait longer
+        # between polls (up to poll_max_s) instead of asking ~160 times a second for 8 parts.
+        self.poll_max_s = max(poll_s, poll_max_s)
         self.queues: dict[int, _NodeQueue] = {}
         self.failures: dict[int, str] = {}
         self._turn = 0
@@ -141,6 +145,7 @@ class Exchange:
 
         ``on_reply`` may raise ``NodeFailed`` to stop talking to that node.
         """
+        idle = self.poll_s
         while True:
             active = [q for q in self.queues.values() if q.busy]
             if not active:
@@ -152,8 +157,11 @@ class Exchange:
             if not self._check_alive(active):
                 continue
             self._push(active)
-            if not self._pull(active, on_reply):
-                time.sleep(self.poll_s)
+            if self._pull(active, on_reply):
+                idle = self.poll_s
+            else:
+                time.sleep(idle)
+                idle = min(self.poll_max_s, 2 * idle)
 
     # -- stages -----------------------------------------------------------------------------------
     def _fail(self, q: _NodeQueue, reason: str) -> None:

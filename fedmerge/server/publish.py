@@ -34,11 +34,16 @@ class Push:
         self.targets = dict(roster.nodes)  # institution -> node
         self.installed: dict[int, str] = {}
 
-    def run(self, model_dir: Path) -> None:
+    def run(self, model_dir: Path, rebuild_against: str | None = None) -> None:
+        """Push ``model_dir``: the model, or (``rebuild_against``: the reference's fingerprint) the
+        folder of a compressed publication, which each hospital rebuilds on that reference."""
         cfg, record = self.cfg, self.record
         publication = record.publication
         assert publication is not None
-        plan = protocol.plan_folder(model_dir, cfg.part_bytes, extra={"round": self.r, "fingerprint": publication.fingerprint})
+        extra = {"round": self.r, "fingerprint": publication.fingerprint}
+        if rebuild_against is not None:
+            extra[protocol.REBUILD_AGAINST] = rebuild_against
+        plan = protocol.plan_folder(model_dir, cfg.part_bytes, extra=extra)
         publication.targets = sorted(self.targets)
         publication.model_bytes = plan.total_bytes
         self.journal.save()

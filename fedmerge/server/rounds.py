@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedmerge.checkpoints import CheckpointReader, model_fingerprint
+from fedmerge.server import compressed_publication
 from fedmerge.server.assess import ConfiguredEvaluation, EvaluateFn, GateFn, evaluation_of, gate_outcome_of
 from fedmerge.server.collect import Collection
 from fedmerge.server.config import FederationConfig
@@ -221,18 +222,20 @@ class RoundRunner:
         spool = RoundSpool(cfg.state_dir, record.round)
         contributors = self._quorum(journal)
         out = self.ledger.model_dir(record.round)
-        if out.exists():  # a merge that finished before a crash but was not recorded: redo it, it is deterministic
-            shutil.rmtree(out)
+        compressed_publication.clear(out)  # a merge that finished before a crash but was not recorded: redo it, it is deterministic
+        compressed = cfg.publish_compression != "none"
         t0 = time.perf_counter()
         merge(
             record.reference.path,
             [DeltaCheckpoint(spool.accepted_dir(i), label=i) for i in contributors],
-            out,
+            compressed_publication.merged_dir_of(out) if compressed else out,
             MergeSpec(**cfg.strategy.spec_fields()),
             progress=False,
             metadata={"round": record.round, "contributors": contributors, "federation": cfg.name},
         )
         seconds = time.perf_counter() - t0
+        if compressed:  # what is published (and evaluated, signed, pushed) is what hospitals rebuild
+            compressed_publication.rebuild_as_published(compressed_publication.merged_dir_of(out), Path(record.reference.path), out, cfg.publish_compression)
         record.merge = MergeOutcome(method=cfg.strategy.method, contributors=contributors, seconds=seconds, model_dir=str(out), fingerprint=self.fingerprint(out))
         record.status = RoundStatus.MERGED
         log.info("round %d: merged %d contribution(s) with %s in %.1f s", record.round, len(contributors), cfg.strategy.method, seconds)
@@ -274,4 +277,9 @@ class RoundRunner:
             record.publication = Publication(signer=self.identity.name, round=record.round, fingerprint=record.merge.fingerprint, model_bytes=0)
             journal.emit(EventKind.SIGNED, detail=record.merge.fingerprint)
         targets = roster(self.grid, self.directory, trust)
-        Push(self.grid, self.cfg, journal, targets).run(model_dir)
+        if self.cfg.publish_compression != "none":
+            pushed = compressed_publication.push_folder(model_dir)
+            Push(self.grid, self.cfg, journal, targets).run(pushed, rebuild_against=record.reference.fingerprint)
+            shutil.rmtree(pushed, ignore_errors=True)
+        else:
+            Push(self.grid, self.cfg, journal, targets).run(model_dir)
