@@ -132,6 +132,7 @@ class LocalTraining(_Strict):
     batch_size: int = Field(16, ge=1)
     block_size: int = Field(128, ge=16)
     warmup_steps: int = Field(5, ge=0)
+    general_share: bool = Field(True, description="a hospital's text holds its own share of general-medicine documents besides its specialty's")
 
 
 class Candidate(_Strict):

@@ -91,6 +91,18 @@ class World:
         lines = (self.root / "corpus" / f"{domain}.jsonl").read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines]
 
+    def hospital_text(self, specialty: str, general_share: bool) -> list[str]:
+        """What a hospital trains on between rounds: its specialty's documents and, with
+        ``general_share``, its own share of the general-medicine documents (every hospital a
+        different share: document i goes to hospital i mod n)."""
+        if specialty not in self.hospitals:
+            raise KeyError(f"no hospital {specialty!r} in this world; hospitals: {', '.join(self.hospitals)}")
+        docs = self.corpus(specialty)
+        if general_share:
+            i = list(self.hospitals).index(specialty)
+            docs += self.corpus(GENERAL)[i :: len(self.hospitals)]
+        return docs
+
 
 def knowledge_of(config: WorldConfig) -> KnowledgeBase:
     return build_knowledge(config.specialties, config.conditions_per_domain, config.seed, config.validation_conditions)
