@@ -242,21 +242,25 @@ def scatter_plot(rows: list[PooledRow], path: Path) -> Path:
     points = {r.label: (100 * r.specialties(), 100 * r.general()) for r in rows}
     front = pareto_front(points)
     colours = {"base": "tab:grey", "parent": "tab:blue", "merge": "tab:orange", "federation": "tab:red"}
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in rows:
+    names = {"base": "base", "parent": "hospital", "merge": "merge of the first round's contributions", "federation": "published by the federation"}
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    for i, r in enumerate(rows):
         x, y = points[r.label]
-        g = _group(r)
-        ax.scatter([x], [y], s=70 if r.label in front else 35, color=colours[g], edgecolor="black" if r.label in front else "none", zorder=3)
-        ax.annotate(r.label.replace(" (", "\n("), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        on_front = r.label in front
+        ax.scatter([x], [y], s=80 if on_front else 35, color=colours[_group(r)], edgecolor="black" if on_front else "none", zorder=3)
+        short = r.label.split(" (")[0] if r.role == "parent" else r.label.replace("federation round ", "round ").split(" (")[0]
+        ax.annotate(short, (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -9), fontsize=7)
     fx = sorted((points[label] for label in front), key=lambda p: p[0])
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], color="black", lw=1, ls="--", zorder=2, label="Pareto front")
+    ax.plot([p[0] for p in fx], [p[1] for p in fx], color="black", lw=1, ls="--", zorder=2, marker="o", mfc="none", ms=12,
+            label="Pareto front (circled)")
     for g, c in colours.items():
-        ax.scatter([], [], color=c, label={"merge": "merge of the first round's contributions", "federation": "published by the federation"}.get(g, g))
+        ax.scatter([], [], color=c, label=names[g])
     ax.set_xlabel("specialties: mean accuracy (%)")
     ax.set_ylabel("general medicine: accuracy (%)")
-    ax.set_title("What each model keeps of general medicine and gains in the specialties")
+    ax.set_title("General medicine kept against specialties gained, every model")
+    ax.margins(x=0.1, y=0.08)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -15,28 +16,33 @@ from fedmerge.demo.world import ensure_world, task_name
 SEEDS = 2  # two worlds: the tests see the pooled report as --seeds makes it
 
 
+REPO = Path(__file__).resolve().parents[2]
+# Switches a person might have set that would hide library output: cleared, so what the test sees
+# silenced is silenced by fedmerge.
+_LIBRARY_SWITCHES = ("TQDM_DISABLE", "TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                     "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "TOKENIZERS_PARALLELISM")
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """`fedmerge demo --config configs/demo-small.yaml --seeds 2 --keep-models`, as a person runs it."""
-    import contextlib
-    import io
-
-    from fedmerge import console
-    from fedmerge.cli import main
+    """`fedmerge demo --config configs/demo-small.yaml --seeds 2 --keep-models`, run as a person runs it:
+    its own process, outside any git repository, no library switch set."""
+    import os
+    import subprocess
+    import sys
 
     cfg = load_demo_config("configs/demo-small.yaml")
     cache = tmp_path_factory.mktemp("cache")
-    out = tmp_path_factory.mktemp("out") / "fedmerge-demo"
-    stdout, stderr = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            rc = main(["demo", "--config", "configs/demo-small.yaml", "--out", str(out), "--cache", str(cache),
-                       "--seeds", str(SEEDS), "--keep-models"])
-    finally:
-        console.setup(console.NORMAL)
-    assert rc == 0, stderr.getvalue()[-3000:]
+    workdir = tmp_path_factory.mktemp("workdir")
+    out = workdir / "fedmerge-demo"
+    env = {k: v for k, v in os.environ.items() if k not in _LIBRARY_SWITCHES}
+    env.update(PYTHONPATH=str(REPO), GIT_CEILING_DIRECTORIES=str(workdir.parent))
+    cmd = [sys.executable, "-m", "fedmerge", "demo", "--config", str(REPO / "configs" / "demo-small.yaml"), "--out", str(out),
+           "--cache", str(cache), "--seeds", str(SEEDS), "--keep-models"]
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-3000:]
     raw = json.loads((out / "results.json").read_text())
-    return cfg, cache, out, raw, stdout.getvalue(), stderr.getvalue()
+    return cfg, cache, out, raw, done.stdout, done.stderr
 
 
 def _rows(raw, seed=0):
@@ -249,6 +255,45 @@ def test_the_world_is_cached(demo):
     assert all(w["built_now"] for w in raw["worlds"])
     world, built = ensure_world(cfg.world, cache)
     assert not built and world.root.name == cfg.world.key()
+
+
+def test_each_hospital_validates_on_its_own_split_and_trains_on_its_own_text(demo, tmp_path):
+    """The layout of a federated selection: client.yaml points each hospital at its private validation
+    split (general medicine and its specialty, no test item) and at a train hook reading its own text."""
+    import yaml
+
+    from fedmerge.demo.run import FederationStage
+    from fedmerge.eval.config import EvalConfig
+    from fedmerge.federation.toy import institution_names
+
+    cfg, cache, _, _, _, _ = demo
+    world, _ = ensure_world(cfg.world, cache)
+    federated = cfg.federation.model_copy(update={"selection": cfg.federation.selection.model_copy(
+        update={"mode": "federated", "rule": "worst", "candidates": [{"method": "iso_c", "parameters": {"alpha": a}} for a in (0.5, 1.0)]})})
+    stage = FederationStage(cfg.model_copy(update={"federation": federated}), world, tmp_path / "federation")
+    names = institution_names(len(world.hospitals))
+    layout = stage.layout(names, list(world.hospitals))
+    fed_yaml = yaml.safe_load(layout.federation_config.read_text())
+    assert fed_yaml["reference"] == "global" and fed_yaml["selection"]["mode"] == "federated" and fed_yaml["selection"]["rule"] == "worst"
+    assert [c["parameters"]["alpha"] for c in fed_yaml["selection"]["candidates"]] == [0.5, 1.0]
+    test_files = {p.name for p in world.tasks_dir.iterdir()}
+    texts = {}
+    for name, specialty in zip(names, world.hospitals):
+        client = yaml.safe_load(layout.client_configs[name].read_text())
+        ev = EvalConfig.from_yaml(client["validation"])
+        assert ev.tasks == ["demo_val_general", f"demo_val_{specialty}"]
+        assert [p.resolve() for p in ev.task_dirs] == [world.validation_dir(specialty).resolve()]
+        assert not {p.name for p in world.validation_dir(specialty).iterdir()} & test_files
+        hook = client["train_hook"]
+        text = Path(hook[hook.index("--corpus") + 1])
+        docs = [json.loads(line) for line in text.read_text().splitlines()]
+        assert docs == world.hospital_text(specialty, general_share=True)
+        texts[specialty] = set(docs)
+    general = set(world.corpus("general"))
+    shares = [texts[s] & general for s in world.hospitals]
+    assert all(shares) and not any(a & b for i, a in enumerate(shares) for b in shares[i + 1:])  # each its own share
+    for s in world.hospitals:  # and no other specialty's text
+        assert not texts[s] & set().union(*(set(world.corpus(o)) for o in world.hospitals if o != s))
 
 
 def test_training_is_reproducible():
