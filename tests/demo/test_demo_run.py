@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmerge.demo.config import load_demo_config
+from fedmerge.demo.config import DemoConfig, load_demo_config
 from fedmerge.demo.world import ensure_world, task_name
 
 
@@ -268,9 +268,10 @@ def test_each_hospital_validates_on_its_own_split_and_trains_on_its_own_text(dem
 
     cfg, cache, _, _, _, _ = demo
     world, _ = ensure_world(cfg.world, cache)
-    federated = cfg.federation.model_copy(update={"selection": cfg.federation.selection.model_copy(
-        update={"mode": "federated", "rule": "worst", "candidates": [{"method": "iso_c", "parameters": {"alpha": a}} for a in (0.5, 1.0)]})})
-    stage = FederationStage(cfg.model_copy(update={"federation": federated}), world, tmp_path / "federation")
+    raw = cfg.model_dump(mode="json")
+    raw["federation"]["selection"] = {"mode": "federated", "rule": "worst",
+                                      "candidates": [{"method": "iso_c", "parameters": {"alpha": a}} for a in (0.5, 1.0)]}
+    stage = FederationStage(DemoConfig.model_validate(raw), world, tmp_path / "federation")
     names = institution_names(len(world.hospitals))
     layout = stage.layout(names, list(world.hospitals))
     fed_yaml = yaml.safe_load(layout.federation_config.read_text())
