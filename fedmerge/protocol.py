@@ -21,6 +21,18 @@ so every handler does one small thing and keeps what it computed on disk):
                    the round made of it (``outcome``: contributed, late, rejected...).
 - ``install_commit`` commit alone (a model folder with no bytes to send).
 
+With ``selection: federated`` two more, between collection and publication, to every
+contributing hospital (see ``fedmerge.server.selection``):
+
+- ``candidate_part``   coordinator -> client: round id, candidate id (``c1``...), the PartPlan of
+                   the candidate's signed delta package (its delta from the round's reference,
+                   signed by the coordinator), part index, bytes. reply: round, candidate, part.
+- ``score_candidates`` coordinator -> client: round id, reference fingerprint, delta dtype, the
+                   candidate ids. The client verifies each package (the pinned coordinator's
+                   signature, this round, this candidate, this reference), rebuilds the candidate
+                   and scores it on its own validation split. reply: the round and one accuracy
+                   per candidate and task (``acc/<candidate>/<task>``), nothing else.
+
 A hospital that cannot do what it is asked answers with ``refused`` (the error's type) and
 ``reason``, scrubbed of its local paths (``scrub_paths``), instead of raising: nothing about its
 file system leaves the hospital.
@@ -48,7 +60,9 @@ OPEN_ROUND = "query.open_round"
 FETCH_PART = "query.fetch_part"
 INSTALL_PART = "query.install_part"
 INSTALL_COMMIT = "query.install_commit"
-MESSAGE_KINDS = (OPEN_ROUND, FETCH_PART, INSTALL_PART, INSTALL_COMMIT)
+CANDIDATE_PART = "query.candidate_part"
+SCORE_CANDIDATES = "query.score_candidates"
+MESSAGE_KINDS = (OPEN_ROUND, FETCH_PART, INSTALL_PART, INSTALL_COMMIT, CANDIDATE_PART, SCORE_CANDIDATES)
 
 META = "fedmerge"  # ConfigRecord holding the small fields of every message
 PAYLOAD = "payload"  # ArrayRecord holding one part's bytes as a uint8 array
@@ -354,3 +368,92 @@ def read_payload(content) -> bytes:
     if data.shape[0] < SALT_BYTES:
         raise ProtocolError("message payload is shorter than its salt")
     return data[SALT_BYTES:].tobytes()
+
+
+# -- candidate selection --------------------------------------------------------------------------
+
+# A candidate's id: ``c`` and its number in the coordinator's config (c1 is the first).
+CANDIDATE_ID = re.compile(r"c[1-9][0-9]{0,2}")
+SCORE_PREFIX = "acc/"
+
+
+def candidate_id(index: int) -> str:
+    """The id of the ``index``-th candidate (0-based)."""
+    return f"c{index + 1}"
+
+
+def candidate_package_label(round_id: int, candidate: str) -> str:
+    """The label a candidate's package carries inside its signed manifest.
+
+    The hospital accepts a package as candidate ``candidate`` of round ``round_id`` only with
+    exactly this label, so a candidate signed for one slot cannot be passed off as another.
+    """
+    return f"fedmerge candidate {candidate} of round {round_id}"
+
+
+def check_candidate_id(value: Any) -> str:
+    if not isinstance(value, str) or not CANDIDATE_ID.fullmatch(value):
+        raise ProtocolError(f"{str(value)[:40]!r} is not a candidate id (c1, c2, ...)")
+    return value
+
+
+def is_accuracy(value: Any) -> bool:
+    """A finite number in [0, 1] (not a bool): what a validation score must be."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def scores_meta(round_id: int, scores: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A ``score_candidates`` reply: the round and one number per (candidate, task), nothing else."""
+    meta: dict[str, Any] = {"round": round_id}
+    for cid, tasks in scores.items():
+        for task, value in tasks.items():
+            meta[f"{SCORE_PREFIX}{check_candidate_id(cid)}/{task}"] = float(value)
+    return meta
+
+
+def read_scores(meta: dict[str, Any], round_id: int, candidates: list[str]) -> dict[str, dict[str, float]]:
+    """The accuracies of a ``score_candidates`` reply, refused unless it holds exactly what was asked.
+
+    Every asked candidate scored on the same tasks, each value a number in [0, 1]; no other
+    field than ``round``.
+    """
+    if meta.get("round") != round_id:
+        raise ProtocolError(f"scores for round {meta.get('round')!r}, asked for round {round_id}")
+    out: dict[str, dict[str, float]] = {}
+    for key, value in meta.items():
+        if key == "round":
+            continue
+        if not key.startswith(SCORE_PREFIX) or key.count("/") < 2:
+            raise ProtocolError(f"unexpected field {key[:60]!r} in a scores reply")
+        cid, task = key[len(SCORE_PREFIX) :].split("/", 1)
+        if cid not in candidates:
+            raise ProtocolError(f"a score for {cid[:40]!r}, which was not asked for")
+        if not task or len(task) > 200:
+            raise ProtocolError(f"candidate {cid}: a score with no task name or a name over 200 characters")
+        if not is_accuracy(value):
+            raise ProtocolError(f"candidate {cid}, task {task[:60]!r}: {str(value)[:40]!r} is not an accuracy in [0, 1]")
+        out.setdefault(cid, {})[task] = float(value)
+    missing = [c for c in candidates if c not in out]
+    if missing:
+        raise ProtocolError(f"no scores for candidate(s) {', '.join(missing)}")
+    tasks = {c: sorted(t) for c, t in out.items()}
+    first = tasks[candidates[0]]
+    for c in candidates[1:]:
+        if tasks[c] != first:
+            raise ProtocolError(f"candidate {c} was scored on other tasks than {candidates[0]} ({', '.join(tasks[c])} vs {', '.join(first)})")
+    return {c: out[c] for c in candidates}
+
+
+class FolderPart:
+    """One part of a folder, read from disk only when its message is built (queued parts cost no memory)."""
+
+    def __init__(self, folder: str | os.PathLike[str], plan: PartPlan, index: int):
+        self.folder, self.plan, self.index = Path(folder), plan, index
+
+    def read(self) -> bytes:
+        return read_part(self.folder, self.plan, self.index)
+
+
+def make_lazy_content(meta: dict[str, Any], payload: "bytes | FolderPart | None"):
+    """``make_content``, reading a ``FolderPart`` payload at the last moment."""
+    return make_content(meta, payload.read() if isinstance(payload, FolderPart) else payload)

@@ -1,4 +1,5 @@
-"""The fedmerge ClientApp: one handler per message kind, each a thin wrapper over ``HospitalNode``.
+"""The fedmerge ClientApp: one handler per message kind, each a thin wrapper over ``HospitalNode``
+(or, for candidate selection, ``CandidateScoring``).
 
 The SuperNode passes the hospital's config path as node config (``fedmerge-config``); nothing
 else about the hospital travels with the app, so the coordinator cannot point a node elsewhere.
@@ -85,3 +86,27 @@ def install_part(message: Message, context: Context) -> Message:
 @app.query("install_commit")
 def install_commit(message: Message, context: Context) -> Message:
     return _answer(message, lambda meta: (_node(context).install_commit(int(meta["round"]), str(meta["plan"]), meta.get("outcome")), None))
+
+
+# -- candidate selection (the coordinator's selection: federated) --------------------------------
+@app.query("candidate_part")
+def candidate_part(message: Message, context: Context) -> Message:
+    def handle(meta: dict) -> tuple[dict, bytes | None]:
+        from fedmerge.client.candidates import CandidateScoring
+
+        scoring = CandidateScoring(_node(context))
+        out = scoring.receive_part(int(meta["round"]), meta["candidate"], str(meta["plan"]), int(meta["part"]), protocol.read_payload(message.content))
+        return out, None
+
+    return _answer(message, handle)
+
+
+@app.query("score_candidates")
+def score_candidates(message: Message, context: Context) -> Message:
+    def handle(meta: dict) -> tuple[dict, bytes | None]:
+        from fedmerge.client.candidates import CandidateScoring
+
+        scoring = CandidateScoring(_node(context))
+        return scoring.score(int(meta["round"]), str(meta["reference_fingerprint"]), str(meta["delta_dtype"]), list(meta["candidates"])), None
+
+    return _answer(message, handle)

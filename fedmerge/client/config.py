@@ -1,4 +1,5 @@
-"""A hospital's config (``client.yaml``): who it is, what it contributes, where it installs models."""
+"""A hospital's config (``client.yaml``): who it is, what it contributes, where it installs models,
+what it scores candidates on."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ class ClientConfig(BaseModel):
     # it must write a checkpoint to $FEDMERGE_OUTPUT, which becomes the round's contribution.
     train_hook: list[str] | None = None
     keep_models: int = Field(2, ge=1, description="installed rounds kept on disk (current + previous)")
+    # Candidate selection (the coordinator's `selection: federated`): a fedmerge eval config whose
+    # tasks are this hospital's private validation split; candidates are scored on it here and
+    # only their accuracies go back. Without it, this hospital declines to score.
+    validation: ConfigPath | None = None
+    # Score with another harness than fedmerge's evaluator: "package.module:factory", where
+    # factory(EvalConfig) returns scorer(model_dir, *, round, candidate) -> {task: accuracy}.
+    validation_scorer: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    max_candidates: int = Field(4, ge=1, description="most candidates scored per round (each is a download and an evaluation)")
+    # Largest candidate package accepted; null: twice the base model's files (a float32 delta of a bf16 base).
+    max_candidate_bytes: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ClientConfig":

@@ -29,3 +29,16 @@ class NothingReceived(ClientError):
     """A commit arrived for a model none of whose parts were received."""
 
 
+
+
+class NoValidationData(ClientError):
+    """Asked to score candidates, but the hospital's config names no validation eval config."""
+
+
+class CandidateRefused(ClientError):
+    """A candidate is not one this hospital scores: another signer, round, slot or reference, too
+    many candidates, or a round not newer than the installed one."""
+
+
+class ScorerFailed(ClientError):
+    """The validation scorer could not be loaded, or returned something other than accuracies."""

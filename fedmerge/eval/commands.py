@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default 5)")
     p.add_argument("--limit", type=float, help="items per task (>=1) or fraction of the items (<1)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to load the model in (default from the config: auto = bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--batch-size", help="an integer or 'auto' (default: auto on CUDA, 4 on CPU)")
     p.add_argument("--threads", type=int, help="torch CPU threads while scoring on CPU (default: torch's own)")
     p.add_argument("--seed", type=int, help="seed of few-shot sampling and of lm-eval's other generators (default 1234)")

@@ -37,13 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_client)
 
     p = subparsers.add_parser("tls-certs", help="create a CA and a SuperLink server certificate (for a quick start)")
-    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for ca.pem, ca.key, server.pem and server.key")
     p.add_argument("--host", action="append", required=True, help="a name or IP hospitals reach the SuperLink at (repeat); 127.0.0.1 is always added")
     p.set_defaults(func=_cmd_tls)
 
     p = subparsers.add_parser("node-key", help="create a SuperNode authentication key pair (send the .pub file to the consortium)")
-    p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for NAME.node (private, 0600) and NAME.node.pub")
+    p.add_argument("name", metavar="NAME", help="the institution id the key is for")
     p.set_defaults(func=_cmd_node_key)
 
     p = subparsers.add_parser("app-hash", help="print the SHA-256 of this fedmerge's Flower app bundle (what hospitals pin)")

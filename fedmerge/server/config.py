@@ -3,8 +3,9 @@
 Everything that can be checked without the hospitals is checked when the file loads: the merge
 strategy (its method through the merging registry, its parameters through the method's own
 schema, and that the quorum is a number of contributions the method is defined for), the
-bindings of institutions to SuperNode keys, the gate's settings. A misspelled method fails
-here, naming ``strategy.method``, not after a round has been transferred.
+bindings of institutions to SuperNode keys, the gate's settings, the candidates of ``selection:``
+(each through the same registry and schemas, their number against ``max_candidates``). A
+misspelled method fails here, naming ``strategy.method``, not after a round has been transferred.
 """
 
 from __future__ import annotations
@@ -62,6 +63,130 @@ class StrategyConfig(BaseModel):
 
         cls = get_strategy_class(self.method)
         return cls.min_models, cls.max_models
+
+
+# -- candidate selection -------------------------------------------------------------------------
+class CandidateGrid(BaseModel):
+    """One method over a grid of parameter values: every combination of ``vary`` is a candidate.
+
+    ``parameters`` are the fixed ones; ``vary`` maps a parameter to the values it takes (several
+    parameters: their product, in the order written, the last one varying fastest).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    vary: dict[str, list[Any]] = Field(min_length=1)
+    seed: int = 0
+
+    @field_validator("vary")
+    @classmethod
+    def _values(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in v.items():
+            if not values:
+                raise ValueError(f"{name}: give at least one value")
+        return v
+
+    def expand(self) -> list[dict[str, Any]]:
+        import itertools
+
+        names = list(self.vary)
+        return [
+            {"method": self.method, "parameters": {**self.parameters, **dict(zip(names, combo))}, "seed": self.seed}
+            for combo in itertools.product(*(self.vary[n] for n in names))
+        ]
+
+
+SELECTION_MODES = ("none", "central", "federated")
+
+
+class SelectionConfig(BaseModel):
+    """Choose the published model among candidate merges by their scores on validation data.
+
+    ``mode``: ``none`` publishes the configured ``strategy`` (no candidates); ``central`` scores
+    each candidate with the evaluator on ``eval_config`` (the consortium's validation split, held
+    by the coordinator); ``federated`` sends each candidate to every contributing hospital, which
+    scores it on its own validation split and returns only accuracies. ``rule``: ``mean`` is the
+    mean over scorers of each scorer's mean accuracy over its tasks; ``worst`` is the lowest of
+    those means. Candidates: the ``candidates`` list, then each ``grid`` expanded, numbered c1,
+    c2... in that order; a tie goes to the lower number. More than ``max_candidates`` is refused
+    unless ``max_candidates`` is raised explicitly.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["none", "central", "federated"] = "none"
+    candidates: list[StrategyConfig] = Field(default_factory=list)
+    grid: list[CandidateGrid] = Field(default_factory=list)
+    max_candidates: int = Field(4, ge=1, description="most candidates a round builds (each is a merge, and in federated mode a download and an evaluation at every hospital)")
+    rule: Literal["mean", "worst"] = "mean"
+    eval_config: ConfigPath | None = None  # central: the consortium's validation eval config
+    # federated: the dtype candidate deltas travel in (the delta from the round's reference).
+    delta_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    keep_candidates: bool = Field(False, description="keep every candidate's model after the round (default: only the published one)")
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SelectionConfig":
+        specs = self.specs()
+        if self.mode == "none":
+            if specs:
+                raise ValueError("candidates are listed but mode is none, so none would be built; set mode: central or federated")
+            if self.eval_config is not None:
+                raise ValueError("eval_config is read only with mode: central")
+            return self
+        if not specs:
+            raise ValueError(f"mode {self.mode} needs candidates: list them under candidates: and/or grid:")
+        if len(specs) > self.max_candidates:
+            raise ValueError(
+                f"{len(specs)} candidates, more than max_candidates ({self.max_candidates}); each costs a merge"
+                + (", a download and an evaluation at every hospital" if self.mode == "federated" else " and an evaluation")
+                + "; list fewer, or raise max_candidates explicitly"
+            )
+        seen: dict[str, int] = {}
+        for i, spec in enumerate(specs):
+            key = repr(sorted(spec.spec_fields().items()))
+            if key in seen:
+                raise ValueError(f"candidate c{i + 1} is the same merge as c{seen[key] + 1} ({candidate_label(spec)})")
+            seen[key] = i
+        if self.mode == "central":
+            if self.eval_config is None:
+                raise ValueError("mode central needs eval_config: the consortium's validation eval config")
+            from fedmerge.eval.config import EvalConfig
+            from fedmerge.errors import FedmergeError
+
+            try:
+                EvalConfig.from_yaml(self.eval_config)
+            except FedmergeError as exc:
+                raise ValueError(f"eval_config: {exc}") from None
+        if self.mode == "federated" and self.eval_config is not None:
+            raise ValueError("eval_config is read only with mode: central (in federated mode each hospital scores on its own validation: config)")
+        return self
+
+    def specs(self) -> list[StrategyConfig]:
+        """Every candidate, in order: c1 is the first."""
+        out = list(self.candidates)
+        for gi, g in enumerate(self.grid):
+            for fields in g.expand():
+                try:
+                    out.append(StrategyConfig(**fields))
+                except ValidationError as exc:
+                    raise ValueError(f"grid[{gi}] ({candidate_label(fields)}): {describe_validation_error(exc).removeprefix('(root): ')}") from None
+        return out
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+def candidate_label(spec: "StrategyConfig | dict[str, Any]") -> str:
+    """``method name=value ...``: how a candidate is named in logs, records and ``fedmerge status``."""
+    fields = spec.spec_fields() if isinstance(spec, StrategyConfig) else spec
+    params = " ".join(f"{k}={v}" for k, v in sorted(fields.get("parameters", {}).items()))
+    return f"{fields['method']} {params}".strip()
 
 
 class SuperLinkConfig(BaseModel):
@@ -145,6 +270,7 @@ class FederationConfig(BaseModel):
     # Refuse contributions that are not sealed to the coordinator (a recorded rejection).
     require_sealed: bool = True
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     evaluator: EvaluatorHook | None = None
     sample_seed: int = 0
     superlink: SuperLinkConfig | None = None
@@ -158,6 +284,16 @@ class FederationConfig(BaseModel):
             raise ValueError(f"strategy.method {self.strategy.method} merges at least {fewest} contributions; min_clients is {self.min_clients}")
         if most is not None and (self.clients_per_round or 0) > most:
             raise ValueError(f"strategy.method {self.strategy.method} merges at most {most} contributions; clients_per_round is {self.clients_per_round}")
+        return self
+
+    @model_validator(mode="after")
+    def _candidates_fit(self) -> "FederationConfig":
+        for i, spec in enumerate(self.selection.specs()):
+            fewest, most = spec.models_allowed()
+            if self.min_clients < fewest:
+                raise ValueError(f"selection candidate c{i + 1} ({candidate_label(spec)}) merges at least {fewest} contributions; min_clients is {self.min_clients}")
+            if most is not None and (self.clients_per_round or 0) > most:
+                raise ValueError(f"selection candidate c{i + 1} ({candidate_label(spec)}) merges at most {most} contributions; clients_per_round is {self.clients_per_round}")
         return self
 
     @property

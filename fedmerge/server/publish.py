@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 from fedmerge import protocol
 from fedmerge.server.config import FederationConfig
@@ -22,20 +21,6 @@ from fedmerge.server.membership import Roster
 from fedmerge.server.record import Drop, EventKind
 
 log = logging.getLogger(__name__)
-
-
-class _LazyPart:
-    """A part read from disk only when its message is built, so queued parts cost no memory."""
-
-    def __init__(self, folder: Path, plan: protocol.PartPlan, index: int):
-        self.folder, self.plan, self.index = folder, plan, index
-
-    def read(self) -> bytes:
-        return protocol.read_part(self.folder, self.plan, self.index)
-
-
-def _content(meta: dict[str, Any], payload: Any):
-    return protocol.make_content(meta, payload.read() if isinstance(payload, _LazyPart) else payload)
 
 
 class Push:
@@ -59,7 +44,7 @@ class Push:
         publication.model_bytes = plan.total_bytes
         self.journal.save()
         exchange = Exchange(self.grid, group_id=f"{self.r}-install", window=cfg.parts_in_flight, total_window=cfg.parts_in_flight_total,
-                            make_content=_content, ttl=cfg.round_timeout_s + 60)  # fmt: skip
+                            make_content=protocol.make_lazy_content, ttl=cfg.round_timeout_s + 60)  # fmt: skip
         by_node = {node: inst for inst, node in self.targets.items()}
         for node, inst in sorted(by_node.items()):
             exchange.add(node, self._requests(model_dir, plan, record.outcome_of(inst)))
@@ -79,7 +64,7 @@ class Push:
             meta = {"round": self.r, "plan": plan_json, "part": i, "commit": i == last}
             if i == last:
                 meta["outcome"] = outcome
-            reqs.append(Request(protocol.INSTALL_PART, meta, _LazyPart(model_dir, plan, i), ("commit" if i == last else "part", i)))
+            reqs.append(Request(protocol.INSTALL_PART, meta, protocol.FolderPart(model_dir, plan, i), ("commit" if i == last else "part", i)))
         if not plan.parts:
             reqs.append(Request(protocol.INSTALL_COMMIT, {"round": self.r, "plan": plan_json, "outcome": outcome}, None, ("commit", None)))
         return reqs

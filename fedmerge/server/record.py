@@ -5,7 +5,8 @@ expected, who was late, who contributed, who was rejected and why, who dropped o
 stage, the merge, the evaluation, the gate's decision and the publication. ``fedmerge status``
 reads it; the round loop resumes from it.
 
-Statuses: ``open`` (collecting) -> ``merged`` (model on disk, not yet published) ->
+Statuses: ``open`` (collecting) -> [``selecting`` (candidates built and scored, with
+``selection:``)] -> ``merged`` (model on disk, not yet published) ->
 ``completed`` (signed and pushed) or ``refused`` (the gate refused it: neither signed nor
 pushed). ``failed``: no quorum; a restarted coordinator tries the round again.
 
@@ -26,6 +27,7 @@ RECORD_FORMAT = "fedmerge-round/2"
 
 class RoundStatus(str, Enum):
     OPEN = "open"
+    SELECTING = "selecting"  # contributions settled; candidates being built and scored
     MERGED = "merged"
     COMPLETED = "completed"
     REFUSED = "refused"
@@ -63,6 +65,10 @@ class EventKind(str, Enum):
     COMPLETED = "completed"
     REFUSED = "refused"
     RETRIED = "retried"
+    CANDIDATE = "candidate"  # a candidate merge built (selection)
+    SCORED = "scored"  # a scorer's accuracies on the candidates recorded
+    NOT_SCORED = "not scored"  # a scorer dropped from the selection, with its reason
+    SELECTED = "selected"  # the candidate to publish chosen by the rule (or the fallback)
 
 
 class _Model(BaseModel):
@@ -161,6 +167,53 @@ class Publication(_Model):
     failures: list[Drop] = Field(default_factory=list)
 
 
+# -- candidate selection -----------------------------------------------------------------------
+CENTRAL_SCORER = "central"  # the scorer's name in ``Selection.scores`` for mode: central
+
+
+class Candidate(_Model):
+    """One candidate merge of the round's contributions, as built."""
+
+    id: str  # c1, c2... in the config's order
+    label: str  # method and parameters, for people
+    strategy: dict[str, Any]  # the MergeSpec fields it was built with
+    fingerprint: str
+    model_dir: str
+    seconds: float
+    package_bytes: int | None = None  # federated: its signed delta package, sent to each hospital
+
+
+class ScoreFailure(_Model):
+    scorer: str  # an institution, or ``central``
+    node: int | None = None
+    reason: str  # scrubbed of the hospital's paths
+    at: float = Field(default_factory=time.time)
+
+
+class Selection(_Model):
+    """How the published model was chosen among the candidates, with every score it rests on."""
+
+    mode: Literal["central", "federated"]
+    rule: Literal["mean", "worst"]
+    candidates: list[Candidate] = Field(default_factory=list)
+    unbuilt: dict[str, str] = Field(default_factory=dict)  # candidate id -> why it could not be built
+    asked: list[str] = Field(default_factory=list)  # scorers asked for scores
+    # scorer (institution, or ``central``) -> candidate id -> task -> accuracy
+    scores: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
+    failures: list[ScoreFailure] = Field(default_factory=list)
+    bytes_sent: dict[str, int] = Field(default_factory=dict)  # institution -> candidate bytes pushed to it
+    values: dict[str, float] = Field(default_factory=dict)  # candidate id -> the rule's value
+    chosen: str | None = None  # the published candidate (None: the configured strategy, see fallback)
+    fallback: bool = False  # no scorer scored every candidate: the configured strategy was published
+    reason: str | None = None
+
+    def candidate(self, cid: str) -> Candidate:
+        for c in self.candidates:
+            if c.id == cid:
+                return c
+        raise KeyError(cid)
+
+
 class RoundRecord(_Model):
     format: Literal["fedmerge-round/2"] = RECORD_FORMAT
     round: int
@@ -182,6 +235,7 @@ class RoundRecord(_Model):
     drops: list[Drop] = Field(default_factory=list)
     bytes_received: dict[str, int] = Field(default_factory=dict)
     merge: MergeOutcome | None = None
+    selection: Selection | None = None
     evaluation: Evaluation | None = None
     gate: GateOutcome | None = None
     publication: Publication | None = None

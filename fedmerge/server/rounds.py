@@ -13,7 +13,14 @@ What a caller injects:
   ``superlink.supernode_public_keys``, matched against the keys the SuperLink registered);
 - ``evaluate_fn`` / ``gate_fn``: score the round's model and decide whether it is published
   (default: from the config's ``evaluator`` section; none when there is none);
+- ``validate_fn``: with ``selection: {mode: central}``, score one candidate on validation data
+  (default: the evaluator on ``selection.eval_config``);
 - ``on_event``: called with each ``RoundEvent`` once it is on disk (progress, fault injection).
+
+With ``selection:`` a round whose contributions are settled goes through ``selecting``: the
+``SelectionStage`` builds the candidates, has them scored and promotes the best by the rule to
+the round's model; the evaluator and the gate then see that model (see
+``fedmerge.server.selection``).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from fedmerge.server.record import (
     RoundRecord,
     RoundStatus,
 )
+from fedmerge.server.selection.central import ValidateFn
 from fedmerge.server.spool import RoundSpool
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,7 @@ class RoundRunner:
         evaluate_fn: EvaluateFn | None = None,
         gate_fn: GateFn | None = None,
         on_event: Callable[[RoundEvent], None] | None = None,
+        validate_fn: ValidateFn | None = None,
     ):
         from fedmerge.security.keys import load_identity, read_passphrase_file
 
@@ -90,6 +99,7 @@ class RoundRunner:
         self.evaluate_fn = evaluate_fn or (configured.evaluate if configured else None)
         self.gate_fn = gate_fn or (configured.decide if configured else None)
         self.publish_unevaluated = bool(config.evaluator and config.evaluator.publish_if_evaluation_fails)
+        self.validate_fn = validate_fn
         self._fingerprints: dict[str, str] = {}
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -109,7 +119,12 @@ class RoundRunner:
         trust = load_coordinator_trust(self.cfg, self.identity)  # re-read each round: revocations apply at once
         if record.status in (RoundStatus.OPEN, RoundStatus.FAILED):
             self._collect(journal, trust)
-            self._merge(journal)
+            if self.cfg.selection.enabled:
+                self._settle(journal)
+            else:
+                self._merge(journal)
+        if record.status == RoundStatus.SELECTING:
+            self._select(journal, trust)
         if self.evaluate_fn is not None and record.evaluation is None:
             self._assess(journal)
         if record.gate is not None and not record.gate.publish:
@@ -170,13 +185,10 @@ class RoundRunner:
             journal.emit(EventKind.EXCLUDED, institution=e.institution, node=e.node, detail=e.reason)
         Collection(self.grid, self.cfg, journal, who, trust=trust, identity=self.identity).run()
 
-    def _merge(self, journal: RoundJournal) -> None:
-        from fedmerge.merging.engine import MergeSpec, merge
-        from fedmerge.merging.taskvector import DeltaCheckpoint
-
+    def _quorum(self, journal: RoundJournal) -> list[str]:
+        """The accepted contributors; the round fails here when they are too few (or too many) to merge."""
         cfg, record = self.cfg, journal.record
-        spool = RoundSpool(cfg.state_dir, record.round)
-        contributors = spool.accepted_institutions()
+        contributors = RoundSpool(cfg.state_dir, record.round).accepted_institutions()
         _, most = cfg.strategy.models_allowed()
         if len(contributors) < cfg.min_clients or (most is not None and len(contributors) > most):
             why = (f"quorum not met: {len(contributors)} verified contribution(s), min_clients is {cfg.min_clients}"
@@ -184,6 +196,30 @@ class RoundRunner:
             record.status, record.failure = RoundStatus.FAILED, why
             journal.emit(EventKind.FAILED, detail=why)
             raise RoundFailed(f"round {record.round}: {why}")
+        return contributors
+
+    # -- selection -----------------------------------------------------------------------------------
+    def _settle(self, journal: RoundJournal) -> None:
+        """Contributions are final: the round goes on to selection (a restart does not collect again)."""
+        self._quorum(journal)
+        journal.record.status = RoundStatus.SELECTING
+        journal.save()
+
+    def _select(self, journal: RoundJournal, trust) -> None:
+        from fedmerge.server.selection import SelectionStage
+
+        stage = SelectionStage(self.grid, self.cfg, journal, self.ledger, identity=self.identity, trust=trust, directory=self.directory,
+                               fingerprint=self.fingerprint, validate_fn=self.validate_fn)  # fmt: skip
+        if not stage.run():
+            self._merge(journal)  # the fallback: the configured strategy, recorded as such
+
+    def _merge(self, journal: RoundJournal) -> None:
+        from fedmerge.merging.engine import MergeSpec, merge
+        from fedmerge.merging.taskvector import DeltaCheckpoint
+
+        cfg, record = self.cfg, journal.record
+        spool = RoundSpool(cfg.state_dir, record.round)
+        contributors = self._quorum(journal)
         out = self.ledger.model_dir(record.round)
         if out.exists():  # a merge that finished before a crash but was not recorded: redo it, it is deterministic
             shutil.rmtree(out)

@@ -1,8 +1,9 @@
 """``fedmerge status --config FEDERATION.yaml``: the coordinator's rounds as the operator needs them.
 
 Per round: each institution's state (contributed, rejected and why, dropped and at which stage,
-late, excluded), the merge, the evaluation and the gate's decision, and the publication (who
-installed it). Read from the round records the loop writes atomically, so it is safe to run
+late, excluded), the candidate selection (every candidate's score from every scorer, the rule's
+value, which one was published and why, who did not score), the merge, the evaluation and the
+gate's decision, and the publication (who installed it). Read from the round records the loop writes atomically, so it is safe to run
 while rounds are in progress; ``--watch`` follows them until every round is done, ``--json``
 prints the records for tools (one JSON document per refresh with ``--watch``).
 """
@@ -137,7 +138,10 @@ def _event_line(e) -> str:
 
 def _round_lines(r: RoundRecord) -> list[str]:
     ref = f"reference {r.reference.kind}{f' (round {r.reference.round})' if r.reference.round else ''} {_short(r.reference.fingerprint)}"
-    head = f"round {r.round}: {r.status.value}{f' (attempt {r.attempts})' if r.attempts > 1 else ''}; {r.strategy.get('method')}; {ref}"
+    method = r.strategy.get("method")
+    if r.selection is not None and r.selection.chosen is not None:
+        method = f"{r.selection.candidate(r.selection.chosen).label} (candidate {r.selection.chosen})"
+    head = f"round {r.round}: {r.status.value}{f' (attempt {r.attempts})' if r.attempts > 1 else ''}; {method}; {ref}"
     out = [head]
     if r.failure:
         out.append(f"  failure       {r.failure}")
@@ -148,6 +152,8 @@ def _round_lines(r: RoundRecord) -> list[str]:
     for e in r.excluded:
         if e.institution is None:
             out.append(f"  {'node ' + str(e.node):<{width}}  {'excluded':<12}  {e.reason}")
+    if r.selection is not None:
+        out += _selection_lines(r.selection)
     if r.merge is not None:
         out.append(f"  merge         {len(r.merge.contributors)} contribution(s) in {r.merge.seconds:.2f} s -> {_short(r.merge.fingerprint)}")
     if r.evaluation is not None:
@@ -168,4 +174,34 @@ def _round_lines(r: RoundRecord) -> list[str]:
             out.append(f"                not installed by {d.institution}: {d.reason}")
     elif r.status == RoundStatus.REFUSED:
         out.append("  publication   none: the gate refused the model; the previous one stays current")
+    return out
+
+
+def _selection_lines(sel) -> list[str]:
+    if sel.chosen is not None:
+        verdict = f"published {sel.chosen} ({sel.reason})"
+    elif sel.fallback:
+        verdict = f"FALLBACK: {sel.reason}"
+    else:
+        verdict = "in progress"
+    out = [f"  selection     {sel.mode}, rule {sel.rule}; {verdict}"]
+    width = max([len(c.label) for c in sel.candidates] + [8])
+    for c in sel.candidates:
+        mark = "*" if c.id == sel.chosen else " "
+        value = f"{sel.values[c.id]:.4f}" if c.id in sel.values else "  -   "
+        by = " | ".join(
+            f"{scorer}: " + ", ".join(f"{t} {v:.4f}" for t, v in sorted(table[c.id].items()))
+            for scorer, table in sorted(sel.scores.items()) if c.id in table
+        )  # fmt: skip
+        out.append(f"  {mark} {c.id:<4} {c.label:<{width}}  {value}  {by}".rstrip())
+    for cid, why in sorted(sel.unbuilt.items()):
+        out.append(f"    {cid:<4} not built: {why}")
+    for f in sel.failures:
+        out.append(f"    not scored by {f.scorer}: {f.reason}")
+    if sel.bytes_sent:
+        sent = sorted(set(sel.bytes_sent.values()))
+        if len(sent) == 1:
+            out.append(f"    candidates sent: {_size(sent[0])} to each of {', '.join(sorted(sel.bytes_sent))}")
+        else:
+            out.append("    candidates sent: " + ", ".join(f"{_size(n)} to {inst}" for inst, n in sorted(sel.bytes_sent.items())))
     return out

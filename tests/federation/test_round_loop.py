@@ -38,8 +38,8 @@ def test_a_wrong_strategy_fails_when_the_config_loads(make_federation, strategy,
 
 def test_a_quorum_the_method_cannot_merge_fails_when_the_config_loads(make_federation):
     tf = make_federation(2)
-    edit_yaml(tf.federation_config, min_clients=1, strategy={"method": "ties"})
-    with pytest.raises(ConfigError, match="strategy.method ties merges at least 2 contributions; min_clients is 1"):
+    edit_yaml(tf.federation_config, min_clients=1, strategy={"method": "iso_c"})
+    with pytest.raises(ConfigError, match="strategy.method iso_c merges at least 2 contributions; min_clients is 1"):
         load_federation_config(tf.federation_config)
     edit_yaml(tf.federation_config, min_clients=2, clients_per_round=3, strategy={"method": "slerp", "parameters": {"t": 0.5}})
     with pytest.raises(ConfigError, match="slerp merges at most 2 contributions; clients_per_round is 3"):
@@ -48,10 +48,10 @@ def test_a_quorum_the_method_cannot_merge_fails_when_the_config_loads(make_feder
 
 def test_node_keys_must_be_bound_to_institutions(make_federation):
     tf = make_federation(2)
-    edit_yaml(tf.federation_config, superlink={"ca_cert": "ca.pem", "supernode_public_keys": ["a.pub", "b.pub"]})
+    edit_yaml(tf.federation_config, superlink={"ca_cert": "ca.pem", "server_cert": "s.pem", "server_key": "s.key", "supernode_public_keys": ["a.pub", "b.pub"]})
     with pytest.raises(ConfigError, match="superlink.supernode_public_keys: must map each institution to its node's public key file"):
         load_federation_config(tf.federation_config)
-    edit_yaml(tf.federation_config, superlink={"ca_cert": "ca.pem", "supernode_public_keys": {"hospital-a": "keys/a.pub"}})
+    edit_yaml(tf.federation_config, superlink={"ca_cert": "ca.pem", "server_cert": "s.pem", "server_key": "s.key", "supernode_public_keys": {"hospital-a": "keys/a.pub"}})
     cfg = load_federation_config(tf.federation_config)
     assert cfg.superlink.supernode_public_keys == {"hospital-a": str(tf.federation_config.parent / "keys" / "a.pub")}
 
