@@ -141,8 +141,24 @@ def federation_without_test_items(demo, tmp_path_factory):
 
 
 def test_the_federation_stage_reads_no_test_item(federation_without_test_items):
+    """Every round chose among its candidates on the hospitals' validation splits alone, the test exams out of reach."""
     cfg, _, _, fed = federation_without_test_items
     assert [r.round for r in fed.rounds] == list(range(1, cfg.federation.rounds + 1))
+    assert cfg.federation.selection.mode == "federated"
+    for r in fed.rounds:
+        sel = r.record["selection"]
+        assert sel["mode"] == "federated" and sel["rule"] == cfg.federation.selection.rule and not sel["fallback"]
+        assert [c["strategy"]["parameters"] for c in sel["candidates"]] == [c.parameters for c in cfg.federation.selection.candidates]
+        assert set(sel["scores"]) == set(fed.institutions)  # every hospital scored ...
+        for inst, per_candidate in sel["scores"].items():  # ... every candidate, on its own split only
+            assert set(per_candidate) == {c["id"] for c in sel["candidates"]}
+            for accuracies in per_candidate.values():
+                assert set(accuracies) == {"demo_val_general", f"demo_val_{fed.institutions[inst]}"}
+        chosen = next(c for c in sel["candidates"] if c["id"] == sel["chosen"])
+        assert (r.method, r.parameters) == (chosen["strategy"]["method"], chosen["strategy"]["parameters"])
+        # the rule: the worst hospital's mean validation accuracy, highest for the chosen candidate
+        worst = {c["id"]: min(sum(sel["scores"][i][c["id"]].values()) / 2 for i in fed.institutions) for c in sel["candidates"]}
+        assert worst[sel["chosen"]] == max(worst.values())
 
 
 def test_later_rounds_merge_what_the_hospitals_trained_from_the_global_model(federation_without_test_items):
