@@ -87,7 +87,7 @@ class MergeEntry(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
-def _paper_merges() -> list[MergeEntry]:
+def paper_merges() -> list[MergeEntry]:
     # The paper's hyper-parameters (Table II and section III-D). Its two-model alpha = 0.5 becomes a
     # weight of 0.5 per hospital for the task-vector methods; linear is the plain average.
     half = {"weight": 0.5}
@@ -105,7 +105,7 @@ def _paper_merges() -> list[MergeEntry]:
 def _default_merges() -> list[MergeEntry]:
     # The paper's six methods and its hierarchical rule, then the weights-only methods measured
     # best on this world (docs/strategies.md), on the same first-round contributions.
-    return _paper_merges() + [
+    return paper_merges() + [
         MergeEntry(label="ties d=1.0", method="ties", parameters={"weight": 0.5, "density": 1.0}),
         MergeEntry(label="iso_c alpha=0.75", method="iso_c", parameters={"alpha": 0.75}),
         MergeEntry(label="iso_c alpha=1.0", method="iso_c", parameters={"alpha": 1.0}),

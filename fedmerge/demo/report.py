@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmerge.demo.config import DemoConfig
+from fedmerge.demo.config import DemoConfig, paper_merges
 from fedmerge.demo.knowledge import GENERAL
 from fedmerge.demo.stats import PairedGain, pair_items, paired_bootstrap, pareto_front
 from fedmerge.demo.world import task_name
 
 TASK_ARITHMETIC = "task_arithmetic"
+PAPER_LABELS = frozenset(m.label for m in paper_merges())  # the paper's six methods and its hierarchical rule
 FEDERATION = "federation round"
 
 
@@ -384,7 +385,7 @@ def write_demo_report(out: Path, config: DemoConfig, worlds, stages: dict[str, f
         plots += list(ev.plots)
     summary = summary_markdown(config, worlds, rows)
     front = pareto_front({r.label: (r.specialties(), r.general()) for r in rows})
-    paper = [r for r in rows if r.key in {m.label for m in config.merges[:7]}]
+    paper = [r for r in rows if r.key in PAPER_LABELS]
     best_paper = max(paper, key=lambda r: r.mean()) if paper else None
     manifest = first.world.manifest
     wcfg = config.world
