@@ -32,6 +32,7 @@ from typing import Any
 
 from fedmerge import console
 from fedmerge.demo.config import DemoConfig, MergeEntry
+from fedmerge.errors import FedmergeError
 from fedmerge.demo.world import CONSORTIUM, World, ensure_world, write_validation_config
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ _PART_BYTES = 256 << 10
 _ROUND_TIMEOUT_S = 3600.0
 # fedmerge parts whose info lines the demo tells as its own story (shown with -v).
 _NARRATED = ("fedmerge.server", "fedmerge.client", "fedmerge.federation", "fedmerge.merging", "fedmerge.security", "fedmerge.eval")
+
+
+class RoundNotPublished(FedmergeError):
+    """A round of the demo's federation ended without publishing a model (its record says why)."""
 
 
 @dataclass
@@ -196,7 +201,7 @@ class DemoRun:
         work = Path(tempfile.mkdtemp(prefix="fedmerge-demo-"))
         try:
             fed = self.federation(world, work / "federation")
-            scorer = TestScorer(self.config, world, self.world_out(seed) / "results.db", self.clock)
+            scorer = ExamScorer(self.config, world, self.world_out(seed) / "results.db", self.clock)
             rows = scorer.reference_rows(fed) + scorer.federation_rows(fed)
             merged, sweep, skipped, merge_seconds = self.compare(world, fed, scorer, work / "merges")
             if self.keep_models:
@@ -224,7 +229,7 @@ class DemoRun:
         return fed
 
     # -- 3 + 4. every strategy on the first round's contributions, scored ------------------------------
-    def compare(self, world: World, fed: FederationRun, scorer: "TestScorer", work: Path):
+    def compare(self, world: World, fed: FederationRun, scorer: "ExamScorer", work: Path):
         from fedmerge.merging.strategies import available
 
         cfg = self.config
@@ -384,7 +389,8 @@ class FederationStage:
         from fedmerge.demo.localtrain import read_report
 
         if r.status != "completed" or not r.model_dir:
-            raise RuntimeError(f"federation round {r.round} ended with status {r.status!r}: {r.record.failure}")
+            raise RoundNotPublished(f"{self.root / 'coordinator'}: federation round {r.round} ended with status {r.status!r}: "
+                                    f"{r.record.failure or (r.record.gate.reason if r.record.gate else 'no reason recorded')}")
         record = r.record.model_dump(mode="json")
         method, parameters = _published_spec(record)
         local = {}
@@ -430,7 +436,7 @@ def selection_reason(record: dict[str, Any]) -> str:
     return str(sel.get("reason") or "")
 
 
-class TestScorer:
+class ExamScorer:
     """The evaluator on the test exams, item by item; used only after the federation has finished."""
 
     def __init__(self, config: DemoConfig, world: World, store: Path, clock: Clock):
@@ -500,4 +506,4 @@ def run_demo(config: DemoConfig, out: str | Path = "fedmerge-demo", *, cache: st
     return DemoRun(config, out, cache=cache, rebuild=rebuild, keep_models=keep_models, seeds=seeds).run()
 
 
-__all__ = ["run_demo", "DemoRun", "DemoResult", "Scored", "FederationRun", "PublishedRound", "WorldRun", "describe"]
+__all__ = ["run_demo", "DemoRun", "DemoResult", "Scored", "FederationRun", "PublishedRound", "WorldRun", "RoundNotPublished", "describe"]
