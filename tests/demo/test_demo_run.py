@@ -278,9 +278,11 @@ def test_each_hospital_validates_on_its_own_split_and_trains_on_its_own_text(dem
     split (general medicine and its specialty, no test item) and at a train hook reading its own text."""
     import yaml
 
+    from fedmerge.client.config import load_client_config
     from fedmerge.demo.run import FederationStage
     from fedmerge.eval.config import EvalConfig
     from fedmerge.federation.toy import institution_names
+    from fedmerge.server.config import load_federation_config
 
     cfg, cache, _, _, _, _ = demo
     world, _ = ensure_world(cfg.world, cache)
@@ -290,13 +292,14 @@ def test_each_hospital_validates_on_its_own_split_and_trains_on_its_own_text(dem
     stage = FederationStage(DemoConfig.model_validate(raw), world, tmp_path / "federation")
     names = institution_names(len(world.hospitals))
     layout = stage.layout(names, list(world.hospitals))
-    fed_yaml = yaml.safe_load(layout.federation_config.read_text())
-    assert fed_yaml["reference"] == "global" and fed_yaml["selection"]["mode"] == "federated" and fed_yaml["selection"]["rule"] == "worst"
-    assert [c["parameters"]["alpha"] for c in fed_yaml["selection"]["candidates"]] == [0.5, 1.0]
+    fed_cfg = load_federation_config(layout.federation_config)  # the coordinator accepts what the demo wrote
+    assert fed_cfg.reference == "global" and fed_cfg.selection.mode == "federated" and fed_cfg.selection.rule == "worst"
+    assert [c.parameters["alpha"] for c in fed_cfg.selection.specs()] == [0.5, 1.0]
     test_files = {p.name for p in world.tasks_dir.iterdir()}
     texts = {}
     for name, specialty in zip(names, world.hospitals):
         client = yaml.safe_load(layout.client_configs[name].read_text())
+        assert load_client_config(layout.client_configs[name]).validation == client["validation"]  # and so does the hospital
         ev = EvalConfig.from_yaml(client["validation"])
         assert ev.tasks == ["demo_val_general", f"demo_val_{specialty}"]
         assert [p.resolve() for p in ev.task_dirs] == [world.validation_dir(specialty).resolve()]
@@ -311,6 +314,33 @@ def test_each_hospital_validates_on_its_own_split_and_trains_on_its_own_text(dem
     assert all(shares) and not any(a & b for i, a in enumerate(shares) for b in shares[i + 1:])  # each its own share
     for s in world.hospitals:  # and no other specialty's text
         assert not texts[s] & set().union(*(set(world.corpus(o)) for o in world.hospitals if o != s))
+
+
+def test_central_selection_scores_on_the_consortium_split_at_the_coordinator(demo, tmp_path):
+    """selection: central: the coordinator holds the consortium's validation split (every domain, no test
+    item); the hospitals hold no validation config."""
+    import yaml
+
+    from fedmerge.demo.run import FederationStage
+    from fedmerge.demo.world import CONSORTIUM
+    from fedmerge.eval.config import EvalConfig
+    from fedmerge.federation.toy import institution_names
+    from fedmerge.server.config import load_federation_config
+
+    cfg, cache, _, _, _, _ = demo
+    world, _ = ensure_world(cfg.world, cache)
+    raw = cfg.model_dump(mode="json")
+    raw["federation"]["selection"]["mode"] = "central"
+    stage = FederationStage(DemoConfig.model_validate(raw), world, tmp_path / "federation")
+    names = institution_names(len(world.hospitals))
+    layout = stage.layout(names, list(world.hospitals))
+    fed_cfg = load_federation_config(layout.federation_config)
+    assert fed_cfg.selection.mode == "central"
+    ev = EvalConfig.from_yaml(fed_cfg.selection.eval_config)
+    assert ev.tasks == [f"demo_val_{d}" for d in ["general", *cfg.world.specialties]]
+    assert [p.resolve() for p in ev.task_dirs] == [world.validation_dir(CONSORTIUM).resolve()]
+    for name in names:
+        assert "validation" not in yaml.safe_load(layout.client_configs[name].read_text())
 
 
 def test_training_is_reproducible():
