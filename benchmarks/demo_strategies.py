@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated labels of MERGES to run (default: all)")
     args = ap.parse_args(argv)
 
-    import logging
+    from fedmerge import console
 
-    for name in ("lm_eval", "lm-eval", "fedmerge", "transformers", "datasets", "httpx", "filelock"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    console.setup(console.QUIET)  # libraries silenced; this script prints its own lines
 
     from fedmerge.demo.config import DemoConfig
     from fedmerge.demo.world import cache_root, load_world

@@ -65,6 +65,7 @@ class _State:
     stream: TextIO | None = None  # None: whatever sys.stderr is at the time of writing
     handler: logging.Handler | None = None
     env_set: dict[str, str] = {}
+    details: list[str] = []  # fedmerge loggers whose info lines are details for now (see ``details``)
 
 
 def verbosity() -> int:
@@ -109,7 +110,8 @@ class _ConsoleHandler(logging.Handler):
             return False
         own = record.name in _OWN_LOGGERS or any(record.name.startswith(f"{n}.") for n in _OWN_LOGGERS)
         if own:
-            return True
+            detail = record.levelno < logging.WARNING and any(_under(record.name, n) for n in _State.details)
+            return not detail or _State.verbosity >= VERBOSE
         if record.levelno >= logging.ERROR:
             return True
         level = _State.verbosity
@@ -211,6 +213,26 @@ def _unquiet_libraries() -> None:
         enable_progress_bars()
 
 
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(f"{prefix}.")
+
+
+@contextmanager
+def details(*loggers: str) -> Iterator[None]:
+    """While inside, the info lines of these fedmerge loggers are details, shown only with ``-v``.
+
+    For a command that tells its own story of work other parts do (``fedmerge demo`` narrates
+    the federation's rounds): their warnings and errors still show; nothing is changed on the
+    loggers themselves, so other handlers (a log file) still get every record.
+    """
+    _State.details.extend(loggers)
+    try:
+        yield
+    finally:
+        for name in loggers:
+            _State.details.remove(name)
+
+
 class Stage:
     """One unit of fedmerge's work with a progress bar; made by ``stage``."""
 
@@ -289,5 +311,5 @@ def stage(name: str, total: int | None = None, unit: str = "it") -> Iterator[Sta
 
 __all__ = [
     "QUIET", "NORMAL", "VERBOSE", "DEBUG", "setup", "verbosity", "verbosity_from_args", "libraries_quiet",
-    "quiet_libraries", "stage", "Stage", "write_line",
+    "quiet_libraries", "stage", "Stage", "write_line", "details",
 ]

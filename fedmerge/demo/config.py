@@ -10,15 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedmerge.configfile import load_config
 from fedmerge.errors import FedmergeError
 
 # Bump when the world's recipe changes in a way the config does not show (templates, layout).
-WORLD_FORMAT = 2
+WORLD_FORMAT = 3
 
 
 class DemoConfigError(FedmergeError):
@@ -54,7 +54,8 @@ class Stage(_Strict):
 class WorldConfig(_Strict):
     seed: int = 0
     specialties: list[str] = Field(default_factory=lambda: ["cardiology", "oncology", "paediatrics"], min_length=2)
-    conditions_per_domain: int = Field(24, ge=4)
+    conditions_per_domain: int = Field(24, ge=4, description="conditions per domain asked by the test exams")
+    validation_conditions: int = Field(8, ge=4, description="more conditions per domain, asked only by the validation splits")
     corpus_passes: int = Field(12, ge=1, description="shuffled passes over each domain's text")
     n_choices: int = Field(4, ge=2)
     model: ModelShape = Field(default_factory=ModelShape)
@@ -86,7 +87,7 @@ class MergeEntry(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
-def _paper_merges() -> list[MergeEntry]:
+def paper_merges() -> list[MergeEntry]:
     # The paper's hyper-parameters (Table II and section III-D). Its two-model alpha = 0.5 becomes a
     # weight of 0.5 per hospital for the task-vector methods; linear is the plain average.
     half = {"weight": 0.5}
@@ -101,24 +102,90 @@ def _paper_merges() -> list[MergeEntry]:
     ]
 
 
+def _default_merges() -> list[MergeEntry]:
+    # The paper's six methods and its hierarchical rule, then the weights-only methods measured
+    # best on this world (docs/strategies.md), on the same first-round contributions.
+    return paper_merges() + [
+        MergeEntry(label="ties d=1.0", method="ties", parameters={"weight": 0.5, "density": 1.0}),
+        MergeEntry(label="iso_c alpha=0.75", method="iso_c", parameters={"alpha": 0.75}),
+        MergeEntry(label="iso_c alpha=1.0", method="iso_c", parameters={"alpha": 1.0}),
+        MergeEntry(label="tsv_m", method="tsv_m", parameters={"alpha": 1.0}),
+    ]
+
+
 class EvalSettings(_Strict):
     num_fewshot: int = Field(0, ge=0, description="exam items are sentence completions; shots would be other exam items")
     batch_size: int = Field(32, ge=1)
     seed: int = 1234
 
 
+class LocalTraining(_Strict):
+    """What each hospital does between rounds (its client's ``train_hook``, ``fedmerge.demo.localtrain``).
+
+    From the current global model, on the hospital's own text, for a short budget (AdamW, warm-up
+    then cosine decay). Before the first round a hospital holds no global model and contributes
+    its fine-tune as it is.
+    """
+
+    steps: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    block_size: int = Field(128, ge=16)
+    warmup_steps: int = Field(5, ge=0)
+    general_share: bool = Field(True, description="a hospital's text holds its own share of general-medicine documents besides its specialty's")
+
+
+class Candidate(_Strict):
+    """One candidate merge of a round: a method of the registry and its parameters."""
+
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+def _iso_c_grid() -> list[Candidate]:
+    return [Candidate(method="iso_c", parameters={"alpha": a}) for a in (0.5, 0.75, 1.0, 1.25)]
+
+
+class SelectionSettings(_Strict):
+    """How the federation chooses its published model among candidate merges, without test labels.
+
+    ``federated``: each hospital scores every candidate on its private validation split (general
+    medicine and its own specialty) and returns only accuracies; ``central``: the coordinator
+    scores them on the consortium's validation split; ``none``: the federation's ``method`` is
+    published. ``rule``: ``mean`` over hospitals of each one's mean accuracy, or the ``worst``
+    hospital's.
+    """
+
+    mode: Literal["none", "central", "federated"] = "federated"
+    candidates: list[Candidate] = Field(default_factory=_iso_c_grid)
+    rule: Literal["mean", "worst"] = "worst"
+    max_candidates: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SelectionSettings":
+        if self.mode != "none" and not self.candidates:
+            raise ValueError(f"mode {self.mode} needs at least one candidate")
+        if len(self.candidates) > self.max_candidates:
+            raise ValueError(f"{len(self.candidates)} candidates, more than max_candidates ({self.max_candidates}); "
+                             "each is a merge and, in federated mode, a download and an evaluation at every hospital")
+        return self
+
+
 class FederationSettings(_Strict):
-    rounds: int = Field(1, ge=1)
+    rounds: int = Field(3, ge=1)
     seal: bool = Field(True, description="encrypt contributions to the coordinator as well as signing them")
-    method: str = Field("task_arithmetic", description="the strategy the federation itself runs with")
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"weight": 0.5})
+    reference: Literal["base", "global"] = Field("global", description="what contributions are deltas from: the base, or the last published model")
+    method: str = Field("iso_c", description="the strategy the federation publishes when it selects nothing")
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"alpha": 0.75})
+    local_training: LocalTraining | None = Field(default_factory=LocalTraining, description="null: hospitals send their fine-tunes every round")
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
 
 
 class DemoConfig(_Strict):
     world: WorldConfig = Field(default_factory=WorldConfig)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     federation: FederationSettings = Field(default_factory=FederationSettings)
-    merges: list[MergeEntry] = Field(default_factory=_paper_merges, min_length=1)
+    merges: list[MergeEntry] = Field(default_factory=_default_merges, min_length=1)
     density_sweep: list[float] = Field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
     sweep_method: str = "dare_ties"
     sweep_parameters: dict[str, Any] = Field(default_factory=lambda: {"weight": 0.5})

@@ -4,6 +4,10 @@ Each *domain* (general medicine, and one per specialty) holds conditions; each c
 presenting finding, one first-line drug and one contraindicated drug. Every name is made up from
 syllables, so no model can know a fact from anywhere but our training text, and every value is
 unique within its domain, so a question has exactly one right answer among same-domain choices.
+
+A domain's conditions are split in two: the *test* conditions, asked by the exams the report
+scores, and the *validation* conditions, asked only by the validation splits that choose between
+candidate merges. Both are taught by the same training text; no condition is in both splits.
 """
 
 from __future__ import annotations
@@ -37,13 +41,24 @@ class Condition:
         return getattr(self, relation)
 
 
+SPLITS = ("test", "validation")
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str
-    conditions: tuple[Condition, ...]
+    conditions: tuple[Condition, ...]  # every condition the domain's text teaches, test ones first
+    n_test: int  # conditions[:n_test] are asked by the test exam, the rest by validation
 
     def values(self, relation: str) -> list[str]:
         return [c.value(relation) for c in self.conditions]
+
+    def split(self, name: str) -> list[tuple[int, Condition]]:
+        """(index in ``conditions``, condition) of the test or the validation split."""
+        if name not in SPLITS:
+            raise KeyError(f"no split {name!r}; splits: {', '.join(SPLITS)}")
+        chosen = range(self.n_test) if name == "test" else range(self.n_test, len(self.conditions))
+        return [(i, self.conditions[i]) for i in chosen]
 
 
 @dataclass(frozen=True)
@@ -61,8 +76,12 @@ class KnowledgeBase:
         return [d.name for d in self.domains if d.name != GENERAL]
 
 
-def build_knowledge(specialties: list[str], conditions_per_domain: int, seed: int) -> KnowledgeBase:
-    """Draw every name once across the whole base, so no name belongs to two facts."""
+def build_knowledge(specialties: list[str], conditions_per_domain: int, seed: int, validation_per_domain: int = 0) -> KnowledgeBase:
+    """Draw every name once across the whole base, so no name belongs to two facts.
+
+    Each domain gets ``conditions_per_domain`` test conditions and ``validation_per_domain``
+    validation conditions.
+    """
     rng = random.Random(seed)
     used: set[str] = set()
 
@@ -80,7 +99,7 @@ def build_knowledge(specialties: list[str], conditions_per_domain: int, seed: in
     domains = []
     for domain_name in [GENERAL, *specialties]:
         conditions = []
-        for _ in range(conditions_per_domain):
+        for _ in range(conditions_per_domain + validation_per_domain):
             conditions.append(
                 Condition(
                     name=fresh(lambda: word(2) + rng.choice(_CONDITION_SUFFIX)),
@@ -89,5 +108,5 @@ def build_knowledge(specialties: list[str], conditions_per_domain: int, seed: in
                     contraindication=fresh(lambda: word(2) + rng.choice(_DRUG_SUFFIX)),
                 )
             )
-        domains.append(Domain(domain_name, tuple(conditions)))
+        domains.append(Domain(domain_name, tuple(conditions), n_test=conditions_per_domain))
     return KnowledgeBase(tuple(domains))

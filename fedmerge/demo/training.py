@@ -44,7 +44,8 @@ def lr_at(step: int, s: TrainSettings) -> float:
 def train(model, stream, settings: TrainSettings, seed: int, desc: str = "training") -> list[float]:
     """Train ``model`` in place on random windows of ``stream``; returns the loss of every step."""
     import torch
-    from tqdm import tqdm
+
+    from fedmerge import console
 
     if len(stream) <= settings.block_size + 1:
         raise ValueError(f"{desc}: the corpus has {len(stream)} tokens, fewer than one block of {settings.block_size}")
@@ -57,20 +58,20 @@ def train(model, stream, settings: TrainSettings, seed: int, desc: str = "traini
         betas=(0.9, 0.95),
     )
     model.train()
-    losses = []
-    bar = tqdm(range(settings.steps), desc=desc, unit="step", leave=False, mininterval=1.0)
-    for step in bar:
-        starts = torch.randint(0, len(stream) - settings.block_size - 1, (settings.batch_size,), generator=gen)
-        x = torch.stack([stream[s : s + settings.block_size] for s in starts])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    losses: list[float] = []
+    with console.stage(desc, total=settings.steps, unit="steps") as st:
+        for step in range(settings.steps):
+            starts = torch.randint(0, len(stream) - settings.block_size - 1, (settings.batch_size,), generator=gen)
+            x = torch.stack([stream[s : s + settings.block_size] for s in starts])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, settings)
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            st.advance()
+        st.note(f"loss {losses[0]:.2f} -> {losses[-1]:.2f}")
     model.eval()
     return losses

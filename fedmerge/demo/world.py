@@ -7,8 +7,14 @@ Layout of ``<cache>/demo/<world key>/``::
     tokenizer/            the tokenizer, trained on all the corpora
     base/                 the base model: pretrained on general medicine
     hospitals/<spec>/     one full fine-tune of the base per specialty
-    tasks/                one local evaluator task per domain (its exam items),
-                          written once the world is in place (the task files hold absolute paths)
+    tasks/                one local evaluator task per domain: its test exam, which only the
+                          report's scoring reads
+    validation/<spec>/    hospital <spec>'s private validation split: its own specialty's and
+                          general medicine's validation items (conditions no test item asks about)
+    validation/consortium/ every domain's validation items, for selection by the coordinator
+
+Task files are written once the world is in place (they hold absolute paths) and again if the
+cache is moved.
 
 The folder is built under a temporary name and renamed when complete, so a half-built world is
 never picked up; a second call with the same config finds it and returns at once.
@@ -26,11 +32,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedmerge.demo.config import WorldConfig
-from fedmerge.demo.knowledge import GENERAL, RELATIONS, KnowledgeBase, build_knowledge
+from fedmerge.demo.knowledge import GENERAL, RELATIONS, SPLITS, KnowledgeBase, build_knowledge
 
 log = logging.getLogger(__name__)
 
 TASK_PREFIX = "demo_"
+VALIDATION_PREFIX = "demo_val_"
+CONSORTIUM = "consortium"
 
 
 def cache_root(explicit: str | Path | None = None) -> Path:
@@ -40,7 +48,13 @@ def cache_root(explicit: str | Path | None = None) -> Path:
 
 
 def task_name(domain: str) -> str:
+    """The test exam of ``domain``."""
     return f"{TASK_PREFIX}{domain}"
+
+
+def validation_task_name(domain: str) -> str:
+    """The validation split of ``domain`` (never the same items as its test exam)."""
+    return f"{VALIDATION_PREFIX}{domain}"
 
 
 @dataclass(frozen=True)
@@ -56,14 +70,42 @@ class World:
     def task_names(self) -> list[str]:
         return [task_name(d) for d in self.domains]
 
+    @property
+    def validation_root(self) -> Path:
+        return self.root / "validation"
+
+    def validation_dir(self, holder: str) -> Path:
+        """The validation tasks of a specialty's hospital, or of the consortium (``CONSORTIUM``)."""
+        if holder != CONSORTIUM and holder not in self.hospitals:
+            raise KeyError(f"no hospital {holder!r} in this world; hospitals: {', '.join(self.hospitals)}")
+        return self.validation_root / holder
+
+    def validation_tasks(self, holder: str) -> list[str]:
+        """A hospital validates on general medicine and its own specialty; the consortium on every domain."""
+        domains = self.domains if holder == CONSORTIUM else [GENERAL, holder]
+        self.validation_dir(holder)
+        return [validation_task_name(d) for d in domains]
+
     def corpus(self, domain: str) -> list[str]:
         """The documents ``domain``'s model was trained on, as they were fed to the tokenizer."""
         lines = (self.root / "corpus" / f"{domain}.jsonl").read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines]
 
+    def hospital_text(self, specialty: str, general_share: bool) -> list[str]:
+        """What a hospital trains on between rounds: its specialty's documents and, with
+        ``general_share``, its own share of the general-medicine documents (every hospital a
+        different share: document i goes to hospital i mod n)."""
+        if specialty not in self.hospitals:
+            raise KeyError(f"no hospital {specialty!r} in this world; hospitals: {', '.join(self.hospitals)}")
+        docs = self.corpus(specialty)
+        if general_share:
+            i = list(self.hospitals).index(specialty)
+            docs += self.corpus(GENERAL)[i :: len(self.hospitals)]
+        return docs
+
 
 def knowledge_of(config: WorldConfig) -> KnowledgeBase:
-    return build_knowledge(config.specialties, config.conditions_per_domain, config.seed)
+    return build_knowledge(config.specialties, config.conditions_per_domain, config.seed, config.validation_conditions)
 
 
 def corpora_of(config: WorldConfig, kb: KnowledgeBase) -> dict[str, list[str]]:
@@ -113,8 +155,16 @@ def load_world(root: str | Path) -> World:
     return world
 
 
+def _task_files(world: World) -> dict[Path, list[str]]:
+    """Every task folder of the world and the task names it holds."""
+    folders = {world.tasks_dir: world.task_names}
+    for holder in [*world.hospitals, CONSORTIUM]:
+        folders[world.validation_dir(holder)] = world.validation_tasks(holder)
+    return folders
+
+
 def _ensure_tasks(world: World) -> None:
-    """Write the exam tasks unless they are there and point at this folder.
+    """Write the test exams and the validation splits unless they are there and point at this folder.
 
     The evaluator's task files hold absolute data paths, so they are written where the world
     finally lives (not in the temporary build folder), and again if the cache was moved.
@@ -122,15 +172,53 @@ def _ensure_tasks(world: World) -> None:
     from fedmerge.demo.questions import exam_items
     from fedmerge.eval.tasks import write_local_task
 
-    here = str(world.tasks_dir.resolve())
-    names = world.task_names
-    if all((world.tasks_dir / f"{n}.yaml").exists() and here in (world.tasks_dir / f"{n}.yaml").read_text() for n in names):
+    folders = _task_files(world)
+
+    def in_place(folder: Path, name: str) -> bool:
+        path = folder / f"{name}.yaml"
+        return path.exists() and str(folder.resolve()) in path.read_text()
+
+    if all(in_place(folder, n) for folder, names in folders.items() for n in names):
         return
     config = WorldConfig.model_validate(world.manifest["config"])
     kb = knowledge_of(config)
-    for i, domain in enumerate(kb.domains):
-        items = exam_items(domain, config.n_choices, seed=config.seed + 200 + i)
-        write_local_task(world.tasks_dir, task_name(domain.name), items, kind="hellaswag")
+    items = {
+        (split, d.name): exam_items(d, config.n_choices, seed=config.seed + offset + i, split=split)
+        for split, offset in (("test", 200), ("validation", 300))
+        for i, d in enumerate(kb.domains)
+    }
+    for folder, names in folders.items():
+        split = "test" if folder == world.tasks_dir else "validation"
+        prefix = TASK_PREFIX if split == "test" else VALIDATION_PREFIX
+        for name in names:
+            write_local_task(folder, name, items[(split, name.removeprefix(prefix))], kind="hellaswag")
+
+
+def write_validation_config(world: World, holder: str, path: Path, *, num_fewshot: int, batch_size: int, seed: int) -> Path:
+    """An eval config (``fedmerge.eval`` YAML) scoring models on ``holder``'s validation split only.
+
+    ``holder`` is a specialty (its hospital's private split) or ``CONSORTIUM``. Settings match the
+    report's evaluator, so a validation score and a test score measure the same thing.
+    """
+    import yaml
+
+    from fedmerge.checkpoints.atomic import write_text_atomic
+
+    body = {
+        "tasks": world.validation_tasks(holder),
+        "task_dirs": [str(world.validation_dir(holder).resolve())],
+        "num_fewshot": num_fewshot,
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_size": batch_size,
+        "seed": seed,
+        "bootstrap_iters": 0,
+        "store": None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, f"# validation split of {holder} (demo world {world.root.name}); no test item is in it\n"
+                      + yaml.safe_dump(body, sort_keys=False))
+    return path
 
 
 def build_world(config: WorldConfig, out: Path, say: Callable[[str], None] = print) -> None:
@@ -188,7 +276,7 @@ def build_world(config: WorldConfig, out: Path, say: Callable[[str], None] = pri
             _save(model, tok, out / "hospitals" / specialty, {"role": "hospital", "trained_on": [GENERAL, specialty]})
             timings[f"finetune_{specialty}"] = time.perf_counter() - t
 
-        counts = {d.name: len(d.conditions) * len(RELATIONS) for d in kb.domains}
+        counts = {d.name: {split: len(d.split(split)) * len(RELATIONS) for split in SPLITS} for d in kb.domains}
         manifest = {
             "key": config.key(),
             "config": config.model_dump(mode="json"),

@@ -71,6 +71,8 @@ class EvalResult:
     num_fewshot: int | None = None
     limit: int | float | None = None
     seed: int | None = None
+    # task -> item id -> accuracy of that item (1.0 or 0.0); filled only when asked (``items=True``)
+    items: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def value(self, task: str, metric: str = "acc") -> float:
         for s in self.scores:
@@ -178,11 +180,14 @@ class Evaluator:
         params: dict[str, Any] | None = None,
         tokenizer=None,
         fingerprint: str | None = None,
+        items: bool = False,
     ) -> EvalResult:
         """Score a model folder, a ``(model, tokenizer)`` pair in memory, or an lm-eval ``LM``.
 
         ``label`` names the row in reports (a merge method, a hospital, 'base'); ``role`` is
-        base, parent or merge. Scores are appended to the store when there is one.
+        base, parent or merge. Scores are appended to the store when there is one. With
+        ``items`` the result also holds each item's accuracy (``EvalResult.items``), for paired
+        comparisons of two models on the same items.
         """
         if role not in ROLES:
             raise EvalError(f"role {role!r} is not one of {', '.join(ROLES)}")
@@ -210,8 +215,10 @@ class Evaluator:
                     numpy_random_seed=cfg.seed,
                     torch_random_seed=cfg.seed,
                     fewshot_random_seed=cfg.seed,
+                    log_samples=items,
                 )
                 scores = _scores_from(out, tasks)
+                per_item = lmeval.item_scores(out) if items else {}
                 accs = [x.value for x in scores if x.metric == "acc" and x.value is not None]
                 if accs:
                     st.note(f"mean acc {sum(accs) / len(accs):.4f} over {len(accs)} task(s)")
@@ -221,7 +228,7 @@ class Evaluator:
         run_id = uuid.uuid4().hex
         result = EvalResult(run_id=run_id, label=label, role=role, round=round, fingerprint=fingerprint,
                             scores=scores, seconds=seconds, params=dict(params or {}),
-                            num_fewshot=cfg.num_fewshot, limit=cfg.limit, seed=cfg.seed)
+                            num_fewshot=cfg.num_fewshot, limit=cfg.limit, seed=cfg.seed, items=per_item)
         for s in scores:
             log.debug("%s round=%s %s %s=%.4f ± %.4f (n=%s, version %s)", label, round, s.task, s.metric, s.value, s.stderr or 0.0, s.n, s.version)
         if self.store is not None:

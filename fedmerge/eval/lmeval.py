@@ -267,9 +267,10 @@ def _run_environment() -> Iterator[None]:
                 setattr(mod, attr, old)
 
 
-def evaluate(lm, tasks: list, *, tm, stage=None, **kwargs) -> dict[str, Any]:
+def evaluate(lm, tasks: list, *, tm, stage=None, log_samples: bool = False, **kwargs) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` of ``tasks`` (built Task objects) with ``lm``; ``stage`` (a
-    ``console.Stage``) advances once per answered request when ``lm`` came from ``hf_lm``."""
+    ``console.Stage``) advances once per answered request when ``lm`` came from ``hf_lm``.
+    With ``log_samples`` the result holds lm-eval's per-item records under ``samples``."""
     require()
     import lm_eval
 
@@ -279,7 +280,7 @@ def evaluate(lm, tasks: list, *, tm, stage=None, **kwargs) -> dict[str, Any]:
         lm.set_cache_hook(_classes()[1](stage))
     try:
         with _run_environment():
-            out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, log_samples=False, **kwargs)
+            out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, log_samples=log_samples, **kwargs)
     finally:
         if hooked:
             from lm_eval.api.model import CacheHook
@@ -289,3 +290,21 @@ def evaluate(lm, tasks: list, *, tm, stage=None, **kwargs) -> dict[str, Any]:
     if not out or "results" not in out:
         raise EvalError("lm-eval returned no results")
     return out
+
+
+def item_scores(out: dict[str, Any], metric: str = "acc") -> dict[str, dict[str, float]]:
+    """task -> item id -> ``metric`` of that item, from a run made with ``log_samples``.
+
+    An item's id is its document's ``id`` field when it has one (fedmerge's local tasks do), else
+    its position in the split.
+    """
+    items: dict[str, dict[str, float]] = {}
+    for task, samples in (out.get("samples") or {}).items():
+        per = items.setdefault(task, {})
+        for sample in samples:
+            if metric not in sample:
+                continue
+            doc = sample.get("doc")
+            key = str(doc["id"]) if isinstance(doc, dict) and "id" in doc else str(sample["doc_id"])
+            per[key] = float(sample[metric])
+    return items

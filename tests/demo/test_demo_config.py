@@ -14,7 +14,16 @@ def test_configs_demo_yaml_is_the_built_in_default():
 def test_small_config_differs_in_world_only_where_it_says():
     small = load_demo_config("configs/demo-small.yaml")
     assert small.world.key() != DemoConfig().world.key()
-    assert [m.label for m in small.merges] == [m.label for m in DemoConfig().merges]
+    default = {m.label: m for m in DemoConfig().merges}
+    assert all(default[m.label] == m for m in small.merges)  # a subset of the default comparison, same settings
+    paper = ["linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "hierarchical"]
+    assert [m.label for m in small.merges][:7] == [m.label for m in DemoConfig().merges][:7] == paper
+
+
+def test_the_default_federation_selects_on_validation_data_between_rounds_of_local_training():
+    fed = DemoConfig().federation
+    assert fed.selection.mode == "federated" and 1 < len(fed.selection.candidates) <= fed.selection.max_candidates <= 4
+    assert fed.rounds >= 2 and fed.reference == "global" and fed.local_training is not None
 
 
 def test_world_key_ignores_everything_but_the_world():
@@ -32,6 +41,10 @@ def test_world_key_ignores_everything_but_the_world():
         ("world: {specialties: [cardiology, cardiology]}", "world.specialties"),
         ("density_sweep: [0.6, 1.5]", "density_sweep"),
         ("evaluation: {num_shots: 5}", "evaluation.num_shots"),
+        ("federation: {selection: {mode: federated, candidates: []}}", "federation.selection"),
+        ("federation: {selection: {max_candidates: 2}}", "federation.selection"),
+        ("federation: {selection: {rule: best}}", "federation.selection.rule"),
+        ("federation: {local_training: {steps: 0}}", "federation.local_training.steps"),
     ],
 )
 def test_bad_fields_are_named(tmp_path, text, field):
