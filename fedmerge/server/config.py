@@ -122,7 +122,15 @@ class SelectionConfig(BaseModel):
     eval_config: ConfigPath | None = None  # central: the consortium's validation eval config
     # federated: the dtype candidate deltas travel in (the delta from the round's reference).
     delta_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # federated: how candidate deltas are encoded (a fedmerge.checkpoints.codecs spec, as for
+    # contributions): int4 sends each hospital about a quarter of the bf16 bytes per candidate.
+    compression: str = "none"
     keep_candidates: bool = Field(False, description="keep every candidate's model after the round (default: only the published one)")
+
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, v: str) -> str:
+        return _canonical_compression(v)
 
     @field_validator("grid", mode="before")
     @classmethod

@@ -42,14 +42,15 @@ def candidate_package(
     candidate: str,
     reference_fingerprint: str,
     dtype: str,
+    compression: str = "none",
 ) -> Path:
-    """The one place a candidate's delta folder is made: ``model - reference`` at ``dtype``, signed.
+    """The one place a candidate's delta folder is made: ``model - reference`` at ``dtype``, signed,
+    its matrices encoded with ``compression`` (a codec spec; ``none``: exact).
 
     The package is the ordinary delta package (``fedmerge.security.pack``), signed by the
     coordinator, unsealed (every hospital gets the same bytes), whose signed label binds it to
-    this round and candidate (``protocol.candidate_package_label``). A compressed encoding of the
-    deltas, when the security package offers one, is chosen here and nowhere else: hospitals
-    verify and unpack whatever the package's manifest declares.
+    this round and candidate (``protocol.candidate_package_label``). Hospitals verify and unpack
+    whatever encoding the signed manifest declares, and rebuild the candidate from it.
     """
     from fedmerge.security.pack import pack_delta
 
@@ -57,7 +58,8 @@ def candidate_package(
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     label = protocol.candidate_package_label(round_id, candidate)
-    return Path(pack_delta(str(model_dir), str(reference_dir), out, identity, round_id, reference_fingerprint, seal_to=None, dtype=dtype, label=label))
+    return Path(pack_delta(str(model_dir), str(reference_dir), out, identity, round_id, reference_fingerprint, seal_to=None, dtype=dtype, label=label,
+                          compress=compression))  # fmt: skip
 
 
 def folder_bytes(folder: Path) -> int:

@@ -104,7 +104,7 @@ class SelectionStage:
                 package_bytes = None
                 if sel.mode == "federated":
                     pkg = candidate_package(model, self.record.reference.path, self.root / cid / "package", self.identity, round_id=self.r, candidate=cid,
-                                            reference_fingerprint=self.record.reference.fingerprint, dtype=self.cfg.selection.delta_dtype)  # fmt: skip
+                                            reference_fingerprint=self.record.reference.fingerprint, dtype=self.cfg.selection.delta_dtype, compression=self.cfg.selection.compression)  # fmt: skip
                     package_bytes = folder_bytes(pkg)
             except FedmergeError as exc:  # a method that cannot merge these inputs: the others still compete
                 reason = f"{type(exc).__name__}: {exc}"[:600]
