@@ -219,7 +219,7 @@ def test_a_part_longer_than_its_plan_says_rejects_its_node_not_the_round(make_fe
         if context.node_id == 3 and message.metadata.message_type == FETCH_PART:
             from flwr.app import Message
 
-            meta, data = dict(read_meta(reply.content)), read_payload(reply.content) + b"\0" * 4096
+            meta, data = dict(read_meta(reply.content)), bytes(read_payload(reply.content)) + b"\0" * 4096
             meta["sha256"] = part_digest(data)
             return Message(make_content(meta, data), reply_to=message)
         return reply

@@ -28,9 +28,9 @@ def install(spec: str) -> None:
     plan_for = behaviours(spec)
     honest_open, honest_fetch = HospitalNode.open_round, HospitalNode.fetch_part
 
-    def open_round(self, r, reference_fingerprint, part_bytes, delta_dtype="float32"):
+    def open_round(self, r, reference_fingerprint, part_bytes, delta_dtype="float32", **kw):
         what = plan_for.get(r)
-        out = honest_open(self, r - 1 if what == "replay" else r, reference_fingerprint, part_bytes, delta_dtype)
+        out = honest_open(self, r - 1 if what == "replay" else r, reference_fingerprint, part_bytes, delta_dtype, **kw)
         if what == "escape":
             plan = json.loads(out["plan"])
             plan["files"][0]["path"] = "../x"
