@@ -394,7 +394,9 @@ def write_demo_report(out: Path, config: DemoConfig, worlds, stages: dict[str, f
     md: list[str] = [
         "# fedmerge demo: a federation of hospitals against its best hospital\n",
         f"{len(first.world.hospitals)} hospitals each hold a full fine-tune of one tiny Mistral base on their own specialty. "
-        f"They ran {fed.rounds} federation round(s): signed{' and sealed' if fed.seal else ''} delta packages, verified by the coordinator"
+        f"They ran {fed.rounds} federation round(s): signed{' and sealed' if fed.seal else ''} delta packages"
+        + (f" ({fed.compression}-encoded, as were the candidates and the pushed models)" if fed.compression != "none" else "")
+        + ", verified by the coordinator"
         + (f"; between rounds each hospital trained the current global model for {fed.local_training.steps} steps on its own text"
            if fed.local_training else "")
         + (f"; each round the coordinator published one of {len(fed.selection.candidates)} candidate merges, chosen by the "

@@ -352,11 +352,11 @@ class FederationStage:
 
         f, ev = self.fed_cfg, self.config.evaluation
         models = SimpleNamespace(base=self.world.base, finetunes={n: self.world.hospitals[s] for n, s in zip(names, specialties)})
-        overrides: dict[str, Any] = {"reference": f.reference}
+        overrides: dict[str, Any] = {"reference": f.reference, "compression": f.compression, "publish_compression": f.compression}
         sel = f.selection
         if sel.mode != "none":
             selection: dict[str, Any] = {"mode": sel.mode, "rule": sel.rule, "max_candidates": sel.max_candidates,
-                                         "candidates": [c.model_dump() for c in sel.candidates]}
+                                         "candidates": [c.model_dump() for c in sel.candidates], "compression": f.compression}
             if sel.mode == "central":
                 selection["eval_config"] = str(write_validation_config(self.world, CONSORTIUM, self.root.parent / "validation" / "consortium.yaml",
                                                                        num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, seed=ev.seed))
