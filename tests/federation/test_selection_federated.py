@@ -302,3 +302,31 @@ def test_compressed_candidates_travel_as_int4_deltas_that_hospitals_rebuild(make
                 if rebuilt.ndim == 2 and true.norm() > 0:
                     assert torch.nn.functional.cosine_similarity(true, got, dim=0) > 0.98, name
     assert scored == 2 * len(rec.selection.candidates)
+
+
+def test_a_chosen_candidate_is_published_as_the_compressed_delta_hospitals_rebuild(make_federation, tmp_path):
+    """``publish_compression: int4`` with selection: the chosen candidate is re-encoded against the
+    round's reference; the coordinator's model, its signed fingerprint and every hospital's
+    installed model are reference + decode(int4(candidate - reference)), close to the candidate."""
+    from fedmerge.checkpoints.rebuild import read_model_delta
+
+    tf = selective(make_federation, 3, rule="worst")
+    edit_yaml(tf.federation_config, publish_compression="int4")
+    rec = runner(tf, RecordingGrid(nodes_of(tf))).run()[0]
+    sel = rec.selection
+    assert rec.status == "completed" and sel.chosen == "c2"
+    published = Path(rec.merge.model_dir)
+    assert published == tf.root / "coordinator" / "models" / "round-0001"
+    with CheckpointReader(published) as r:
+        assert rec.merge.fingerprint == model_fingerprint(r) != sel.candidate("c2").fingerprint
+    # the encoded delta beside it is int4, and decoding it onto the base gives the published weights
+    delta, meta = read_model_delta(published.with_name("round-0001.delta"))
+    assert meta["compression"]["spec"] == "int4"
+    offline = load_tensors(offline_merge(tf.base, [tf.finetunes[n] for n in sorted(tf.client_configs)], tmp_path / "off", CANDIDATES[1]))
+    base, pub = load_tensors(tf.base), load_tensors(published)
+    for name, w in pub.items():
+        true, got = (offline[name].float() - base[name].float()).flatten(), (w.float() - base[name].float()).flatten()
+        if w.ndim == 2 and true.norm() > 0:
+            assert not torch.equal(true, got) and torch.nn.functional.cosine_similarity(true, got, dim=0) > 0.98, name
+    for n in tf.client_configs:
+        assert_same_tensors(tf.root / "clients" / n / "models" / "current", published)

@@ -17,12 +17,13 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fedmerge.checkpoints.atomic import fsync_dir
 from fedmerge.errors import FedmergeError
 from fedmerge.protocol import candidate_id
+from fedmerge.server import compressed_publication
 from fedmerge.server.config import FederationConfig, candidate_label
 from fedmerge.server.ledger import RoundJournal, RoundLedger
 from fedmerge.server.membership import roster
@@ -179,15 +180,24 @@ class SelectionStage:
         c = sel.candidate(sel.chosen)
         out = self.ledger.model_dir(self.r)
         src = Path(c.model_dir)
+        spec = self.cfg.publish_compression
+        # With publish_compression the candidate is re-encoded as the publication hospitals rebuild:
+        # moved aside, then rebuilt into the round's folder (redone after a restart that cut it short).
+        dest = out if spec == "none" else compressed_publication.merged_dir_of(out)
         if src != out and src.is_dir():  # not moved yet (a restart may find it moved already)
-            if out.exists():
-                shutil.rmtree(out)
+            compressed_publication.clear(out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, out)
+            os.replace(src, dest)
             fsync_dir(out.parent)
+        fingerprint = c.fingerprint
+        if spec != "none":
+            if dest.is_dir():
+                shutil.rmtree(out, ignore_errors=True)
+                compressed_publication.rebuild_as_published(dest, Path(record.reference.path), out, spec)
+            fingerprint = self.fingerprint(out)
         c.model_dir = str(out)
         contributors = sorted(record.contributions)
-        record.merge = MergeOutcome(method=c.strategy["method"], contributors=contributors, seconds=c.seconds, model_dir=str(out), fingerprint=c.fingerprint)
+        record.merge = MergeOutcome(method=c.strategy["method"], contributors=contributors, seconds=c.seconds, model_dir=str(out), fingerprint=fingerprint)
         record.status = RoundStatus.MERGED
         self.journal.emit(EventKind.MERGED, detail=f"candidate {c.id} ({c.label}), {len(contributors)} contribution(s), {c.fingerprint}")
 
