@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
-from fedmerge.protocol import scrub_paths
+from fedmerge.protocol import read_refusal, scrub_paths
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,16 @@ def decode(reply: Message) -> tuple[dict[str, Any], bytes | None]:
         payload = read_payload(reply.content) if PAYLOAD in reply.content.array_records else None
     except (ProtocolError, KeyError, ValueError, TypeError) as exc:
         raise NodeFailed(f"malformed reply ({type(exc).__name__}: {scrub_paths(str(exc))})") from None
+    return meta, payload
+
+
+def decode_unless_refused(reply: Message, refused: str = "the hospital refused") -> tuple[dict[str, Any], bytes | None]:
+    """``decode`` of a reply that is not a refusal; a refusal fails its node with the hospital's
+    reason (``'<refused>: <ErrorType>: reason'``)."""
+    meta, payload = decode(reply)
+    refusal = read_refusal(meta)
+    if refusal is not None:
+        raise NodeFailed(f"{refused}: {refusal}")
     return meta, payload
 
 
