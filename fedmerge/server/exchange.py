@@ -21,18 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from flwr.app import Message
-from flwr.common.constant import ErrorCode
 
+from fedmerge.flower_internals import lost_in_transit_error_codes
 from fedmerge.protocol import read_refusal, scrub_paths
 
 log = logging.getLogger(__name__)
 
 
-# Error codes Flower puts on a reply it lost in transit, not on one the ClientApp produced:
-# MESSAGE_UNAVAILABLE (the reply's objects never completed their upload, e.g. a push that failed
-# while the SuperLink's database was busy) and REPLY_MESSAGE_UNAVAILABLE (the reply expired). The
-# request is asked again, up to ``MAX_RESENDS`` times, instead of dropping the node.
-_LOST_IN_TRANSIT = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+# A request whose reply Flower lost in transit (``lost_in_transit_error_codes``) is asked again,
+# up to ``MAX_RESENDS`` times, instead of dropping the node.
 MAX_RESENDS = 3
 _ALIVE_CHECK_S = 1.0
 
@@ -245,7 +242,7 @@ class Exchange:
         request, sent_at = q.in_flight.pop(answered)
         log.debug("node %s: reply to %s after %.2f s", q.node_id, request.tag, time.monotonic() - sent_at)
         if reply.has_error():
-            if reply.error.code in _LOST_IN_TRANSIT and q.resends < MAX_RESENDS:
+            if reply.error.code in lost_in_transit_error_codes() and q.resends < MAX_RESENDS:
                 q.resends += 1
                 log.warning("node %s: reply to %s lost in transit (%s); asking again", q.node_id, request.tag, reply.error.reason)
                 q.pending.appendleft(request)
