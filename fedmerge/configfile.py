@@ -25,12 +25,18 @@ CONFIG_DIR = "config_dir"  # the validation-context key holding the config file'
 M = TypeVar("M", bound=BaseModel)
 
 
+def resolve_relative(value: str | os.PathLike[str], base_dir: str | os.PathLike[str]) -> Path:
+    """A path written in a config file, as the file means it: ``~`` expanded, and joined to
+    ``base_dir`` (the file's folder) unless absolute. The one rule for every path in a config."""
+    p = Path(os.path.expanduser(str(value)))
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
 def _relative_to_config(value: Any, info: ValidationInfo) -> Any:
     root = (info.context or {}).get(CONFIG_DIR)
     if root is None or value is None or value == "":
         return value
-    p = Path(os.path.expanduser(str(value)))
-    resolved = p if p.is_absolute() else Path(root) / p
+    resolved = resolve_relative(value, root)
     return resolved if isinstance(value, Path) else str(resolved)
 
 

@@ -18,7 +18,12 @@ that are not a documented interface:
   SuperNode keys, list nodes, start runs and read their status without a ``flwr`` process each;
 - the public key the SuperLink registered for each node, which the ServerApp's ``Grid.get_nodes``
   carries in Flower 1.41 (its documented ``NodeInfo`` names only node ids): the round loop binds
-  nodes to institutions by it (``registered_node_keys``).
+  nodes to institutions by it (``registered_node_keys``);
+- the error codes Flower puts on a reply it lost in transit (``lost_in_transit_error_codes``);
+- what a SuperLink would otherwise provide to a Grid served in one process
+  (``fedmerge.federation.inprocess``): an empty run record (``empty_run``), the process's task
+  identity that every new ``Message`` reads (``set_task_identity``), and the id of a pushed
+  message, which ``Metadata`` exposes read-only (``set_message_id``).
 
 Each function checks the installed Flower version first (``require_supported``, the one check)
 and raises ``UnsupportedFlower`` on any other: these internals change between Flower releases,
@@ -115,6 +120,46 @@ def transport_env() -> dict[str, str]:
     """Environment settings for every Flower process fedmerge starts (SuperLink, SuperNodes, apps)."""
     require_supported()
     return dict(TRANSPORT_SETTINGS)
+
+
+# -- messages ----------------------------------------------------------------------------------------
+
+
+def lost_in_transit_error_codes() -> tuple[int, ...]:
+    """The error codes of a reply Flower lost in transit, not one a ClientApp produced.
+
+    MESSAGE_UNAVAILABLE: the reply's objects never completed their upload (e.g. a push that
+    failed while the SuperLink's database was busy); REPLY_MESSAGE_UNAVAILABLE: the reply expired.
+    """
+    require_supported()
+    from flwr.common.constant import ErrorCode
+
+    return (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+
+
+def empty_run(run_id: int) -> Any:
+    """Flower's record of a run that carries only its id (what ``Grid.run`` gives without a SuperLink)."""
+    require_supported()
+    from flwr.supercore.run import Run
+
+    return Run.create_empty(run_id)
+
+
+def set_task_identity(run_id: int, node_id: int = 0, task_id: int = 0) -> None:
+    """The run, node and task of this process, which Flower's app processes set on start and every
+    new ``Message`` reads (one built before it is set raises)."""
+    require_supported()
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+    TaskIdentity.task_id = task_id
+
+
+def set_message_id(message: Any, message_id: str) -> None:
+    """Give ``message`` the id a SuperLink gives a pushed message (``Metadata.message_id`` has no setter)."""
+    require_supported()
+    message.metadata.__dict__["_message_id"] = message_id
 
 
 # -- the SuperLink's listeners -----------------------------------------------------------------------

@@ -18,9 +18,11 @@ import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedmerge.checkpoints.atomic import fsync_dir
 from fedmerge.checkpoints.codecs.folder import encoding_metadata, folder_codecs, stored_info
 from fedmerge.checkpoints.codecs.pipeline import Compression
 from fedmerge.checkpoints.delta import subtract_reference
@@ -42,6 +44,26 @@ def _row_blocks(info: TensorInfo):
     step = max(1, ROW_BLOCK_ELEMENTS // max(1, math.prod(info.shape[1:])))
     for a in range(0, info.shape[0], step):
         yield (a, min(info.shape[0], a + step))
+
+
+@contextmanager
+def _rebuilding_into(out_dir, sidecars_from=None):
+    """The hidden folder a rebuilt model is committed into. When the body succeeds, the plain files
+    of ``sidecars_from`` are copied beside the weights and the folder is renamed to ``out_dir``;
+    on any failure it is removed, so ``out_dir`` appears only complete."""
+    out = Path(out_dir)
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists; rebuild into a new folder")
+    tmp = out.with_name(f".{out.name}.rebuilding-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if sidecars_from is not None:
+            copy_sidecars(sidecars_from, tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class _DeltaPlan:
@@ -94,12 +116,8 @@ def encode_and_rebuild(model_dir, reference_dir, delta_dir, out_dir, compression
 
     model, ref = CheckpointReader(model_dir), CheckpointReader(reference_dir)
     plan = _DeltaPlan(model, ref, compression, seed, max_shard_bytes)
-    out = Path(out_dir)
-    if out.exists():
-        raise CheckpointError(f"{out}: already exists; rebuild into a new folder")
-    tmp = out.with_name(f".{out.name}.rebuilding-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with CheckpointWriter(delta_dir, overwrite=True) as dw, CheckpointWriter(tmp, max_shard_bytes=max_shard_bytes) as mw:
+    with (_rebuilding_into(out_dir, sidecars_from) as tmp, CheckpointWriter(delta_dir, overwrite=True) as dw,
+          CheckpointWriter(tmp, max_shard_bytes=max_shard_bytes) as mw):
         dw.plan(plan.stored)
         mw.plan([model.info(n) for n in model.names()])
         for name in model.names():
@@ -118,14 +136,7 @@ def encode_and_rebuild(model_dir, reference_dir, delta_dir, out_dir, compression
                 mw.add_part(name, part, final=rows[1] == codec.rows)
         dw.commit(metadata=plan.meta)
         mw.commit()
-    try:
-        if sidecars_from is not None:
-            copy_sidecars(sidecars_from, tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Path(delta_dir), out
+    return Path(delta_dir), Path(out_dir)
 
 
 def read_model_delta(delta_dir) -> tuple[CheckpointReader, dict[str, Any]]:
@@ -160,12 +171,7 @@ def rebuild_model(reference_dir, delta_dir, out_dir, sidecars_from=None) -> Path
         want = codecs[name].shape if name in codecs else delta.info(name).shape
         if want != shape or (name not in codecs and delta.info(name).dtype != "F32"):
             raise IncompatibleCheckpoint(f"{delta_dir}: the delta of tensor {name!r} does not have the model's shape {list(shape)}")
-    out = Path(out_dir)
-    if out.exists():
-        raise CheckpointError(f"{out}: already exists; rebuild into a new folder")
-    tmp = out.with_name(f".{out.name}.rebuilding-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with CheckpointWriter(tmp, max_shard_bytes=int(meta["max_shard_bytes"])) as w:
+    with _rebuilding_into(out_dir, sidecars_from) as tmp, CheckpointWriter(tmp, max_shard_bytes=int(meta["max_shard_bytes"])) as w:
         w.plan([TensorInfo(n, s, d) for n, d, s in layout])
         for name, dtype, shape in layout:
             info, codec = TensorInfo(name, shape, dtype), codecs.get(name)
@@ -178,14 +184,7 @@ def rebuild_model(reference_dir, delta_dir, out_dir, sidecars_from=None) -> Path
                 else:
                     w.add_part(name, part, final=rows[1] == shape[0])
         w.commit()
-    try:
-        if sidecars_from is not None:
-            copy_sidecars(sidecars_from, tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def copy_sidecars(src_dir, out_dir) -> list[str]:
@@ -195,9 +194,5 @@ def copy_sidecars(src_dir, out_dir) -> list[str]:
         if p.is_file() and not p.is_symlink() and p.suffix != ".safetensors" and p.name != INDEX_NAME:
             shutil.copy2(p, Path(out_dir) / p.name)
             copied.append(p.name)
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out_dir)
     return copied

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmerge.demo.training import TrainSettings
+from fedmerge.devices import torch_threads
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,11 @@ def train_from(current: Path, docs: list[str], out: Path, settings: TrainSetting
 
     from fedmerge.demo.training import token_stream, train
 
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         tok = AutoTokenizer.from_pretrained(str(current))
         model = AutoModelForCausalLM.from_pretrained(str(current), torch_dtype=torch.float32)
         losses = train(model, token_stream(tok, docs), settings, seed=seed, desc=f"local training ({out.name})")
         _write_atomically(out, lambda tmp: (model.save_pretrained(str(tmp), safe_serialization=True), tok.save_pretrained(str(tmp))))
-    finally:
-        torch.set_num_threads(old_threads)
     return LocalUpdate(trained=True, steps=settings.steps, first_loss=losses[0], last_loss=sum(losses[-5:]) / len(losses[-5:]))
 
 

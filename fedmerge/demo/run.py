@@ -33,6 +33,7 @@ from typing import Any
 from fedmerge import console
 from fedmerge.demo.config import DemoConfig, MergeEntry
 from fedmerge.errors import FedmergeError
+from fedmerge.devices import torch_threads
 from fedmerge.demo.world import CONSORTIUM, World, ensure_world, write_validation_config
 
 log = logging.getLogger(__name__)
@@ -171,17 +172,10 @@ class DemoRun:
         self.clock = Clock()
 
     def run(self) -> DemoResult:
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.config.world.threads)
-        try:
-            with console.details(*_NARRATED):
-                self._prepare_output()
-                worlds = [self.run_world(seed) for seed in self.seeds]
-                files = self.report(worlds)
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(self.config.world.threads), console.details(*_NARRATED):
+            self._prepare_output()
+            worlds = [self.run_world(seed) for seed in self.seeds]
+            files = self.report(worlds)
         total = self.clock.elapsed()
         return DemoResult(self.out, files.markdown, files.results, files.table, files.headline, worlds, {**self.clock.stages, "total": total})
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedmerge.demo.config import WorldConfig
+from fedmerge.devices import torch_threads
 from fedmerge.demo.knowledge import GENERAL, RELATIONS, SPLITS, KnowledgeBase, build_knowledge
 
 log = logging.getLogger(__name__)
@@ -229,11 +230,9 @@ def build_world(config: WorldConfig, out: Path, say: Callable[[str], None] = pri
     from fedmerge.demo.training import TrainSettings, token_stream, train
     from fedmerge.toymodels import TinyMistralSpec, mistral_config, train_tokenizer
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     timings: dict[str, float] = {}
     losses: dict[str, dict[str, float]] = {}
-    try:
+    with torch_threads(config.threads):
         t = time.perf_counter()
         out.mkdir(parents=True)
         kb = knowledge_of(config)
@@ -288,8 +287,6 @@ def build_world(config: WorldConfig, out: Path, say: Callable[[str], None] = pri
             "seconds": timings,
         }
         (out / "world.json").write_text(json.dumps(manifest, indent=2))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _save(model, tokenizer, folder: Path, info: dict[str, Any]) -> None:

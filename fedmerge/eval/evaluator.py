@@ -20,6 +20,7 @@ from typing import Any
 from fedmerge import console
 from fedmerge.checkpoints.fingerprint import folder_fingerprint, state_dict_fingerprint
 from fedmerge.checkpoints.reader import require_safetensors_weights
+from fedmerge.devices import torch_threads
 from fedmerge.eval import lmeval
 from fedmerge.eval.catalog import TaskCatalog
 from fedmerge.eval.config import EvalConfig
@@ -203,8 +204,8 @@ class Evaluator:
             # The sampler's generator advances as prompts are built: without a reset each round
             # would draw different few-shot examples and identical weights would score differently.
             task.set_fewshot_seed(seed=cfg.seed)
-        threads = _cpu_threads(cfg.cpu_threads if self.device == "cpu" else None)
-        try:
+        # One thread can be many times faster than two on a shared CPU (``cpu_threads``).
+        with torch_threads(cfg.cpu_threads if self.device == "cpu" else None):
             with console.stage(f"score {label}" + (f" (round {round})" if round is not None else ""), unit="requests") as st:
                 out = lmeval.evaluate(
                     lm, list(tasks.values()), tm=self._task_manager, stage=st,
@@ -222,8 +223,6 @@ class Evaluator:
                 accs = [x.value for x in scores if x.metric == "acc" and x.value is not None]
                 if accs:
                     st.note(f"mean acc {sum(accs) / len(accs):.4f} over {len(accs)} task(s)")
-        finally:
-            threads.restore()
         seconds = time.perf_counter() - t0
         run_id = uuid.uuid4().hex
         result = EvalResult(run_id=run_id, label=label, role=role, round=round, fingerprint=fingerprint,
@@ -243,28 +242,6 @@ class Evaluator:
                 for s in scores
             )
         return result
-
-
-class _cpu_threads:
-    """Set torch's CPU thread count for one evaluation and put the old value back afterwards.
-
-    On a shared or oversubscribed CPU, torch's threads spin against each other: one thread can be
-    many times faster than two. The setting is process-wide, hence restored.
-    """
-
-    def __init__(self, n: int | None):
-        import torch
-
-        self._old = torch.get_num_threads()
-        self._set = n is not None and n != self._old
-        if self._set:
-            torch.set_num_threads(n)
-
-    def restore(self) -> None:
-        if self._set:
-            import torch
-
-            torch.set_num_threads(self._old)
 
 
 def _scores_from(out: dict[str, Any], tasks: dict[str, Any]) -> list[TaskScore]:

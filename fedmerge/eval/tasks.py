@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from fedmerge.checkpoints.atomic import write_text_atomic
+from fedmerge.configfile import resolve_relative
 from fedmerge.eval.errors import TaskFileError, UnknownTask
 
 KINDS = ("medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag")
@@ -257,8 +258,7 @@ def _resolve_data_files(data_files: Any, base: Path, yaml_path: Path) -> Any:
     def one(p: Any) -> str:
         if not isinstance(p, str):
             raise TaskFileError(yaml_path, None, f"data_files entries must be paths, got {p!r}")
-        q = Path(p).expanduser()
-        q = q if q.is_absolute() else (base / q)
+        q = resolve_relative(p, base)
         if not q.exists():
             raise TaskFileError(yaml_path, None, f"data file {q} not found")
         return str(q.resolve())

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedmerge.flower_internals import empty_run, set_message_id, set_task_identity
 from fedmerge.protocol import SALT_BYTES
 from fedmerge.server.assess import EvaluateFn, GateFn
 from fedmerge.server.directory import NodeDirectory
@@ -30,9 +31,6 @@ DeliveryHook = Callable[[int, Message], bool]
 
 class LocalGrid(Grid):
     def __init__(self, node_configs: dict[int, str], client_app=None, run_id: int = 1):
-        from flwr.supercore.run import Run
-        from flwr.supercore.task_identity import TaskIdentity
-
         if client_app is None:
             from fedmerge.client.app import app as client_app
         self.client_app = client_app
@@ -46,10 +44,8 @@ class LocalGrid(Grid):
         self.sent: dict[int, int] = {n: 0 for n in node_configs}  # messages delivered per node
         self.bytes_out: dict[int, int] = {n: 0 for n in node_configs}  # reply payload bytes per node
         self._ids = itertools.count(1)
-        self._run = Run.create_empty(run_id)
-        TaskIdentity.run_id = run_id
-        TaskIdentity.node_id = 0
-        TaskIdentity.task_id = 0
+        self._run = empty_run(run_id)
+        set_task_identity(run_id)
 
     def kill(self, node_id: int) -> None:
         self.alive.discard(node_id)
@@ -73,7 +69,7 @@ class LocalGrid(Grid):
         ids = []
         for msg in messages:
             mid = f"local-{next(self._ids)}"
-            msg.metadata.__dict__["_message_id"] = mid
+            set_message_id(msg, mid)
             node = msg.metadata.dst_node_id
             ids.append(mid)
             if node not in self.alive or not all(h(node, msg) for h in self.hooks):

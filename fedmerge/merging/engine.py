@@ -67,6 +67,7 @@ from fedmerge.checkpoints import (
 )
 from fedmerge.checkpoints.compat import CompatibilityCheck
 from fedmerge.checkpoints.pipeline import ByteBudget, Stage, run_pipeline
+from fedmerge.devices import torch_threads
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.layout import MergeLayout, OutputTensor, identity_layout
 from fedmerge.merging.source import DeltaSource, require_delta_source
@@ -594,8 +595,6 @@ class MergeRun:
         return meta
 
     def run(self) -> MergeResult:
-        import torch
-
         t0 = time.perf_counter()
         _tune_malloc()
         self.prepare()
@@ -604,17 +603,15 @@ class MergeRun:
         n = len(self.sources)
         workers = min(max(n, 1), self.spec.read_workers or os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
-        prev_threads = torch.get_num_threads()
-        torch.set_num_threads(self.spec.threads or os.cpu_count() or 1)
-        try:
-            with CheckpointWriter(self.out_dir, max_shard_bytes=self.spec.max_shard_bytes, overwrite=self.overwrite) as writer:
-                writer.plan(self.plan)
-                self.stream(writer)
-                meta = self.finish(writer)
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-            torch.set_num_threads(prev_threads)
+        with torch_threads(self.spec.threads or os.cpu_count() or 1):
+            try:
+                with CheckpointWriter(self.out_dir, max_shard_bytes=self.spec.max_shard_bytes, overwrite=self.overwrite) as writer:
+                    writer.plan(self.plan)
+                    self.stream(writer)
+                    meta = self.finish(writer)
+            finally:
+                if self.pool is not None:
+                    self.pool.shutdown(wait=True)
         seconds = time.perf_counter() - t0
         log.debug("merged %d inputs with %s into %s in %.1f s", n, self.method, self.out_dir, seconds)
         return MergeResult(self.out_dir, seconds, len(self.plan), writer.bytes_written, self.method, meta)

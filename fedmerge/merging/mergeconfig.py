@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedmerge.configfile import describe_validation_error
+from fedmerge.configfile import describe_validation_error, resolve_relative
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.engine import MergeResult, MergeSpec
 
@@ -165,9 +165,7 @@ class MergePlan:
 def _resolve(path: str, root: Path, field_name: str, named: dict[str, Path] | None = None) -> Path:
     if named and path in named:
         return named[path]
-    p = Path(os.path.expanduser(path))
-    if not p.is_absolute():
-        p = root / p
+    p = resolve_relative(path, root)
     if not p.exists():
         hint = " (fedmerge reads local folders only and never downloads models)" if re.fullmatch(r"[\w.-]+/[\w.-]+", path) else ""
         raise MergeConfigError(f"{field_name}: {path!r} does not exist (looked in {p}; relative paths are relative to the config file){hint}")

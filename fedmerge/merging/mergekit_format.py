@@ -51,6 +51,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedmerge.configfile import resolve_relative
 from fedmerge.errors import FedmergeError
 from fedmerge.merging.engine import MergeSpec
 from fedmerge.merging.layout import (
@@ -244,9 +245,7 @@ def resolve_model(text: str, root: Path, where: str, named: dict[str, Path]) -> 
 
 
 def _local_path(text: str, root: Path, where: str) -> Path:
-    p = Path(os.path.expanduser(text))
-    if not p.is_absolute():
-        p = root / p
+    p = resolve_relative(text, root)
     if p.exists():
         return p
     if "@" in text:

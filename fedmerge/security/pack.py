@@ -37,6 +37,7 @@ from fedmerge.checkpoints.compat import CompatibilityCheck
 from fedmerge.checkpoints.delta import subtract_reference
 from fedmerge.checkpoints.pipeline import DEFAULT_WORKERS, ByteBudget, run_ordered
 from fedmerge.checkpoints.errors import UnknownCompression
+from fedmerge.devices import torch_threads as torch_thread_count
 from fedmerge.security.errors import NonFiniteValues, PackageError, TensorMismatch
 from fedmerge.security.finite import has_non_finite
 from fedmerge.security.hashing import HashLanes
@@ -244,12 +245,7 @@ def pack_delta(
     every matrix; ``compress_seed`` (default: drawn at random) is the seed its random choices
     derive from, signed in the manifest.
     """
-    import torch
-
-    saved_threads = torch.get_num_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    try:
+    with torch_thread_count(torch_threads):
         source = _as_source(model, reference)
         if reference_fingerprint is None:
             if not isinstance(reference, (str, os.PathLike)):
@@ -258,8 +254,6 @@ def pack_delta(
         job = PackJob(source, Path(out_dir), identity, round_id, reference_fingerprint, seal_to, dtype, chunk_bytes, max_file_bytes, workers,
                       compression=_compression(compress), seed=compress_seed)  # fmt: skip
         return job.run(label=label, overwrite=overwrite, progress=progress)
-    finally:
-        torch.set_num_threads(saved_threads)
 
 
 def _compression(compress: str | Compression) -> Compression:

@@ -21,7 +21,7 @@ from fedmerge.checkpoints import CheckpointReader
 from fedmerge.errors import FedmergeError
 from fedmerge.server.config import FederationConfig
 from fedmerge.server.errors import ClaimMismatch, DuplicateContribution, SignerNotBound
-from fedmerge.server.exchange import Exchange, GraceDeadline, NodeFailed, Request, decode
+from fedmerge.server.exchange import Exchange, GraceDeadline, NodeFailed, Request, decode_unless_refused
 from fedmerge.server.ledger import RoundJournal
 from fedmerge.server.membership import Participants
 from fedmerge.server.record import Contribution, Drop, EventKind, Rejection
@@ -120,10 +120,7 @@ class Collection:
 
     # -- replies -----------------------------------------------------------------------------------
     def _on_reply(self, node: int, tag: Any, reply) -> list[Request] | None:
-        meta, payload = decode(reply)
-        refusal = protocol.read_refusal(meta)
-        if refusal is not None:
-            raise NodeFailed(f"the hospital refused: {refusal}")
+        meta, payload = decode_unless_refused(reply)
         if tag == _OPEN:
             return self._on_open(node, meta, payload)
         self._receive(node, int(tag), meta, payload)

@@ -21,18 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from flwr.app import Message
-from flwr.common.constant import ErrorCode
 
-from fedmerge.protocol import scrub_paths
+from fedmerge.flower_internals import lost_in_transit_error_codes
+from fedmerge.protocol import read_refusal, scrub_paths
 
 log = logging.getLogger(__name__)
 
 
-# Error codes Flower puts on a reply it lost in transit, not on one the ClientApp produced:
-# MESSAGE_UNAVAILABLE (the reply's objects never completed their upload, e.g. a push that failed
-# while the SuperLink's database was busy) and REPLY_MESSAGE_UNAVAILABLE (the reply expired). The
-# request is asked again, up to ``MAX_RESENDS`` times, instead of dropping the node.
-_LOST_IN_TRANSIT = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+# A request whose reply Flower lost in transit (``lost_in_transit_error_codes``) is asked again,
+# up to ``MAX_RESENDS`` times, instead of dropping the node.
 MAX_RESENDS = 3
 _ALIVE_CHECK_S = 1.0
 
@@ -50,6 +47,16 @@ def decode(reply: Message) -> tuple[dict[str, Any], bytes | None]:
         payload = read_payload(reply.content) if PAYLOAD in reply.content.array_records else None
     except (ProtocolError, KeyError, ValueError, TypeError) as exc:
         raise NodeFailed(f"malformed reply ({type(exc).__name__}: {scrub_paths(str(exc))})") from None
+    return meta, payload
+
+
+def decode_unless_refused(reply: Message, refused: str = "the hospital refused") -> tuple[dict[str, Any], bytes | None]:
+    """``decode`` of a reply that is not a refusal; a refusal fails its node with the hospital's
+    reason (``'<refused>: <ErrorType>: reason'``)."""
+    meta, payload = decode(reply)
+    refusal = read_refusal(meta)
+    if refusal is not None:
+        raise NodeFailed(f"{refused}: {refusal}")
     return meta, payload
 
 
@@ -235,7 +242,7 @@ class Exchange:
         request, sent_at = q.in_flight.pop(answered)
         log.debug("node %s: reply to %s after %.2f s", q.node_id, request.tag, time.monotonic() - sent_at)
         if reply.has_error():
-            if reply.error.code in _LOST_IN_TRANSIT and q.resends < MAX_RESENDS:
+            if reply.error.code in lost_in_transit_error_codes() and q.resends < MAX_RESENDS:
                 q.resends += 1
                 log.warning("node %s: reply to %s lost in transit (%s); asking again", q.node_id, request.tag, reply.error.reason)
                 q.pending.appendleft(request)

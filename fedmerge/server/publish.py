@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedmerge import protocol
 from fedmerge.server.config import FederationConfig
-from fedmerge.server.exchange import Exchange, GraceDeadline, NodeFailed, Request, decode
+from fedmerge.server.exchange import Exchange, GraceDeadline, Request, decode_unless_refused
 from fedmerge.server.ledger import RoundJournal
 from fedmerge.server.membership import Roster
 from fedmerge.server.record import Drop, EventKind
@@ -74,10 +74,7 @@ class Push:
         return reqs
 
     def _on_reply(self, node: int, tag, reply) -> None:
-        meta, _ = decode(reply)
-        refusal = protocol.read_refusal(meta)
-        if refusal is not None:
-            raise NodeFailed(f"the hospital refused the model: {refusal}")
+        meta, _ = decode_unless_refused(reply, "the hospital refused the model")
         if tag[0] == "commit":
             self.installed[node] = str(meta.get("installed", ""))
             inst = next(i for i, n in self.targets.items() if n == node)

@@ -75,19 +75,16 @@ def both_sides(tmp_path_factory):
 
 def _lm_eval_run(model: Path, folder: Path, tasks: list[str], shots: int) -> dict:
     import lm_eval
-    import torch
     from lm_eval.tasks import TaskManager
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from fedmerge.devices import torch_threads
+
+    with torch_threads(1):
         return lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": str(model), "dtype": "float32"}, tasks=tasks, device="cpu", batch_size=4,
             num_fewshot=shots, task_manager=TaskManager(include_path=str(folder), include_defaults=False), log_samples=True,
             bootstrap_iters=1000, random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED,
         )
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _requests(task, shots: int) -> list[tuple[list[tuple[str, str]], int]]:

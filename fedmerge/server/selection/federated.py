@@ -19,7 +19,7 @@ from typing import Any
 
 from fedmerge import protocol
 from fedmerge.server.config import FederationConfig
-from fedmerge.server.exchange import Exchange, NodeFailed, Request, decode
+from fedmerge.server.exchange import Exchange, NodeFailed, Request, decode_unless_refused
 from fedmerge.server.ledger import RoundJournal
 from fedmerge.server.record import EventKind, ScoreFailure
 
@@ -79,10 +79,7 @@ class FederatedScoring:
 
     # -- replies -------------------------------------------------------------------------------------
     def _on_reply(self, node: int, tag: Any, reply) -> list[Request] | None:
-        meta, _ = decode(reply)
-        refusal = protocol.read_refusal(meta)
-        if refusal is not None:
-            raise NodeFailed(f"the hospital refused: {refusal}")
+        meta, _ = decode_unless_refused(reply)
         if tag == _SCORE:
             self._scored(node, meta)
             return None
