@@ -74,6 +74,7 @@ class Row:
     fedmerge: Outcome
     checks: dict = field(default_factory=dict)
     verdict: str = ""
+    mergekit_tensors: int = 0
 
 
 # -- the zoo -----------------------------------------------------------------------------------------
@@ -290,6 +291,8 @@ class Runner:
             mk_cmd = [str(self.mergekit_yaml), str(cfg), str(d / "mk"), "--lora-merge-cache", str(d / "mk-lora-cache")]
         mk = _run(mk_cmd, self.mk_env, self.timeout)
         fm = _run([sys.executable, "-m", "fedmerge", "merge", str(cfg), str(d / "fm"), "-q"], self.fm_env, self.timeout)
+        for o in (mk, fm):  # messages name the config by its role, not its cache path
+            o.message = o.message.replace("fedmerge merge: error: ", "").replace(str(cfg), "config.yml")
         return mk, fm
 
     def pairs(self, case: Case) -> list[tuple[str, Path, Path]]:
@@ -367,7 +370,7 @@ def drop_statistics(out_dir: Path, base: dict, model: dict, keep: float) -> dict
     """How much of ``model - base`` survives in ``out_dir``: the drop rate (entries left at the
     base, among those the model changed) against ``1 - keep``, and the L1 norm kept."""
     got = _tensors(out_dir)
-    dropped = total = 0
+    dropped = total = all_dropped = 0
     worst_z, worst_name = 0.0, None
     l1_ratios = []
     for n, b in base.items():
@@ -383,14 +386,18 @@ def drop_statistics(out_dir: Path, base: dict, model: dict, keep: float) -> dict
         z = (drop / count - (1 - keep)) / math.sqrt(keep * (1 - keep) / count)
         if abs(z) > abs(worst_z):
             worst_z, worst_name = z, n
-        l1_ratios.append((delta.abs().sum() / d.abs().sum()).item())
+        if drop == count:  # nothing left to rescale (a 16-entry norm at density 0.3: 0.7^16, it happens)
+            all_dropped += 1
+        else:
+            l1_ratios.append((delta.abs().sum() / d.abs().sum()).item())
     rate = dropped / total
     return {
         "drop_rate": rate,
         "z": (rate - (1 - keep)) / math.sqrt(keep * (1 - keep) / total),
         "worst_tensor_z": worst_z,
         "worst_tensor": worst_name,
-        "l1_kept": [min(l1_ratios), max(l1_ratios)],
+        "l1_kept": [min(l1_ratios), max(l1_ratios)],  # over the tensors with something kept
+        "tensors_all_dropped": all_dropped,
     }
 
 
@@ -415,7 +422,7 @@ def verdict(row: Row) -> str:
     if not mk.ok and not fm.ok:
         return f"both fail; mergekit: {mk.message[:90]} / fedmerge: {fm.message[:90]}"
     if not fm.ok:
-        return f"fedmerge refuses: {fm.message[:160]}"
+        return f"mergekit runs; fedmerge refuses: {fm.message.split('; use one of')[0][:160]}"
     if not mk.ok:
         return f"mergekit fails: {mk.message[:160]}"
     parts = []
@@ -440,6 +447,9 @@ def verdict(row: Row) -> str:
                 f"drop rate mk {m['drop_rate']:.4f} (z {m['z']:+.1f}) / fm {f['drop_rate']:.4f} (z {f['z']:+.1f}), expected {c['expected_drop_rate']:.2f}; "
                 f"kept L1 mk {m['l1_kept'][0]:.3f}..{m['l1_kept'][1]:.3f} / fm {f['l1_kept'][0]:.3f}..{f['l1_kept'][1]:.3f}"
             )
+            gone = [f"{tool} {st['tensors_all_dropped']}" for tool, st in (("mk", m), ("fm", f)) if st["tensors_all_dropped"]]
+            if gone:
+                text += f"; tensors dropped whole: {', '.join(gone)}"
             parts.append(what + ("pass (random): " if c["ok"] else "DIFF (random): ") + text)
     return "; ".join(parts)
 
@@ -454,6 +464,8 @@ def diff_cell(row: Row) -> str:
 
 
 def tensors_cell(row: Row) -> str:
+    if row.mergekit.ok and not row.fedmerge.ok:
+        return f"{row.mergekit_tensors} / -"
     if not (row.mergekit.ok and row.fedmerge.ok):
         return "-"
     return ", ".join(f"{t[0]}" if t[0] == t[1] else f"{t[0]}/{t[1]}" for t in (c["tensors"] for c in row.checks.values()))
@@ -488,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         mk, fm = runner.run(case)
         row = Row(case, mk, fm)
+        if mk.ok:
+            row.mergekit_tensors = len(_tensors(runner.folder(case) / "mk"))
         if mk.ok and fm.ok:
             zoo_paths = paths["forty"] if case.name.startswith(("examples/", "plain/")) else paths["six"]
             for label, a, b in runner.pairs(case):
