@@ -29,7 +29,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -57,6 +56,7 @@ class Case:
     method: str
     drop_from: str | None = None  # random methods: the one model whose delta passes (zoo key)
     density: float | None = None
+    epsilon: float | None = None  # DELLA: keep probabilities spread over density +/- epsilon by rank
     multi: bool = False  # several documents: mergekit-multi
 
 
@@ -192,7 +192,8 @@ def feature_cases(six: dict[str, Path]) -> list[Case]:
     out.append(Case("features/MULTI", _fmt(ft.MULTI, fmt), "linear > slerp > task_arithmetic", multi=True))
     for method in ("dare_linear", "della_linear"):  # the test's density
         text = _fmt(ft.RESCALE_MERGEKIT, fmt).replace("METHOD", method).replace("DENSITY", "0.3")
-        out.append(Case(f"features/RESCALE_MERGEKIT[{method}]", text, method, drop_from="a", density=0.3))
+        eps = 0.15 if method.startswith("della") else None  # both tools' default epsilon
+        out.append(Case(f"features/RESCALE_MERGEKIT[{method}]", text, method, drop_from="a", density=0.3, epsilon=eps))
     return out
 
 
@@ -232,7 +233,8 @@ def plain_cases(forty: dict[str, Path]) -> list[Case]:
             lines.append(f"  - model: {m}" + (f"\n    parameters: {p}" if p else ""))
         text = "\n".join(lines) + "\n" + tail + "dtype: float32\n"
         random = method in RANDOM_METHODS
-        out.append(Case(f"plain/{method}", text, method, drop_from="orca" if random else None, density=0.5 if random else None))
+        eps = 0.1 if method.startswith("della") else None
+        out.append(Case(f"plain/{method}", text, method, drop_from="orca" if random else None, density=0.5 if random else None, epsilon=eps))
     out.append(Case("plain/passthrough", f"""merge_method: passthrough
 slices:
   - sources:
@@ -269,8 +271,8 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> Outcome:
 
 
 class Runner:
-    def __init__(self, work: Path, mergekit_yaml: Path, timeout: float):
-        self.work, self.timeout = work, timeout
+    def __init__(self, work: Path, mergekit_yaml: Path, timeout: float, seed: int | None = None):
+        self.work, self.timeout, self.seed = work, timeout, seed
         self.mergekit_yaml = mergekit_yaml
         self.mergekit_multi = mergekit_yaml.with_name("mergekit-multi")
         self.mk_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -289,8 +291,12 @@ class Runner:
             mk_cmd = [str(self.mergekit_multi), str(cfg), "-I", str(d / "mk-intermediates"), "--out-path", str(d / "mk")]
         else:
             mk_cmd = [str(self.mergekit_yaml), str(cfg), str(d / "mk"), "--lora-merge-cache", str(d / "mk-lora-cache")]
+        fm_cmd = [sys.executable, "-m", "fedmerge", "merge", str(cfg), str(d / "fm"), "-q"]
+        if self.seed is not None:  # the random methods' masks
+            mk_cmd += ["--random-seed", str(self.seed)]
+            fm_cmd += ["--seed", str(self.seed)]
         mk = _run(mk_cmd, self.mk_env, self.timeout)
-        fm = _run([sys.executable, "-m", "fedmerge", "merge", str(cfg), str(d / "fm"), "-q"], self.fm_env, self.timeout)
+        fm = _run(fm_cmd, self.fm_env, self.timeout)
         for o in (mk, fm):  # messages name the config by its role, not its cache path
             o.message = o.message.replace("fedmerge merge: error: ", "").replace(str(cfg), "config.yml")
         return mk, fm
@@ -366,49 +372,65 @@ def _sidecars(mk: Path, fm: Path) -> dict:
     return out
 
 
-def drop_statistics(out_dir: Path, base: dict, model: dict, keep: float) -> dict:
-    """How much of ``model - base`` survives in ``out_dir``: the drop rate (entries left at the
-    base, among those the model changed) against ``1 - keep``, and the L1 norm kept."""
+def keep_probability(d, density: float, epsilon: float | None):
+    """Each entry's chance to survive: ``density`` (DARE); for DELLA's MAGPRUNE it grows with the
+    entry's |delta| rank r in its row (a 1-D tensor is one row) of L entries,
+    ``density - epsilon + 2 epsilon r / (L - 1)``."""
+    import torch
+
+    if not epsilon:
+        return torch.full_like(d, density)
+    rows = d.reshape(1, -1) if d.dim() < 2 else d.reshape(d.shape[0], -1)
+    length = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
+    frac = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
+    return (density - epsilon + 2 * epsilon * frac).reshape(d.shape)
+
+
+def drop_statistics(out_dir: Path, base: dict, model: dict, density: float, epsilon: float | None) -> dict:
+    """How much of ``model - base`` survives in ``out_dir``: entries left at the base (dropped)
+    against the count the keep probabilities predict, as binomial z-scores over all entries, over
+    the smaller and the larger half of |delta| (DELLA keeps the larger more often) and the worst
+    tensor's; and the L1 norm kept (output / input, per tensor that kept anything)."""
     got = _tensors(out_dir)
-    dropped = total = all_dropped = 0
-    worst_z, worst_name = 0.0, None
-    l1_ratios = []
+    sums = {k: [0.0, 0.0, 0.0] for k in ("all", "small", "large")}  # dropped, expected, variance
+    all_dropped, worst_z, worst_name, l1_ratios = 0, 0.0, None, []
     for n, b in base.items():
         d = model[n] - b
         changed = d != 0
         count = int(changed.sum())
         if count == 0:
             continue
-        delta = got[n] - b
-        drop = int(((delta == 0) & changed).sum())
-        dropped += drop
-        total += count
-        z = (drop / count - (1 - keep)) / math.sqrt(keep * (1 - keep) / count)
+        p = keep_probability(d, density, epsilon)
+        dropped = ((got[n] - b) == 0) & changed
+        large = p > density if epsilon else keep_probability(d, density, 0.5) > density  # the upper half of ranks
+        for key, sel in (("all", changed), ("small", changed & ~large), ("large", changed & large)):
+            sums[key][0] += float(dropped[sel].sum())
+            sums[key][1] += float((1 - p[sel]).sum())
+            sums[key][2] += float((p[sel] * (1 - p[sel])).sum())
+        z = (float(dropped.sum()) - float((1 - p[changed]).sum())) / max(float((p[changed] * (1 - p[changed])).sum()), 1e-12) ** 0.5
         if abs(z) > abs(worst_z):
             worst_z, worst_name = z, n
-        if drop == count:  # nothing left to rescale (a 16-entry norm at density 0.3: 0.7^16, it happens)
+        if int(dropped.sum()) == count:  # nothing left to rescale (a 16-entry norm at density 0.3: 0.7^16, it happens)
             all_dropped += 1
         else:
-            l1_ratios.append((delta.abs().sum() / d.abs().sum()).item())
-    rate = dropped / total
-    return {
-        "drop_rate": rate,
-        "z": (rate - (1 - keep)) / math.sqrt(keep * (1 - keep) / total),
-        "worst_tensor_z": worst_z,
-        "worst_tensor": worst_name,
-        "l1_kept": [min(l1_ratios), max(l1_ratios)],  # over the tensors with something kept
-        "tensors_all_dropped": all_dropped,
-    }
+            l1_ratios.append(((got[n] - b).abs().sum() / d.abs().sum()).item())
+    total = int(sum(int((model[n] - b != 0).sum()) for n, b in base.items()))
+    out = {"drop_rate": sums["all"][0] / total, "expected_drop_rate": sums["all"][1] / total}
+    for key, (x, e, v) in sums.items():
+        out["z" if key == "all" else f"z_{key}_half"] = (x - e) / v**0.5
+    out.update({"worst_tensor_z": worst_z, "worst_tensor": worst_name, "l1_kept": [min(l1_ratios), max(l1_ratios)], "tensors_all_dropped": all_dropped})
+    return out
 
 
 def compare_random(case: Case, mk: Path, fm: Path, paths: dict[str, Path]) -> dict:
     base, model = _tensors(paths["base"]), _tensors(paths[case.drop_from])
     a, b = _tensors(mk), _tensors(fm)
-    out: dict = {"tensors": [len(a), len(b)], "expected_drop_rate": 1 - case.density}
-    out["mergekit"] = drop_statistics(mk, base, model, case.density)
-    out["fedmerge"] = drop_statistics(fm, base, model, case.density)
+    out: dict = {"tensors": [len(a), len(b)]}
+    out["mergekit"] = drop_statistics(mk, base, model, case.density, case.epsilon)
+    out["fedmerge"] = drop_statistics(fm, base, model, case.density, case.epsilon)
     out.update(_sidecars(mk, fm))
-    stats_ok = all(abs(s["z"]) < 4 and abs(s["worst_tensor_z"]) < 5 for s in (out["mergekit"], out["fedmerge"]))
+    stats_ok = all(max(abs(s["z"]), abs(s["z_small_half"]), abs(s["z_large_half"])) < 4 and abs(s["worst_tensor_z"]) < 5 for s in (out["mergekit"], out["fedmerge"]))
     # both tools rescale the same way: the kept L1 norm agrees (both restore it, or neither)
     lm, lf = out["mergekit"]["l1_kept"], out["fedmerge"]["l1_kept"]
     out["rescale_ok"] = all(abs(x - y) < 0.05 for x, y in zip(lm, lf))
@@ -444,7 +466,9 @@ def verdict(row: Row) -> str:
         else:
             m, f = c["mergekit"], c["fedmerge"]
             text = (
-                f"drop rate mk {m['drop_rate']:.4f} (z {m['z']:+.1f}) / fm {f['drop_rate']:.4f} (z {f['z']:+.1f}), expected {c['expected_drop_rate']:.2f}; "
+                f"drop rate mk {m['drop_rate']:.4f} / fm {f['drop_rate']:.4f}, expected {m['expected_drop_rate']:.4f}; "
+                f"z (all, small, large half of |delta|) mk {m['z']:+.1f} {m['z_small_half']:+.1f} {m['z_large_half']:+.1f} / "
+                f"fm {f['z']:+.1f} {f['z_small_half']:+.1f} {f['z_large_half']:+.1f}; "
                 f"kept L1 mk {m['l1_kept'][0]:.3f}..{m['l1_kept'][1]:.3f} / fm {f['l1_kept'][0]:.3f}..{f['l1_kept'][1]:.3f}"
             )
             gone = [f"{tool} {st['tensors_all_dropped']}" for tool, st in (("mk", m), ("fm", f)) if st["tensors_all_dropped"]]
@@ -477,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--atol", type=float, default=1e-5)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per tool run")
     ap.add_argument("--json", default=None, help="write the results here (default: benchmarks/results/mergekit_parity.json)")
+    ap.add_argument("--seed", type=int, default=None, help="seed both tools' random masks (default: each tool's own)")
     ap.add_argument("--list", action="store_true", help="print the case names and stop")
     args = ap.parse_args(argv)
 
@@ -494,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--only {args.only!r} matches no case; --list shows them")
     mergekit_yaml = ensure_mergekit()
     zoo.ensure()
-    runner = Runner(root / "work", mergekit_yaml, args.timeout)
+    runner = Runner(root / "work", mergekit_yaml, args.timeout, args.seed)
 
     rows = []
     for case in cases:
@@ -517,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "mergekit": MERGEKIT,
         "atol": args.atol,
+        "seed": args.seed,
         "zoo": str(zoo.dir),
         "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
         "cases": [
