@@ -467,7 +467,7 @@ def verdict(row: Row) -> str:
             m, f = c["mergekit"], c["fedmerge"]
             text = (
                 f"drop rate mk {m['drop_rate']:.4f} / fm {f['drop_rate']:.4f}, expected {m['expected_drop_rate']:.4f}; "
-                f"z (all, small, large half of |delta|) mk {m['z']:+.1f} {m['z_small_half']:+.1f} {m['z_large_half']:+.1f} / "
+                f"z (all, small, large-magnitude half) mk {m['z']:+.1f} {m['z_small_half']:+.1f} {m['z_large_half']:+.1f} / "
                 f"fm {f['z']:+.1f} {f['z_small_half']:+.1f} {f['z_large_half']:+.1f}; "
                 f"kept L1 mk {m['l1_kept'][0]:.3f}..{m['l1_kept'][1]:.3f} / fm {f['l1_kept'][0]:.3f}..{f['l1_kept'][1]:.3f}"
             )
