@@ -68,12 +68,7 @@ def _close(got, expected, atol=1e-5):
 
 
 # -- parameters --------------------------------------------------------------------------------------
-def test_source_then_slice_then_global_parameters(six, tmp_path):
-    """Per-slice parameters (refused before) and per-source ones override the top level, per layer."""
-    rc, out = _merge(
-        tmp_path,
-        six,
-        """
+PRECEDENCE = """
 merge_method: ties
 base_model: {base}
 slices:
@@ -91,8 +86,12 @@ parameters:
   density: 0.6
   normalize: true
 dtype: float32
-""",
-    )
+"""
+
+
+def test_source_then_slice_then_global_parameters(six, tmp_path):
+    """Per-slice parameters (refused before) and per-source ones override the top level, per layer."""
+    rc, out = _merge(tmp_path, six, PRECEDENCE)
     assert rc == 0
     b, a, bb = tensors(six["base"]), tensors(six["a"]), tensors(six["b"])
     expected = {}
@@ -107,11 +106,7 @@ dtype: float32
     _close(tensors(out), expected)
 
 
-def test_a_filter_that_matches_nothing_falls_through_to_the_next_level(six, tmp_path):
-    rc, out = _merge(
-        tmp_path,
-        six,
-        """
+FILTER_FALLTHROUGH = """
 merge_method: task_arithmetic
 base_model: {base}
 models:
@@ -125,8 +120,11 @@ parameters:
   weight: 0.25
   lambda: 0.8
 dtype: float32
-""",
-    )
+"""
+
+
+def test_a_filter_that_matches_nothing_falls_through_to_the_next_level(six, tmp_path):
+    rc, out = _merge(tmp_path, six, FILTER_FALLTHROUGH)
     assert rc == 0
     b, a, bb = tensors(six["base"]), tensors(six["a"]), tensors(six["b"])
     expected = {}
@@ -144,15 +142,7 @@ def _ratio_of_kept(out, base, model, name):
     return 1 - kept.float().mean().item(), (got[kept] / d[kept]), kept, d
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
-def test_mergekit_rescales_to_the_l1_norm_fedmerge_format_by_the_keep_probability(six, tmp_path, method):
-    """The same recipe in both formats: same drop rate; mergekit's rescale restores the L1 norm
-    (one factor for the tensor), fedmerge's divides by the keep probability (1/p for DARE)."""
-    density = 0.3
-    rc, mk = _merge(
-        tmp_path,
-        six,
-        """
+RESCALE_MERGEKIT = """
 merge_method: METHOD
 base_model: {base}
 models:
@@ -161,14 +151,10 @@ models:
   - model: {b}
     parameters: {{weight: 0.0, density: DENSITY}}
 dtype: float32
-""".replace("METHOD", method).replace("DENSITY", str(density)),
-        out="mk",
-    )
-    assert rc == 0
-    rc, fm = _merge(
-        tmp_path,
-        six,
-        """
+"""
+
+
+RESCALE_FEDMERGE = """
 method: METHOD
 base: {base}
 models:
@@ -176,7 +162,25 @@ models:
     parameters: {{weight: 1.0, density: DENSITY}}
   - path: {b}
     parameters: {{weight: 0.0, density: DENSITY}}
-""".replace("METHOD", method).replace("DENSITY", str(density)),
+"""
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_mergekit_rescales_to_the_l1_norm_fedmerge_format_by_the_keep_probability(six, tmp_path, method):
+    """The same recipe in both formats: same drop rate; mergekit's rescale restores the L1 norm
+    (one factor for the tensor), fedmerge's divides by the keep probability (1/p for DARE)."""
+    density = 0.3
+    rc, mk = _merge(
+        tmp_path,
+        six,
+        RESCALE_MERGEKIT.replace("METHOD", method).replace("DENSITY", str(density)),
+        out="mk",
+    )
+    assert rc == 0
+    rc, fm = _merge(
+        tmp_path,
+        six,
+        RESCALE_FEDMERGE.replace("METHOD", method).replace("DENSITY", str(density)),
         name="f.yml",
         out="fm",
     )
@@ -210,6 +214,26 @@ models:
 dtype: float32
 """
 
+TOKENIZER_UNION = LINEAR_BASE_CHAT + "tokenizer_source: union\n"
+TOKENIZER_BASE = LINEAR_BASE_CHAT + "tokenizer_source: base\n"
+TOKENIZER_FROM_MODEL_CHAT_TEMPLATE_AUTO = LINEAR_BASE_CHAT + "tokenizer_source: {chat}\nchat_template: auto\n"
+TOKENIZER_TOKENS = LINEAR_BASE_CHAT + """tokenizer:
+  source: union
+  pad_to_multiple_of: 16
+  tokens:
+    "<s>":
+      source: {chat}
+      force: true
+    "<pad>":
+      source: {{kind: zero}}
+      force: true
+    "<|im_end|>":
+      source: {{kind: model_token, model: {base}, token: "</s>"}}
+    "<|im_start|>":
+      source: {{kind: model_token, model: {base}, token_id: 2}}
+"""
+CHAT_TEMPLATE_LITERAL = LINEAR_BASE_CHAT.replace("{chat}", "{a}") + 'chat_template: "{{% for m in messages %}}[{{{{ m.content }}}}]{{% endfor %}}"\n'
+
 
 def _tok(folder):
     from transformers import AutoTokenizer
@@ -218,7 +242,7 @@ def _tok(folder):
 
 
 def test_tokenizer_union_adds_the_tokens_only_one_model_has(six, tmp_path):
-    rc, out = _merge(tmp_path, six, LINEAR_BASE_CHAT + "tokenizer_source: union\n")
+    rc, out = _merge(tmp_path, six, TOKENIZER_UNION)
     assert rc == 0
     tok = _tok(out)
     vocab = tok.get_vocab()
@@ -242,7 +266,7 @@ def test_tokenizer_union_adds_the_tokens_only_one_model_has(six, tmp_path):
 
 
 def test_tokenizer_base_keeps_the_base_vocabulary(six, tmp_path):
-    rc, out = _merge(tmp_path, six, LINEAR_BASE_CHAT + "tokenizer_source: base\n")
+    rc, out = _merge(tmp_path, six, TOKENIZER_BASE)
     assert rc == 0
     got, b, c = tensors(out), tensors(six["base"]), tensors(six["chat"])
     # as mergekit: the embedding has one row per token of the tokenizer (300), so padding rows go
@@ -253,26 +277,7 @@ def test_tokenizer_base_keeps_the_base_vocabulary(six, tmp_path):
 
 def test_tokenizer_tokens_force_zero_and_model_token_rows_and_padding(six, tmp_path):
     """README shape: tokenizer: {source, tokens: {T: {source, force}}, pad_to_multiple_of}."""
-    rc, out = _merge(
-        tmp_path,
-        six,
-        LINEAR_BASE_CHAT
-        + """tokenizer:
-  source: union
-  pad_to_multiple_of: 16
-  tokens:
-    "<s>":
-      source: {chat}
-      force: true
-    "<pad>":
-      source: {{kind: zero}}
-      force: true
-    "<|im_end|>":
-      source: {{kind: model_token, model: {base}, token: "</s>"}}
-    "<|im_start|>":
-      source: {{kind: model_token, model: {base}, token_id: 2}}
-""",
-    )
+    rc, out = _merge(tmp_path, six, TOKENIZER_TOKENS)
     assert rc == 0
     got, b, c = tensors(out), tensors(six["base"]), tensors(six["chat"])
     vocab = _tok(out).get_vocab()
@@ -287,12 +292,11 @@ def test_tokenizer_tokens_force_zero_and_model_token_rows_and_padding(six, tmp_p
 
 
 def test_tokenizer_from_a_model_and_chat_templates(six, tmp_path):
-    rc, out = _merge(tmp_path, six, LINEAR_BASE_CHAT + "tokenizer_source: {chat}\nchat_template: auto\n")
+    rc, out = _merge(tmp_path, six, TOKENIZER_FROM_MODEL_CHAT_TEMPLATE_AUTO)
     assert rc == 0
     tok = _tok(out)
     assert len(tok.get_vocab()) == 302 and tok.chat_template == CHAT_TEMPLATE
-    literal = LINEAR_BASE_CHAT.replace("{chat}", "{a}") + 'chat_template: "{{% for m in messages %}}[{{{{ m.content }}}}]{{% endfor %}}"\n'
-    rc, out2 = _merge(tmp_path, six, literal, name="t.yml", out="out2")
+    rc, out2 = _merge(tmp_path, six, CHAT_TEMPLATE_LITERAL, name="t.yml", out="out2")
     assert rc == 0
     tok = _tok(out2)
     assert tok.chat_template == "{% for m in messages %}[{{ m.content }}]{% endfor %}"
@@ -301,6 +305,18 @@ def test_tokenizer_from_a_model_and_chat_templates(six, tmp_path):
 
 
 # -- MODEL+ADAPTER -----------------------------------------------------------------------------------
+MODEL_PLUS_ADAPTER = """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {a}+ADAPTER
+    parameters: {{weight: 0.6}}
+  - model: {b}
+    parameters: {{weight: 0.4}}
+dtype: float32
+"""
+
+
 def test_model_plus_lora_adapter_is_peft_merge_and_unload(six, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -313,16 +329,7 @@ def test_model_plus_lora_adapter_is_peft_merge_and_unload(six, tmp_path):
     rc, out = _merge(
         tmp_path,
         six,
-        """
-merge_method: task_arithmetic
-base_model: {base}
-models:
-  - model: {a}+ADAPTER
-    parameters: {{weight: 0.6}}
-  - model: {b}
-    parameters: {{weight: 0.4}}
-dtype: float32
-""".replace("ADAPTER", str(tmp_path / "adapter")),
+        MODEL_PLUS_ADAPTER.replace("ADAPTER", str(tmp_path / "adapter")),
     )
     assert rc == 0
     b, m, bb = tensors(six["base"]), tensors(tmp_path / "a-merged"), tensors(six["b"])
@@ -453,12 +460,7 @@ def test_refusals_name_the_file_and_key(six, tmp_path, capsys, text, message):
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_a_ties_slice_of_only_the_base_copies_the_base(six, tmp_path):
-    """A slice whose only source is the base: mergekit returns the base's layers unchanged."""
-    rc, out = _merge(
-        tmp_path,
-        six,
-        """
+TIES_BASE_ONLY_SLICE = """
 merge_method: ties
 base_model: {base}
 slices:
@@ -469,8 +471,12 @@ slices:
   - sources:
       - {{model: {base}, layer_range: [3, 6]}}
 dtype: float32
-""",
-    )
+"""
+
+
+def test_a_ties_slice_of_only_the_base_copies_the_base(six, tmp_path):
+    """A slice whose only source is the base: mergekit returns the base's layers unchanged."""
+    rc, out = _merge(tmp_path, six, TIES_BASE_ONLY_SLICE)
     assert rc == 0
     b, a, bb, got = tensors(six["base"]), tensors(six["a"]), tensors(six["b"]), tensors(out)
     for n in b:
@@ -481,19 +487,22 @@ dtype: float32
             torch.testing.assert_close(got[n], ties(b[n], [(a[n], 1.0, 0.5), (bb[n], 0.5, 0.5)], normalize=True), rtol=0, atol=1e-5)
 
 
-def test_passthrough_stacks_layers_into_a_shallower_model(six, tmp_path):
-    shutil.copytree(six["a"], tmp_path / "delta-ish")
-    rc, out = _merge(
-        tmp_path,
-        six,
-        """
+PASSTHROUGH_SHALLOWER = """
 merge_method: passthrough
 slices:
   - sources:
       - {{model: {a}, layer_range: [0, 2]}}
   - sources:
       - {{model: COPY, layer_range: [0, 2]}}
-""".replace("COPY", str(tmp_path / "delta-ish")),
+"""
+
+
+def test_passthrough_stacks_layers_into_a_shallower_model(six, tmp_path):
+    shutil.copytree(six["a"], tmp_path / "delta-ish")
+    rc, out = _merge(
+        tmp_path,
+        six,
+        PASSTHROUGH_SHALLOWER.replace("COPY", str(tmp_path / "delta-ish")),
     )
     assert rc == 0  # a full model may: its layers 0-1 become output layers 2-3
     got, d = tensors(out), tensors(tmp_path / "delta-ish")
@@ -501,12 +510,7 @@ slices:
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
 
 
-def test_passthrough_scale_by_filter(six, tmp_path):
-    """mergekit's passthrough with a per-source scale: here halving o_proj and down_proj only."""
-    rc, out = _merge(
-        tmp_path,
-        six,
-        """
+PASSTHROUGH_SCALE = """
 merge_method: passthrough
 slices:
   - sources:
@@ -523,8 +527,12 @@ slices:
       - model: {b}
         layer_range: [2, 6]
 dtype: float32
-""",
-    )
+"""
+
+
+def test_passthrough_scale_by_filter(six, tmp_path):
+    """mergekit's passthrough with a per-source scale: here halving o_proj and down_proj only."""
+    rc, out = _merge(tmp_path, six, PASSTHROUGH_SCALE)
     assert rc == 0
     a, bb, got = tensors(six["a"]), tensors(six["b"]), tensors(out)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 8
