@@ -121,17 +121,10 @@ def methods_figure(rows, tasks: list[str], metric: str = "acc", subtitle: str | 
     top = max([v + e for r in rows for v, e in (_value(r, p, tasks) for p in panels) if not math.isnan(v)] + [1.0])
     for ax, panel in zip(axes, panels):
         vals, errs = zip(*(_value(r, panel, tasks) for r in rows)) if rows else ((), ())
-        ax.barh(ys, [0 if math.isnan(v) else v for v in vals], xerr=errs, color=bar_colours, edgecolor="black", linewidth=0.5,
-                capsize=2, error_kw={"elinewidth": 0.8})
-        _label_bars(ax, ys, vals, errs, zero_marks=False, colours=bar_colours)
+        _bar_panel(ax, ys, vals, errs, bar_colours, zero_marks=False)
         ax.set_xlim(0, top * 1.2)
-        ax.set_title(panel, fontsize=10)
-        ax.set_xlabel(f"{metric} (%)", fontsize=8)
-        ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(labelsize=8)
-    axes[0].set_yticks(ys)
-    axes[0].set_yticklabels([r.label for r in rows])
-    axes[0].invert_yaxis()
+        _style_panel(ax, panel, f"{metric} (%)")
+    _row_labels(axes[0], ys, [r.label for r in rows])
     _legend_and_title(fig, colours, f"{metric} per task and model (± 1 stderr)", subtitle, len(rows))
     return fig
 
@@ -148,6 +141,27 @@ def _differences(others, base, panel: str, tasks: list[str]) -> tuple[list[float
     return diffs, errs
 
 
+def _bar_panel(ax, ys, values, errs, colours, zero_marks: bool) -> None:
+    """Horizontal bars with their error bars and value labels; a NaN draws no bar."""
+    ax.barh(ys, [0 if math.isnan(v) else v for v in values], xerr=errs, color=colours, edgecolor="black", linewidth=0.5,
+            capsize=2, error_kw={"elinewidth": 0.8})
+    _label_bars(ax, ys, values, errs, zero_marks=zero_marks, colours=colours)
+
+
+def _style_panel(ax, title: str, xlabel: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(labelsize=8)
+
+
+def _row_labels(ax, ys, labels: list[str]) -> None:
+    """The model names on the first panel, top to bottom in the rows' order."""
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+
+
 def vs_base_figure(rows, base, tasks: list[str], metric: str = "acc", subtitle: str | None = None, colours: dict[str, str] | None = None):
     """One panel per task (and the average): each model's ``metric`` minus the base's, in points."""
     others = [r for r in rows if r is not base]
@@ -160,18 +174,11 @@ def vs_base_figure(rows, base, tasks: list[str], metric: str = "acc", subtitle: 
     span = max([abs(d) + e for diffs, errs in per_panel.values() for d, e in zip(diffs, errs) if not math.isnan(d)] + [1.0])
     for ax, panel in zip(axes, panels):
         diffs, errs = per_panel[panel]
-        ax.barh(ys, [0 if math.isnan(d) else d for d in diffs], xerr=errs, color=bar_colours, edgecolor="black", linewidth=0.5,
-                capsize=2, error_kw={"elinewidth": 0.8})
         ax.axvline(0.0, color="black", linewidth=0.8)
-        _label_bars(ax, ys, diffs, errs, zero_marks=True, colours=bar_colours)
+        _bar_panel(ax, ys, diffs, errs, bar_colours, zero_marks=True)
         ax.set_xlim(-span * 1.35, span * 1.35)
-        ax.set_title(panel, fontsize=10)
-        ax.set_xlabel(f"{metric} - base (points)", fontsize=8)
-        ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(labelsize=8)
-    axes[0].set_yticks(ys)
-    axes[0].set_yticklabels([r.label for r in others])
-    axes[0].invert_yaxis()
+        _style_panel(ax, panel, f"{metric} - base (points)")
+    _row_labels(axes[0], ys, [r.label for r in others])
     _legend_and_title(fig, {f: c for f, c in colours.items() if any(r.family == f for r in others)},
                       f"Difference from the base model ({base.label})", subtitle, len(others))
     return fig
