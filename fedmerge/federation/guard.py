@@ -32,6 +32,7 @@ from fedmerge.federation.errors import UnpinnedApp
 
 PINNED_ENV = "FEDMERGE_PINNED_APP_HASHES"
 LAUNCH_SOCKET_ENV = "FEDMERGE_LAUNCH_SOCKET"
+GUARD_PARENT_ENV = "FEDMERGE_GUARD_PARENT"
 KINDS = ("clientapp", "serverapp")
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ s.sendall(json.dumps(sys.argv[1:]).encode() + b"\\n")
 sys.exit(0 if s.recv(16).startswith(b"ok") else 1)
 ' {kind} "$@" && exit 0
 fi
+# No launch server (or it is gone: its daemon is stopping): a fresh interpreter, which ends with
+# the Flower process that started it.
+export FEDMERGE_GUARD_PARENT="$PPID"
 exec "{python}" -m fedmerge.federation.guard {kind} "$@"
 """
 
@@ -168,6 +172,11 @@ def main() -> None:
         return
     if len(sys.argv) < 2:
         raise SystemExit("usage: python -m fedmerge.federation.guard {clientapp|serverapp} ARGS... | --serve KIND SOCKET")
+    parent = os.environ.pop(GUARD_PARENT_ENV, "")
+    if parent.isdigit():  # started by a Flower process through the launcher script: never outlive it
+        from fedmerge.federation.supervision import exit_when_orphaned
+
+        exit_when_orphaned(int(parent))
     run_guarded(sys.argv[1], sys.argv[2:])
 
 

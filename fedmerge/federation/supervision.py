@@ -39,6 +39,26 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
+def exit_when_orphaned(parent: int, interval: float = 0.5) -> None:
+    """End this process once ``parent`` is no longer its parent (it died, or had died already).
+
+    A watcher thread, not ``PR_SET_PDEATHSIG``: the parent here is a Flower process that may start
+    its children from a worker thread, and the kernel's signal follows the thread, not the process.
+    """
+    import threading
+    import time
+
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fedmerge-parent-watch", daemon=True).start()
+
+
 def _child_setup(parent: int, sig: int):
     def setup() -> None:  # runs in the child between fork and exec
         os.setsid()

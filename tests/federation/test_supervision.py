@@ -189,3 +189,63 @@ def test_a_client_whose_supernode_cannot_start_for_good_says_why_and_exits(make_
     ), proc.stderr[-2000:]
     assert f"log {log}" in proc.stderr
     assert proc.stderr.count("SuperNode started towards") == 1  # not retried
+
+
+ORPHAN = """
+import os, time
+from fedmerge.federation.supervision import exit_when_orphaned
+exit_when_orphaned(os.getppid(), interval=0.1)
+print(os.getpid(), flush=True)
+time.sleep(300)
+"""
+
+LAUNCHING_PARENT = """
+import os, subprocess, sys, time
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _children_gone_with_their_parent(cmd: list[str], env=None) -> tuple[int, bool]:
+    parent = subprocess.Popen([sys.executable, "-c", LAUNCHING_PARENT, *cmd], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(1.0)
+        alive_before = process_alive(child)
+        parent.kill()
+        parent.wait(10)
+        return child, alive_before and _wait_dead(child, 10)
+    finally:
+        parent.kill()
+
+
+def test_a_process_watching_its_parent_ends_when_the_parent_is_killed():
+    child, gone = _children_gone_with_their_parent([sys.executable, "-c", ORPHAN])
+    assert gone, f"pid {child} outlived its parent"
+
+
+def test_a_process_whose_parent_is_already_gone_ends_at_once():
+    done = subprocess.run([sys.executable, "-c", "from fedmerge.federation.supervision import exit_when_orphaned; "
+                           "exit_when_orphaned(1); print('still here')"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "still here" not in done.stdout
+
+
+def test_an_app_started_by_the_guard_script_without_its_launch_server_dies_with_the_flower_process(tmp_path):
+    """Flower's launcher runs ``flwr-serverapp``; its launch server is gone (the daemon is being
+    killed: the socket file is still there, nobody listens), so the script starts the app in a
+    fresh interpreter. That app must end with the process that started it, not retry a dead
+    SuperLink forever."""
+    from fedmerge.federation.guard import LAUNCH_SOCKET_ENV, write_guard_bin
+
+    bin_dir = write_guard_bin(tmp_path / "bin", ("serverapp",))
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "launch.sock"))
+    dead.close()  # the file stays; connecting is refused
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        unreachable = s.getsockname()[1]
+    env = {**os.environ, LAUNCH_SOCKET_ENV: str(tmp_path / "launch.sock")}
+    cmd = [str(bin_dir / "flwr-serverapp"), "--runtime-api-address", f"127.0.0.1:{unreachable}", "--token", "x"]
+    child, gone = _children_gone_with_their_parent(cmd, env)
+    assert gone, f"the app (pid {child}) outlived the Flower process that launched it"
