@@ -352,6 +352,12 @@ def test_a_hospital_15_s_late_is_recorded_late_and_told_it_did_not_contribute(de
     config = d.layout.set_federation(rounds=3, wait_for_clients_s=5.0)
     d.coordinator = CoordinatorDaemon(config, superlink_class=ProbePinningSuperLink)
     d.coordinator.start()
+    # hospital-a and hospital-b reconnect to the new SuperLink on their own back-off: only once both
+    # are online may the round open (it waits 5 s for the bound hospitals still missing).
+    deadline = time.monotonic() + 300
+    while sum(n.status == "online" for n in flower_internals.list_supernodes(d.coordinator.superlink.control)) < 2:
+        assert time.monotonic() < deadline, "hospital-a and hospital-b did not reconnect to the restarted coordinator"
+        time.sleep(0.5)
     d.coordinator.submit()
     deadline = time.monotonic() + 300
     while not any(e.kind == EventKind.OPENED for e in (d.coordinator.ledger.load(3).events if d.coordinator.ledger.load(3) else [])):
