@@ -203,6 +203,7 @@ def iso_cts(deltas: Sequence, fraction: float):
 
     The kept singular triplets are copied into preallocated U_all, V_all^T as each SVD finishes,
     so only one decomposition's factors are alive at a time."""
+    import torch
 
     total = _summed(deltas)
     shape = total.shape
@@ -220,9 +221,10 @@ def iso_cts(deltas: Sequence, fraction: float):
     if s:
         common = u_all[:, :k]
         for t, d in enumerate(deltas):
-            residual = d - common @ (common.T @ d)  # the task's part outside the common subspace
+            projected = common @ (common.T @ d)
+            residual = torch.sub(d, projected, out=projected)  # the task's part outside the common subspace
             tu, ts, tvh = _svd(residual)
-            del residual
+            del residual, projected
             cols = slice(k + t * s, k + (t + 1) * s)
             u_all[:, cols], s_all[cols], vh_all[cols] = tu[:, :s], ts[:s], tvh[:s]
             del tu, ts, tvh
@@ -433,15 +435,19 @@ class GramTensor(StreamedTensor):
         k = 1 if self.summed else len(self.used)
         grams: dict[tuple[int, int], Any] = {}
 
+        step = max(1, CHUNK // 4 // self.n)  # rows converted to float64 at a time: a quarter chunk
+
         def observe(start, end, base, deltas):
-            xs = [x.double() for x in self._tasks(deltas, (end - start) // self.n)]
-            for a in range(k):
-                for b in range(a, k):
-                    g = grams.get((a, b))
-                    if g is None:
-                        grams[a, b] = xs[a].T @ xs[b]
-                    else:
-                        g.addmm_(xs[a].T, xs[b])
+            tasks = self._tasks(deltas, (end - start) // self.n)
+            for r in range(0, tasks[0].shape[0], step):
+                xs = [x[r : r + step].double() for x in tasks]
+                for a in range(k):
+                    for b in range(a, k):
+                        g = grams.get((a, b))
+                        if g is None:
+                            grams[a, b] = xs[a].T @ xs[b]
+                        else:
+                            g.addmm_(xs[a].T, xs[b])
 
         yield FunctionPass(observe)
 
