@@ -435,19 +435,15 @@ class GramTensor(StreamedTensor):
         k = 1 if self.summed else len(self.used)
         grams: dict[tuple[int, int], Any] = {}
 
-        step = max(1, CHUNK // 4 // self.n)  # rows converted to float64 at a time: a quarter chunk
-
         def observe(start, end, base, deltas):
-            tasks = self._tasks(deltas, (end - start) // self.n)
-            for r in range(0, tasks[0].shape[0], step):
-                xs = [x[r : r + step].double() for x in tasks]
-                for a in range(k):
-                    for b in range(a, k):
-                        g = grams.get((a, b))
-                        if g is None:
-                            grams[a, b] = xs[a].T @ xs[b]
-                        else:
-                            g.addmm_(xs[a].T, xs[b])
+            xs = [x.double() for x in self._tasks(deltas, (end - start) // self.n)]
+            for a in range(k):
+                for b in range(a, k):
+                    g = grams.get((a, b))
+                    if g is None:
+                        grams[a, b] = xs[a].T @ xs[b]
+                    else:
+                        g.addmm_(xs[a].T, xs[b])
 
         yield FunctionPass(observe)
 
