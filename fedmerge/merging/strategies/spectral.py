@@ -50,7 +50,9 @@ Conventions shared by the three:
   Gram, TSV-M and Iso-CTS T (T + 1) / 2 of them, plus one row chunk of the inputs, whatever the
   vocabulary of an embedding or LM head. The engine streams such a matrix from disk in two passes
   (``streamed``); held in memory, the same object runs over it, so both give the same bytes.
-  Wide matrices (m < n) are held whole and decomposed directly.
+  Wide matrices (m < n) are held whole and decomposed directly; there the orthogonal factor of
+  a large concatenated basis is (B B^T)^-1/2 B from the float64 Gram matrix of its short side
+  (``orthogonal_factor``), and only one decomposition's factors are alive at a time.
 """
 
 from __future__ import annotations
