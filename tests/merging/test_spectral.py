@@ -284,3 +284,40 @@ def test_bad_parameters_name_the_field(method, params, model_params, field):
 def test_one_model_is_refused(method):
     with pytest.raises(StrategyError, match=f"{method} needs at least 2 models, got 1"):
         build_strategy(method, {}, [{}])
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40)])
+@pytest.mark.parametrize("rank", [None, 7])
+def test_orthogonal_factor_of_a_large_matrix_from_its_gram_matrix_equals_the_svd(monkeypatch, shape, rank):
+    """Above GRAM_ELEMENTS the orthogonal factor comes from the short side's float64 Gram matrix:
+    on random matrices, full-rank and rank-deficient (where only the support counts), it equals
+    P Q^T of the SVD, has orthonormal rows or columns on the support, and is 0 where a is."""
+    g = torch.Generator().manual_seed(31)
+    m, n = shape
+    a = torch.randn(m, n, generator=g) if rank is None else torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+    a[:, 3] = 0.0  # a zero column stays zero
+    p, s, qh = torch.linalg.svd(a.double(), full_matrices=False)
+    keep = s > s.amax() * (max(shape) * torch.finfo(torch.float32).eps)
+    expected = ((p * keep) @ qh).float()
+    monkeypatch.setattr(spectral, "GRAM_ELEMENTS", 1000)
+    monkeypatch.setattr(spectral, "CHUNK", 37 * min(shape))  # several column chunks, the last one short
+    got = spectral.orthogonal_factor(a)
+    close(got, expected, atol=2e-5)
+    short = got if m <= n else got.T
+    gram = short @ short.T
+    assert torch.allclose(torch.diagonal(gram).sum(), torch.tensor(float(keep.sum())), atol=1e-3)
+    assert torch.all(got[:, 3] == 0.0) if m <= n else torch.all(got[:, 3].abs() < 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (10, 15)])
+def test_large_matrix_paths_match_the_float64_reference(monkeypatch, shape):
+    """With GRAM_ELEMENTS lowered, a tall matrix takes the Gram path and a wide one the direct
+    path with Gram-based orthogonal factors: both still match the papers' formulas."""
+    monkeypatch.setattr(spectral, "GRAM_ELEMENTS", 100)
+    g = torch.Generator().manual_seed(41)
+    ds = [torch.randn(*shape, generator=g, dtype=torch.float64) * (1 + i) for i in range(3)]
+    base = torch.randn(*shape, generator=g)
+    d32 = [d.float() for d in ds]
+    close(run("iso_c", base, d32, {"alpha": 0.8}), base + 0.8 * ref_iso_c(ds).float(), atol=2e-4)
+    close(run("tsv_m", base, d32), base + ref_tsv_m(ds).float(), atol=2e-4)
+    close(run("iso_cts", base, d32, {"common_space_fraction": 0.6}), base + ref_iso_cts(ds, 0.6).float(), atol=2e-4)

@@ -50,7 +50,9 @@ Conventions shared by the three:
   Gram, TSV-M and Iso-CTS T (T + 1) / 2 of them, plus one row chunk of the inputs, whatever the
   vocabulary of an embedding or LM head. The engine streams such a matrix from disk in two passes
   (``streamed``); held in memory, the same object runs over it, so both give the same bytes.
-  Wide matrices (m < n) are held whole and decomposed directly.
+  Wide matrices (m < n) are held whole and decomposed directly; there the orthogonal factor of
+  a large concatenated basis is (B B^T)^-1/2 B from the float64 Gram matrix of its short side
+  (``orthogonal_factor``), and only one decomposition's factors are alive at a time.
 """
 
 from __future__ import annotations
@@ -135,9 +137,35 @@ def orthogonal_factor(a):
 
     For a with independent columns this is the matrix with orthonormal columns nearest to ``a``
     (Frobenius); columns of ``a`` that are zero stay zero, and repeated columns share one direction.
+    A large matrix goes through the float64 Gram matrix of its shorter side (``_orth_large``),
+    which needs a fraction of the SVD's working memory.
     """
+    if a.numel() >= GRAM_ELEMENTS:
+        return _orth_large(a)
     p, s, qh = _svd(a)
     return (p * support(s, a.shape)) @ qh
+
+
+def _orth_large(a):
+    """``orthogonal_factor`` of a large matrix: with B = a (or a^T, whichever is wide, r x n),
+    the factor is (B B^T)^-1/2 B over the support; B B^T (r x r) is summed in float64 over column
+    chunks, so no float64 copy of ``a`` and no SVD workspace is held."""
+
+    b = a if a.shape[0] <= a.shape[1] else a.T
+    r, n = b.shape
+    step = max(1, CHUNK // r)
+    g = None
+    for c in range(0, n, step):
+        part = b[:, c : c + step].double()
+        g = part @ part.T if g is None else g.addmm_(part, part.T)
+    del part
+    sig, q = _eig_desc(g)
+    del g
+    keep = _support64(sig, a.shape)
+    root = ((q * _inverse(sig, keep)) @ q.T).to(a.dtype)
+    del q
+    out = root @ b
+    return out if b is a else out.T
 
 
 def flat_spectrum(u, s, vh):
@@ -147,12 +175,16 @@ def flat_spectrum(u, s, vh):
     return (u * (keep * mean)) @ vh
 
 
-def iso_c(deltas: Sequence):
-    """Iso-C update of one matrix: M = sum_t Delta_t = U S V^T -> mean(S) U V^T."""
+def _summed(deltas: Sequence):
     total = deltas[0].clone()
     for d in deltas[1:]:
         total.add_(d)
-    return flat_spectrum(*_svd(total))
+    return total
+
+
+def iso_c(deltas: Sequence):
+    """Iso-C update of one matrix: M = sum_t Delta_t = U S V^T -> mean(S) U V^T."""
+    return flat_spectrum(*_svd(_summed(deltas)))
 
 
 def common_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
@@ -169,48 +201,62 @@ def common_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
 
 
 def iso_cts(deltas: Sequence, fraction: float):
-    """Iso-CTS update of one matrix (see the module docstring)."""
+    """Iso-CTS update of one matrix (see the module docstring).
+
+    The kept singular triplets are copied into preallocated U_all, V_all^T as each SVD finishes,
+    so only one decomposition's factors are alive at a time."""
     import torch
 
-    total = deltas[0].clone()
-    for d in deltas[1:]:
-        total.add_(d)
-    rank = min(total.shape)
+    total = _summed(deltas)
+    shape = total.shape
+    m, n = shape
+    rank = min(shape)
     k, s = common_split(rank, len(deltas), fraction)
+    r = k + len(deltas) * s
+    u_all = total.new_empty(m, r)
+    vh_all = total.new_empty(r, n)
+    s_all = total.new_empty(r)
     u, sv, vh = _svd(total)
-    us, ss, vhs = [u[:, :k]], [sv[:k]], [vh[:k]]
+    del total
+    u_all[:, :k], s_all[:k], vh_all[:k] = u[:, :k], sv[:k], vh[:k]
+    del u, sv, vh
     if s:
-        common = u[:, :k]
-        for d in deltas:
-            residual = d - common @ (common.T @ d)  # the task's part outside the common subspace
+        common = u_all[:, :k]
+        for t, d in enumerate(deltas):
+            projected = common @ (common.T @ d)
+            residual = torch.sub(d, projected, out=projected)  # the task's part outside the common subspace
             tu, ts, tvh = _svd(residual)
-            us.append(tu[:, :s])
-            ss.append(ts[:s])
-            vhs.append(tvh[:s])
-    u_all, s_all, vh_all = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
-    keep = support(s_all, total.shape)
-    u_perp = orthogonal_factor(u_all * keep)
-    vh_perp = orthogonal_factor(vh_all * keep[:, None])
+            del residual, projected
+            cols = slice(k + t * s, k + (t + 1) * s)
+            u_all[:, cols], s_all[cols], vh_all[cols] = tu[:, :s], ts[:s], tvh[:s]
+            del tu, ts, tvh
+    keep = support(s_all, shape)
+    u_perp = orthogonal_factor(u_all.mul_(keep))
+    del u_all
+    vh_perp = orthogonal_factor(vh_all.mul_(keep[:, None]))
+    del vh_all
     return flat_spectrum(u_perp, s_all * keep, vh_perp)
 
 
 def tsv_m(deltas: Sequence):
     """TSV-M update of one matrix: top floor(r / T) triplets per task, orthogonalized, summed."""
-    import torch
-
     m, n = deltas[0].shape
     k = max(1, min(m, n) // len(deltas))  # at least one per task on matrices smaller than T
-    us, ss, vhs = [], [], []
-    for d in deltas:
+    r = k * len(deltas)
+    u_all = deltas[0].new_empty(m, r)
+    vh_all = deltas[0].new_empty(r, n)
+    s_all = deltas[0].new_empty(r)
+    for t, d in enumerate(deltas):
         u, s, vh = _svd(d)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vhs.append(vh[:k])
-    u_all, s_all, vh_all = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
+        cols = slice(t * k, (t + 1) * k)  # k <= min(m, n): spectral matrices are at least 2 x 2
+        u_all[:, cols], s_all[cols], vh_all[cols] = u[:, :k], s[:k], vh[:k]
+        del u, s, vh
     keep = support(s_all, (m, n))
-    u_perp = orthogonal_factor(u_all * keep)
-    vh_perp = orthogonal_factor(vh_all * keep[:, None])
-    return (u_perp * (s_all * keep)) @ vh_perp
+    u_perp = orthogonal_factor(u_all.mul_(keep))
+    del u_all
+    vh_perp = orthogonal_factor(vh_all.mul_(keep[:, None]))
+    del vh_all
+    return u_perp.mul_(s_all * keep) @ vh_perp
 
 
 # -- the same updates from Gram matrices (large tall matrices) ---------------------------------------
@@ -278,16 +324,24 @@ def tsv_m_from_gram(gram: Callable[[int, int], Any], tasks: int, m: int, n: int)
     vs, ss = [], []
     for t in range(tasks):
         s, v = _eig_desc(gram(t, t))
-        vs.append(v[:, :k])
+        vs.append(v[:, :k].clone())  # not a view: the full eigenbasis is freed
         ss.append(s[:k])
+        del s, v
     s_all = torch.cat(ss)
     keep = _support64(s_all, (m, n))
     inv = _inverse(s_all, keep)
     es = [vs[t] * inv[t * k : (t + 1) * k] for t in range(tasks)]  # U_t,k = D_t E_t (0 off the support)
-    w = torch.cat([torch.cat([es[a].T @ gram(a, b) @ es[b] for b in range(tasks)], 1) for a in range(tasks)], 0)
+    # Each n x n float64 intermediate is dropped once used: these are the path's working memory.
+    vh_perp = _orth_rows(torch.cat([v.T for v in vs], 0).mul_(keep[:, None]), (tasks * k, n))
+    del vs
+    w = es[0].new_empty(tasks * k, tasks * k)
+    for a in range(tasks):
+        for b in range(tasks):
+            w[a * k : (a + 1) * k, b * k : (b + 1) * k] = es[a].T @ gram(a, b) @ es[b]
     z = _orth_from_gram(w, (m, tasks * k))
-    vh_perp = _orth_rows(torch.cat([v.T for v in vs], 0) * keep[:, None], (tasks * k, n))
-    tail = z @ ((s_all * keep)[:, None] * vh_perp)
+    del w
+    tail = z @ vh_perp.mul_((s_all * keep)[:, None])
+    del z, vh_perp
     return [es[t] @ tail[t * k : (t + 1) * k] for t in range(tasks)]
 
 
@@ -303,14 +357,14 @@ def iso_cts_from_gram(gram: Callable[[int, int], Any], tasks: int, m: int, n: in
     s_m, v_m = _eig_desc(_sum_gram(gram, tasks))
     v_k, inv_k = v_m[:, :k], _inverse(s_m[:k], _support64(s_m, (m, n))[:k])
     common = v_k * inv_k  # U_k = sum_u D_u common
-    to_t = [sum(gram(u, t) for u in range(tasks)) for t in range(tasks)]  # M^T D_t
-    a = [common.T @ to_t[t] for t in range(tasks)]  # A_t = U_k^T D_t  (k x n)
+    a = [sum(common.T @ gram(u, t) for u in range(tasks)) for t in range(tasks)]  # A_t = U_k^T D_t = common^T M^T D_t  (k x n)
     v_ts, s_ts = [], []
     for t in range(tasks):
         if s_task:
             s, v = _eig_desc(gram(t, t) - a[t].T @ a[t])
-            v_ts.append(v[:, :s_task])
+            v_ts.append(v[:, :s_task].clone())  # not a view: the full eigenbasis is freed
             s_ts.append(s[:s_task])
+            del s, v
     s_all = torch.cat([s_m[:k], *s_ts])
     keep = _support64(s_all, (m, n))
     inv = _inverse(s_all, keep)
@@ -319,21 +373,30 @@ def iso_cts_from_gram(gram: Callable[[int, int], Any], tasks: int, m: int, n: in
     es = [torch.zeros(n, r, dtype=v_m.dtype, device=v_m.device) for _ in range(tasks)]
     for u in range(tasks):
         es[u][:, :k] = common * keep[:k]
-    for t in range(tasks):
+    for t in range(tasks if s_task else 0):  # no task-specific directions: the common ones alone
         cols = slice(k + t * s_task, k + (t + 1) * s_task)
         own = v_ts[t] * inv[cols]  # U_t,s = R_t V_t,s / s = D_t own - U_k A_t own
         es[t][:, cols] += own
         shift = common @ (a[t] @ own)
         for u in range(tasks):
             es[u][:, cols] -= shift
-    w = sum(es[x].T @ gram(x, y) @ es[y] for x in range(tasks) for y in range(tasks))
+    # Each n x n float64 intermediate is dropped once used: these are the path's working memory.
+    del a, common
+    vh_perp = _orth_rows(torch.cat([v_k.T, *[v.T for v in v_ts]], 0).mul_(keep[:, None]), (r, n))
+    del v_k, v_m, v_ts
+    w = None
+    for x in range(tasks):
+        for y in range(tasks):
+            term = es[x].T @ gram(x, y) @ es[y]
+            w = term if w is None else w.add_(term)
+            del term
     z = _orth_from_gram(w, (m, r))
-    vh_all = torch.cat([v_k.T, *[v.T for v in v_ts]], 0) * keep[:, None]
-    vh_perp = _orth_rows(vh_all, (r, n))
+    del w
     kept = s_all * keep
     keep2 = _support64(kept, (m, n))
     mean = (kept * keep2).sum() / keep2.sum().clamp(min=1)
-    tail = z @ ((keep2 * mean)[:, None] * vh_perp)
+    tail = z @ vh_perp.mul_((keep2 * mean)[:, None])
+    del z, vh_perp
     return [e @ tail for e in es]
 
 
@@ -493,8 +556,11 @@ class SpectralMerge(Strategy):
         for w, d in used:
             d32 = d.to(device=dev, dtype=torch.float32)
             scaled.append(d32 * w if w != 1.0 else d32)
+        del used
         merged = self.update(scaled)
-        return torch.add(base.to(device=dev, dtype=torch.float32), merged, alpha=alpha).to(base.dtype)
+        del scaled
+        # base + alpha * merged, written over the update (same arithmetic, one matrix less held)
+        return torch.add(base.to(device=dev, dtype=torch.float32), merged, alpha=alpha, out=merged).to(base.dtype)
 
     def streams(self, name: str, shape) -> bool:
         return len(shape) != 2 or min(int(d) for d in shape) < 2 or self._gram_path(name, shape) or (self.params.token_tables == "mean" and is_token_table(name))
