@@ -127,10 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, res in results["cases"].items():
             if "cpu_before" in res:
                 print(f"{name:28s} {res['cpu_before']:11.1f} {res['cpu_after']:10.1f} {res['cpu_after_over_before']:13.2f}")
-    path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / "before_after.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nresults written to {path}")
+    from benchmarks.common import write_results
+
+    write_results(results, args.json, "before_after")
     return 0
 
 

@@ -185,3 +185,14 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     b, f = ensure_1b_set()
     print(b, *f)
+
+
+def write_results(data, json_path: str | os.PathLike[str] | None, name: str) -> Path:
+    """Write a benchmark's results as JSON to ``json_path``, or to ``benchmarks/results/<name>.json``
+    (ignored by git: results are quoted in the README, never committed); says where."""
+    path = Path(json_path) if json_path else Path(__file__).resolve().parent / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    print(f"\nresults written to {path}")
+    return path
+

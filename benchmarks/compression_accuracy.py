@@ -20,7 +20,6 @@ The world must already be in the cache (``fedmerge demo`` builds it); this scrip
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -190,10 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     items = {e: len(v) for e, v in reference.items()}
     print(f"\nworld {world.manifest['key']}, federation {config.federation.method} {config.federation.parameters}, "
           f"{'contributions and pushed model' if args.publish else 'contributions'} compressed; items per exam {items}")  # fmt: skip
-    path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / "compression_accuracy.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"world": world.manifest["key"], "publish": args.publish, "items": items, "rows": rows}, indent=2))
-    print(f"results written to {path}")
+    from benchmarks.common import write_results
+
+    write_results({"world": world.manifest["key"], "publish": args.publish, "items": items, "rows": rows}, args.json, "compression_accuracy")
     return 0
 
 

@@ -14,7 +14,6 @@ The world must already be in the cache (``fedmerge demo`` builds it); this scrip
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -123,10 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         r["gap_to_best_hospital"] = r["mean"] - best["mean"]
         print(f"| {r['label']} | " + " | ".join(f"{100 * r['acc'][t]:.1f}" for t in tasks) + f" | {100 * r['mean']:.1f} | {gap:+.1f} |")
     print(f"\nbest single hospital: {best['label']} (mean {100 * best['mean']:.1f}); {len(tasks)} exams of {world.manifest['exam_items']} items")
-    path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / "demo_strategies.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"world": world.manifest["key"], "tasks": tasks, "rows": rows}, indent=2))
-    print(f"results written to {path}")
+    from benchmarks.common import write_results
+
+    write_results({"world": world.manifest["key"], "tasks": tasks, "rows": rows}, args.json, "demo_strategies")
     return 0
 
 

@@ -192,10 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{s['set']:5s} {r['run']:18s} {r['x_io_floor'] or 0:12.2f} {r['x_task_arithmetic'] or 0:13.2f} "
                     f"{r.get('cpu_x_io_floor') or 0:12.2f} {r.get('cpu_x_task_arithmetic') or 0:9.2f} {t:>22s}"
                 )
-    path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / "merge_throughput.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nresults written to {path}")
+    from benchmarks.common import write_results
+
+    write_results(results, args.json, "merge_throughput")
     return 0
 
 

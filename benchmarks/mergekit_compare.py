@@ -203,10 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{method:18s} {res['fedmerge']['seconds']:10.1f} {res['mergekit']['seconds']:10.1f} {res['speedup']:9.2f} {res['cpu_ratio']:10.2f} "
                 f"{res['fedmerge']['peak_rss_mb']:6.0f}/{res['mergekit']['peak_rss_mb']:<6.0f} {res['rss_ratio']:8.2f}"
             )
-    path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / "mergekit_compare.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nresults written to {path}")
+    from benchmarks.common import write_results
+
+    write_results(results, args.json, "mergekit_compare")
     return 0
 
 

@@ -553,10 +553,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
     }
-    path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / "mergekit_parity.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nresults written to {path}")
+    from benchmarks.common import write_results
+
+    write_results(results, args.json, "mergekit_parity")
     return 0
 
 
