@@ -46,6 +46,20 @@ ConfigPath = Annotated[str, AfterValidator(_relative_to_config)]
 ConfigPathObj = Annotated[Path, AfterValidator(_relative_to_config)]
 
 
+def _compression_spec(value: str) -> str:
+    from fedmerge.checkpoints.codecs import canonical_spec
+    from fedmerge.checkpoints.errors import UnknownCompression
+
+    try:
+        return canonical_spec(value)
+    except UnknownCompression as exc:  # its message lists the valid specs
+        raise ValueError(str(exc)) from None
+
+
+# A delta codec spec (``none``, ``int4``, ``sparse:0.25+int4``...), stored in its canonical spelling.
+CompressionSpec = Annotated[str, AfterValidator(_compression_spec)]
+
+
 def read_yaml_mapping(path: str | os.PathLike[str], error: type[FedmergeError], expected: str = "a mapping of fields") -> dict[str, Any]:
     """The top-level mapping of a YAML file; ``error`` is raised, naming the file, for a missing
     file, invalid YAML or a document that is not a mapping (an empty file is an empty mapping)."""

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedmerge.configfile import load_config
+from fedmerge.configfile import CompressionSpec, load_config
 from fedmerge.errors import FedmergeError
 
 # Bump when the world's recipe changes in a way the config does not show (templates, layout).
@@ -174,24 +174,13 @@ class SelectionSettings(_Strict):
 class FederationSettings(_Strict):
     rounds: int = Field(3, ge=1)
     seal: bool = Field(True, description="encrypt contributions to the coordinator as well as signing them")
-    compression: str = Field("int4", description="how every delta travels (contributions, candidates, the pushed model): a codec spec, or none")
+    compression: CompressionSpec = Field("int4", description="how every delta travels (contributions, candidates, the pushed model): a codec spec, or none")
     reference: Literal["base", "global"] = Field("global", description="what contributions are deltas from: the base, or the last published model")
     method: str = Field("iso_c", description="the strategy the federation publishes when it selects nothing")
     parameters: dict[str, Any] = Field(default_factory=lambda: {"alpha": 0.75})
     local_training: LocalTraining | None = Field(default_factory=LocalTraining, description="null: hospitals send their fine-tunes every round")
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
 
-
-    @field_validator("compression")
-    @classmethod
-    def _codec(cls, v: str) -> str:
-        from fedmerge.checkpoints.codecs import canonical_spec
-        from fedmerge.checkpoints.errors import UnknownCompression
-
-        try:
-            return canonical_spec(v)
-        except UnknownCompression as exc:  # its message lists the valid specs
-            raise ValueError(str(exc)) from None
 
 
 class DemoConfig(_Strict):

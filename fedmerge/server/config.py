@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedmerge.configfile import ConfigError, ConfigPath, describe_validation_error, load_config
+from fedmerge.configfile import CompressionSpec, ConfigError, ConfigPath, describe_validation_error, load_config
 from fedmerge.protocol import DEFAULT_PART_BYTES
 
 
@@ -124,13 +124,8 @@ class SelectionConfig(BaseModel):
     delta_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     # federated: how candidate deltas are encoded (a fedmerge.checkpoints.codecs spec, as for
     # contributions): int4 sends each hospital about a quarter of the bf16 bytes per candidate.
-    compression: str = "none"
+    compression: CompressionSpec = "none"
     keep_candidates: bool = Field(False, description="keep every candidate's model after the round (default: only the published one)")
-
-    @field_validator("compression")
-    @classmethod
-    def _known_compression(cls, v: str) -> str:
-        return _canonical_compression(v)
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -284,10 +279,10 @@ class FederationConfig(BaseModel):
     # How hospitals encode their deltas' matrices (fedmerge.checkpoints.codecs): none (exact), int8,
     # int4, sparse:<density>, or selecting stages then one storing stage (sparse:0.25+int4).
     # Announced in every open-round message; a package compressed otherwise is rejected.
-    compression: str = "none"
+    compression: CompressionSpec = "none"
     # How the round's model is pushed back: none (the whole model) or a codec spec; then the model
     # is published as reference + decode(encode(merged - reference)), what every hospital rebuilds.
-    publish_compression: str = "none"
+    publish_compression: CompressionSpec = "none"
     # Refuse contributions that are not sealed to the coordinator (a recorded rejection).
     require_sealed: bool = True
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
@@ -295,11 +290,6 @@ class FederationConfig(BaseModel):
     evaluator: EvaluatorHook | None = None
     sample_seed: int = 0
     superlink: SuperLinkConfig | None = None
-
-    @field_validator("compression", "publish_compression")
-    @classmethod
-    def _known_compression(cls, v: str) -> str:
-        return _canonical_compression(v)
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> "FederationConfig":
@@ -325,16 +315,6 @@ class FederationConfig(BaseModel):
     @property
     def state(self) -> Path:
         return Path(self.state_dir)
-
-
-def _canonical_compression(v: str) -> str:
-    from fedmerge.checkpoints.codecs import canonical_spec
-    from fedmerge.checkpoints.errors import UnknownCompression
-
-    try:
-        return canonical_spec(v)
-    except UnknownCompression as exc:  # its message lists the valid specs
-        raise ValueError(str(exc)) from None
 
 
 def load_federation_config(path) -> FederationConfig:
