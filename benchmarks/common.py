@@ -196,3 +196,17 @@ def write_results(data, json_path: str | os.PathLike[str] | None, name: str) -> 
     print(f"\nresults written to {path}")
     return path
 
+
+def cached_demo_world(config, cache_dir=None):
+    """The cached world of a demo config (benchmarks never build one), or None after saying how to make it."""
+    import sys
+
+    from fedmerge.demo.world import cache_root as demo_cache_root
+    from fedmerge.demo.world import load_world
+
+    root = demo_cache_root(cache_dir) / "demo" / config.world.key()
+    if not root.exists():
+        print(f"no cached demo world at {root}; run `fedmerge demo` first", file=sys.stderr)
+        return None
+    return load_world(root)
+

@@ -145,14 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     from fedmerge.checkpoints.codecs import canonical_spec, parse_compression
     from fedmerge.demo.config import DemoConfig
-    from fedmerge.demo.world import cache_root, load_world
+    from benchmarks.common import cached_demo_world
 
     config = DemoConfig()
-    root = cache_root(args.cache) / "demo" / config.world.key()
-    if not root.exists():
-        print(f"no cached demo world at {root}; run `fedmerge demo` first", file=sys.stderr)
+    world = cached_demo_world(config, args.cache)
+    if world is None:
         return 2
-    world = load_world(root)
     scorer = ItemScorer(world, config)
     specs = [canonical_spec(s) for s in args.specs.split(",")]
     specs = ["none"] + [s for s in specs if s != "none"]

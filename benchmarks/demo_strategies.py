@@ -59,17 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     console.setup(console.QUIET)  # libraries silenced; this script prints its own lines
 
     from fedmerge.demo.config import DemoConfig
-    from fedmerge.demo.world import cache_root, load_world
+    from benchmarks.common import cached_demo_world
     from fedmerge.eval.config import EvalConfig
     from fedmerge.eval.evaluator import Evaluator
     from fedmerge.merging.engine import MergeSpec, merge
 
     config = DemoConfig()
-    root = cache_root(args.cache) / "demo" / config.world.key()
-    if not root.exists():
-        print(f"no cached demo world at {root}; run `fedmerge demo` first", file=sys.stderr)
+    world = cached_demo_world(config, args.cache)
+    if world is None:
         return 2
-    world = load_world(root)
     tasks = world.task_names
     evaluator = Evaluator(
         EvalConfig(
