@@ -47,3 +47,21 @@ def test_restored_when_the_block_changes_the_count_itself(two_threads):
     with torch_threads(3):
         torch.set_num_threads(1)
     assert torch.get_num_threads() == two_threads
+
+
+def _policy_seen_by_a_fresh_process(env_policy: str | None) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if env_policy is not None:
+        env["OMP_WAIT_POLICY"] = env_policy
+    code = "import os, fedmerge.checkpoints.codecs, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    # set by importing any part of fedmerge, before torch is loaded (OpenMP reads it then)
+    assert _policy_seen_by_a_fresh_process(None) == "PASSIVE"
+    assert _policy_seen_by_a_fresh_process("ACTIVE") == "ACTIVE"
