@@ -104,6 +104,40 @@ def test_int4_of_an_odd_row_and_a_zero_group():
     assert dec[1, :3].tolist() == [7 * s, -7 * s, 4 * s] and dec[1, 3:].abs().max() == 0
 
 
+def _int4_by_the_book(x: torch.Tensor, group: int = 64) -> bytes:
+    """The int4 row format of the codec's documentation, one value at a time in plain Python."""
+    out = bytearray()
+    for row in x.tolist():
+        n = len(row)
+        scales = []
+        for g in range(0, n, group):
+            m = max(abs(v) for v in row[g : g + group])
+            scales.append(torch.tensor(m / 7.0, dtype=torch.float32).to(torch.bfloat16))
+        qs = []
+        for i, v in enumerate(row):
+            s = scales[i // group].float()
+            inv = (1.0 / s).item() if s.item() > 0 else 0.0
+            q = torch.tensor(v, dtype=torch.float32) * torch.tensor(inv, dtype=torch.float32)  # float32 like the codec
+            qs.append(int(min(7.0, max(-7.0, torch.round(q).item()))) + 8)
+        if n % 2:
+            qs.append(8)
+        out += bytes(qs[i] | (qs[i + 1] << 4) for i in range(0, len(qs), 2))
+        out += b"".join(s.reshape(1).view(torch.uint8).numpy().tobytes() for s in scales)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("shape, group", [((3, 64), 64), ((4, 130), 64), ((2, 67), 64), ((5, 9), 4), ((1, 1), 64), ((3, 200), 128)])
+def test_int4_bytes_equal_the_format_computed_value_by_value(shape, group):
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(*shape, generator=g) * 0.01
+    x[0, : min(3, shape[1])] = torch.tensor([0.5, -0.5, 1e-3])[: min(3, shape[1])]  # halves: round to even
+    if shape[0] > 2:
+        x[2] = 0.0  # an all-zero row: zero scales, every nibble 8
+    spec = "int4" if group == 64 else f"int4:{group}"
+    codec = parse_compression(spec).for_tensor("w", shape, 0, "F32")
+    assert codec.encode(x, 0).numpy().tobytes() == _int4_by_the_book(x, group)
+
+
 def test_int4_is_about_a_quarter_of_bf16_and_keeps_direction():
     x = torch.randn(512, 2048, generator=torch.Generator().manual_seed(1)) * 0.002
     c = parse_compression("int4")

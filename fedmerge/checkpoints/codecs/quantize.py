@@ -142,16 +142,18 @@ def int4_encode(p: Int4Params, x, ctx):
     width = groups * p.group
     padded = x if width == n else torch.nn.functional.pad(x, (0, width - n))
     grouped = padded.view(r, groups, p.group)
-    lo, hi = torch.aminmax(grouped, dim=2)
-    s = torch.maximum(hi, lo.neg_()).div_(7.0).to(torch.bfloat16)
+    # abs().amax: a third of the cost of aminmax over short groups; a NaN still reaches the scale.
+    s = grouped.abs().amax(dim=2).div_(7.0).to(torch.bfloat16)
     sf = s.to(torch.float32)
     inv = torch.where(sf > 0, 1.0 / sf.clamp_min(_tiny()), torch.zeros_like(sf))
-    q = torch.mul(grouped, inv.unsqueeze(2)).round_().clamp_(-7, 7).view(r, width)
+    # float -> int8 is several times faster than float -> uint8; q + 8 is in 1..15 either way.
+    q = torch.mul(grouped, inv.unsqueeze(2)).round_().clamp_(-7, 7).to(torch.int8).add_(8).view(r, width)
     if 2 * nib != width:
-        q = q[:, : 2 * nib]
-    q = q.reshape(r, nib, 2)
-    # both nibbles at once, in float: (q_even + 8) + 16 (q_odd + 8)
-    packed = torch.addcmul(q[:, :, 0], q[:, :, 1], torch.tensor(16.0)).add_(136.0).to(torch.uint8)
+        q = q[:, : 2 * nib].contiguous()
+    # Each pair of bytes read as one little-endian int16 is lo + 256 hi; its low byte after
+    # ``v | (v >> 4)`` is lo + 16 hi: both nibbles of a pair in one pass over half the values.
+    v = q.view(torch.int16)
+    packed = v.bitwise_or_(v >> 4).view(torch.uint8).view(r, nib, 2)[:, :, 0]
     return torch.cat([packed, s.view(torch.uint8).reshape(r, 2 * groups)], dim=1)
 
 
