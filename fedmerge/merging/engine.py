@@ -66,6 +66,7 @@ from fedmerge.checkpoints import (
     torch_name,
 )
 from fedmerge.checkpoints.compat import CompatibilityCheck
+from fedmerge.checkpoints.finite import all_finite
 from fedmerge.checkpoints.pipeline import ByteBudget, Stage, run_pipeline
 from fedmerge.devices import torch_threads
 from fedmerge.errors import FedmergeError
@@ -208,9 +209,11 @@ def merge(
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
+    durable: bool = True,
 ) -> MergeResult:
     """Merge ``inputs`` (delta sources, or folders: models, LoRA adapters, delta checkpoints)
-    relative to ``base_dir`` into a new HF folder at ``out_dir``.
+    relative to ``base_dir`` into a new HF folder at ``out_dir`` (``durable=False``: a scratch
+    folder, not fsynced; see ``CheckpointWriter``).
 
     Without a base (``base_dir=None``), a method that does not need one uses the first input,
     which must then be a model folder, as the reference: its delta is zero and the algebra of
@@ -234,7 +237,7 @@ def merge(
     if spec.model_parameters and len(spec.model_parameters) != n:
         raise MergeError(f"model_parameters has {len(spec.model_parameters)} entries for {n} inputs")
     layout = identity_layout(base, n, spec.parameters, spec.model_parameters or [{}] * n)
-    return MergeRun(layout, sources, out_dir, spec, progress=progress, metadata=metadata, overwrite=overwrite).run()
+    return MergeRun(layout, sources, out_dir, spec, progress=progress, metadata=metadata, overwrite=overwrite, durable=durable).run()
 
 
 def merge_layout(
@@ -273,6 +276,7 @@ class MergeRun:
         metadata: dict[str, Any] | None = None,
         overwrite: bool = False,
         outputs: OutputFiles | None = None,
+        durable: bool = True,
     ):
         self.layout = layout
         self.sources: list[DeltaSource] = [require_delta_source(s, f"merge input #{i}") for i, s in enumerate(sources)]
@@ -281,6 +285,7 @@ class MergeRun:
         self.progress = progress
         self.extra_metadata = metadata
         self.overwrite = overwrite
+        self.durable = durable
         self.outputs = outputs
         self.reference = layout.references[0]
         self.tensors = layout.by_name()
@@ -446,7 +451,7 @@ class MergeRun:
         if not raw.is_floating_point():
             return raw, None
         b32 = raw.float()
-        if check and self.spec.check_finite and not _all_finite(b32):
+        if check and self.spec.check_finite and not all_finite(b32):
             raise NonFiniteTensor(f"reference {ref_reader.file_of(ot.reference_name)}: tensor {ot.reference_name!r} holds NaN or infinite values")
         return raw, b32
 
@@ -467,7 +472,7 @@ class MergeRun:
             d = src.get_delta(name, rows=rows, base=b32) if name in self.names_of[i] else None
             if d is None:
                 return _to(torch.zeros_like(b32), self.device, self.compute_dtype)
-            if check and not _all_finite(d):
+            if check and not all_finite(d):
                 raise NonFiniteTensor(f"input {src.label} ({src.file_of(name)}): tensor {name!r} holds NaN or infinite values")
             return _to(d, self.device, self.compute_dtype)
 
@@ -490,7 +495,7 @@ class MergeRun:
                 reference = weights[ref_key]
                 weights[key] = self.sources[i].weight(name, reference).float() if name in self.names_of[i] else reference.clone()
         for key, w in weights.items():
-            if self.spec.check_finite and not _all_finite(w):
+            if self.spec.check_finite and not all_finite(w):
                 raise NonFiniteTensor(f"{key}: tensor {ot.reference_name!r} holds NaN or infinite values")
         remapped = self.layout.vocab.remap(weights)
         b32 = remapped[ref_key]
@@ -545,7 +550,7 @@ class MergeRun:
                     merged = list(strategy.merge_group(contexts, bases, deltas))
         outs = []
         for nm, m in zip(item.names, merged):
-            if self.spec.check_finite and not _all_finite(m):
+            if self.spec.check_finite and not all_finite(m):
                 raise NonFiniteTensor(f"merge result for tensor {nm!r} holds NaN or infinite values (method {strategy.name}); check its parameters")
             outs.append(m.to(self.out_torch[nm]).cpu() if m.device.type != "cpu" else m.to(self.out_torch[nm]))
         return outs
@@ -605,7 +610,7 @@ class MergeRun:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
         with torch_threads(self.spec.threads or os.cpu_count() or 1):
             try:
-                with CheckpointWriter(self.out_dir, max_shard_bytes=self.spec.max_shard_bytes, overwrite=self.overwrite) as writer:
+                with CheckpointWriter(self.out_dir, max_shard_bytes=self.spec.max_shard_bytes, overwrite=self.overwrite, durable=self.durable) as writer:
                     writer.plan(self.plan)
                     self.stream(writer)
                     meta = self.finish(writer)
@@ -744,21 +749,6 @@ def _write_sidecars(folder: Path, source: Path, config: dict[str, Any], skip: se
             (folder / fname).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         elif (src / fname).exists():
             shutil.copy2(src / fname, folder / fname)
-
-
-def _all_finite(t) -> bool:
-    """Whether a float tensor holds no NaN or infinity.
-
-    A sum is one cheap pass and is non-finite whenever an element is; only then (or on the
-    rare overflow of huge finite values) is the exact, much slower elementwise test run.
-    """
-    import torch
-
-    if t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 _MALLOC_TUNED = False

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 from fedmerge.checkpoints import FLOAT_DTYPES, CheckpointError, CheckpointReader
 from fedmerge.checkpoints.compat import CompatibilityCheck
+from fedmerge.checkpoints.finite import all_finite
 from fedmerge.merging.taskvector import TaskVector, open_delta_source
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class _NonFinite:
         """Count the non-finite values of ``t``; returns their mask (None when there are none)."""
         import torch
 
-        if bool(torch.isfinite(t.sum())):
+        if all_finite(t):
             return None
         mask = ~torch.isfinite(t)
         k = int(mask.sum())

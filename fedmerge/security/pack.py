@@ -35,6 +35,7 @@ from fedmerge.checkpoints import CheckpointReader, dtype_nbytes, model_fingerpri
 from fedmerge.checkpoints.codecs import Compression, TensorCodec, parse_compression
 from fedmerge.checkpoints.compat import CompatibilityCheck
 from fedmerge.checkpoints.delta import subtract_reference
+from fedmerge.checkpoints.finite import all_finite
 from fedmerge.checkpoints.pipeline import DEFAULT_WORKERS, ByteBudget, run_ordered
 from fedmerge.checkpoints.errors import UnknownCompression
 from fedmerge.devices import torch_threads as torch_thread_count
@@ -421,10 +422,9 @@ class PackJob:
 
     def finite_check(self, name: str):
         """Refuse a float32 delta block holding NaN or infinity (checked before it is encoded)."""
-        import torch
 
         def check(d) -> None:
-            if not bool(torch.isfinite(d).all()):
+            if not all_finite(d):
                 raise NonFiniteValues(f"tensor {name!r}: the delta holds NaN or infinite values; check the fine-tuned weights", sender=self.identity.name, tensor=name)
 
         return check
