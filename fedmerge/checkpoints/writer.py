@@ -62,10 +62,11 @@ class _Shard:
     def complete(self) -> bool:
         return self.next == len(self.order)
 
-    def close(self) -> None:
+    def close(self, durable: bool = True) -> None:
         if not self.fh.closed:
             self.fh.flush()
-            os.fsync(self.fh.fileno())
+            if durable:
+                os.fsync(self.fh.fileno())
             self.fh.close()
 
 
@@ -112,9 +113,13 @@ class CheckpointWriter:
     that arrives early waits in memory for its turn) and are streamed straight into their final
     shard. Without a plan, tensors may come in any order; each shard's bytes go to a side file
     and are copied behind the header when the shard is full.
+
+    ``durable=False`` is for scratch folders that are made again, never recovered, after a crash
+    (a merge that is encoded and rebuilt at once): the folder still appears whole, by a rename,
+    but nothing is fsynced, so its bytes need never reach the disk.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False):
+    def __init__(self, out_dir: str | os.PathLike[str], max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, durable: bool = True):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise CheckpointError(f"{self.out_dir}: already exists; choose another output folder or pass overwrite")
@@ -122,6 +127,7 @@ class CheckpointWriter:
             raise CheckpointError("max_shard_bytes must be positive")
         self.max_shard_bytes = int(max_shard_bytes)
         self.overwrite = overwrite
+        self.durable = durable
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.out_dir)
         # The owner's pid is part of the name, so a later run can tell a dead writer's leftovers
@@ -244,7 +250,7 @@ class CheckpointWriter:
     def _open_shard(self, si: int) -> None:
         while len(self._planned) <= si:
             if self._planned:
-                self._planned[-1].close()
+                self._planned[-1].close(self.durable)
             i = len(self._planned)
             self._planned.append(_Shard(self.tmp / self._weight_map[self._plan_specs[i][0][0]], self._plan_specs[i]))
 
@@ -298,7 +304,7 @@ class CheckpointWriter:
             if missing or self._early:
                 raise CheckpointError(f"{self.out_dir}: planned tensor {missing[0] if missing else next(iter(self._early))!r} was never written")
             for s in self._planned:
-                s.close()
+                s.close(self.durable)
             n = len(self._planned)
         else:
             self._close_spool()
@@ -320,7 +326,7 @@ class CheckpointWriter:
                     shutil.copy2(src / fname, self.tmp / fname)
         if metadata is not None:
             (self.tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
-        for f in self.tmp.iterdir():
+        for f in self.tmp.iterdir() if self.durable else ():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         # mkdtemp makes the folder 0700; the published model gets the mode any new folder would.

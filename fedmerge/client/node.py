@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge import protocol
-from fedmerge.checkpoints.atomic import write_json_atomic
+from fedmerge.checkpoints.atomic import fsync_tree, write_json_atomic
 from fedmerge.client.config import ClientConfig
 from fedmerge.client.errors import (
     ClientError,
@@ -255,12 +255,12 @@ class HospitalNode:
             raise NothingReceived(f"{self.cfg.institution}: nothing received for round {r}")
         self.model_limits().check(plan, who="the coordinator")
         protocol.check_complete(staging, plan)
-        for f in plan.files:  # make the received bytes durable before anything points at them
-            with open(staging / f.path, "rb") as fh:
-                os.fsync(fh.fileno())
         against = plan.extra.get(protocol.REBUILD_AGAINST)
         if against is not None:
+            # The received parts are an encoded delta, read once and dropped: only the rebuilt
+            # folder must be durable (its weights are fsynced as they are written).
             self._rebuild(staging, str(against), r)
+        fsync_tree(staging)  # make the model durable before anything points at it
         publication = self._verify_publication(staging, r)
         self.models.mkdir(parents=True, exist_ok=True)
         (self.models / f".{final.name}.plan").write_text(plan_json)

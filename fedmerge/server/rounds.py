@@ -232,6 +232,7 @@ class RoundRunner:
             MergeSpec(**cfg.strategy.spec_fields()),
             progress=False,
             metadata={"round": record.round, "contributors": contributors, "federation": cfg.name},
+            durable=not compressed,  # a merge encoded and rebuilt at once is scratch: redone after a crash, never recovered
         )
         seconds = time.perf_counter() - t0
         if compressed:  # what is published (and evaluated, signed, pushed) is what hospitals rebuild
