@@ -50,9 +50,14 @@ Conventions shared by the three:
   Gram, TSV-M and Iso-CTS T (T + 1) / 2 of them, plus one row chunk of the inputs, whatever the
   vocabulary of an embedding or LM head. The engine streams such a matrix from disk in two passes
   (``streamed``); held in memory, the same object runs over it, so both give the same bytes.
-  Wide matrices (m < n) are held whole and decomposed directly; there the orthogonal factor of
-  a large concatenated basis is (B B^T)^-1/2 B from the float64 Gram matrix of its short side
-  (``orthogonal_factor``), and only one decomposition's factors are alive at a time.
+  Wide matrices (m < n) are held whole. From ``GRAM_ELEMENTS`` elements on they are not given
+  to a full SVD either: each decomposition takes only the top singular triplets it keeps from the
+  float64 Gram matrix of the short side (``gram_svd.top_triplets``: a subset eigendecomposition,
+  the long side's vectors recovered slice by slice as X^T U S^-1), Iso-CTS's residuals
+  (I - U_k U_k^T) Delta_t are projected slice by slice instead of formed, and the orthogonal
+  factor of a large concatenated basis is (B B^T)^-1/2 B from the float64 Gram matrix of its
+  short side (``orthogonal_factor``). Only one decomposition's factors are alive at a time, and
+  what each holds besides them is one short-side float64 matrix and one slice.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from fedmerge.merging.strategies.base import (
     flat_chunks,
     merge_in_memory,
 )
+from fedmerge.merging.strategies.gram_svd import long_slice, long_slices, short_gram, top_eigh, top_triplets
 from fedmerge.merging.strategies.registry import register
 
 # Tall matrices with at least this many elements go through their Gram matrices (see above).
@@ -148,31 +154,26 @@ def orthogonal_factor(a):
 
 def _orth_large(a):
     """``orthogonal_factor`` of a large matrix: with B = a (or a^T, whichever is wide, r x n),
-    the factor is (B B^T)^-1/2 B over the support; B B^T (r x r) is summed in float64 over column
-    chunks, so no float64 copy of ``a`` and no SVD workspace is held."""
+    the factor is (B B^T)^-1/2 B over the support; B B^T (r x r) is summed in float64 over slices
+    of the long side (``gram_svd.short_gram``), so no float64 copy of ``a`` and no SVD workspace
+    is held. The root is Q S^-1/2 (Q S^-1/2)^T, scaled in place: one r x r float64 matrix less."""
 
     b = a if a.shape[0] <= a.shape[1] else a.T
-    r, n = b.shape
-    step = max(1, CHUNK // r)
-    g = None
-    for c in range(0, n, step):
-        part = b[:, c : c + step].double()
-        g = part @ part.T if g is None else g.addmm_(part, part.T)
-    del part
-    sig, q = _eig_desc(g)
-    del g
+    sig, q = _eig_desc(short_gram([a]), consume=True)
     keep = _support64(sig, a.shape)
-    root = ((q * _inverse(sig, keep)) @ q.T).to(a.dtype)
+    q.mul_(_inverse(sig, keep).sqrt())
+    root = (q @ q.T).to(a.dtype)
     del q
     out = root @ b
     return out if b is a else out.T
 
 
 def flat_spectrum(u, s, vh):
-    """mean(s) u v^T over the support of ``s`` (u, vh orthonormal on it): the isotropic matrix."""
+    """mean(s) u v^T over the support of ``s`` (u, vh orthonormal on it): the isotropic matrix.
+    ``u`` is scaled in place (every caller hands over a factor it no longer needs)."""
     keep = support(s, (u.shape[0], vh.shape[1]))
     mean = (s * keep).sum() / keep.sum().clamp(min=1.0)
-    return (u * (keep * mean)) @ vh
+    return u.mul_(keep * mean) @ vh
 
 
 def _summed(deltas: Sequence):
@@ -183,8 +184,22 @@ def _summed(deltas: Sequence):
 
 
 def iso_c(deltas: Sequence):
-    """Iso-C update of one matrix: M = sum_t Delta_t = U S V^T -> mean(S) U V^T."""
-    return flat_spectrum(*_svd(_summed(deltas)))
+    """Iso-C update of one matrix: M = sum_t Delta_t = U S V^T -> mean(S) U V^T.
+
+    A large matrix goes through the Gram matrix G of its short side (M M^T or M^T M, float64):
+    mean(S) U V^T = F M (or M F) with F = Q diag(mean(S) / S) Q^T from G's eigenvectors Q, applied
+    slice by slice, so neither M nor its SVD is held."""
+    if deltas[0].numel() < GRAM_ELEMENTS:
+        return flat_spectrum(*_svd(_summed(deltas)))
+    m, n = deltas[0].shape
+    (f,) = iso_c_from_gram(short_gram(deltas), m, n, consume=True)
+    out = deltas[0].new_empty(m, n)
+    for lo, hi in long_slices(m, n):
+        if m <= n:
+            out[:, lo:hi] = f @ long_slice(deltas, lo, hi)
+        else:
+            out[lo:hi] = (long_slice(deltas, lo, hi).T @ f)
+    return out
 
 
 def common_split(rank: int, tasks: int, fraction: float) -> tuple[int, int]:
@@ -204,18 +219,29 @@ def iso_cts(deltas: Sequence, fraction: float):
     """Iso-CTS update of one matrix (see the module docstring).
 
     The kept singular triplets are copied into preallocated U_all, V_all^T as each SVD finishes,
-    so only one decomposition's factors are alive at a time."""
+    so only one decomposition's factors are alive at a time. A large wide matrix takes its
+    triplets from Gram matrices of its short side (``gram_svd.top_triplets``): neither M nor the
+    residuals (I - U_k U_k^T) Delta_t are formed."""
     import torch
 
-    total = _summed(deltas)
-    shape = total.shape
+    shape = deltas[0].shape
     m, n = shape
     rank = min(shape)
     k, s = common_split(rank, len(deltas), fraction)
     r = k + len(deltas) * s
-    u_all = total.new_empty(m, r)
-    vh_all = total.new_empty(r, n)
-    s_all = total.new_empty(r)
+    u_all = deltas[0].new_empty(m, r)
+    vh_all = deltas[0].new_empty(r, n)
+    s_all = deltas[0].new_empty(r)
+    if deltas[0].numel() >= GRAM_ELEMENTS and m < n:
+        common = top_triplets(deltas, k, u_all[:, :k], s_all[:k], vh_all[:k])
+        for t, d in enumerate(deltas if s else ()):
+            cols = slice(k + t * s, k + (t + 1) * s)
+            top_triplets([d], s, u_all[:, cols], s_all[cols], vh_all[cols], project=common)
+        del common
+        factors = [u_all, s_all, vh_all]
+        del u_all, s_all, vh_all
+        return _iso_cts_finish(factors, shape)
+    total = _summed(deltas)
     u, sv, vh = _svd(total)
     del total
     u_all[:, :k], s_all[:k], vh_all[:k] = u[:, :k], sv[:k], vh[:k]
@@ -225,17 +251,36 @@ def iso_cts(deltas: Sequence, fraction: float):
         for t, d in enumerate(deltas):
             projected = common @ (common.T @ d)
             residual = torch.sub(d, projected, out=projected)  # the task's part outside the common subspace
-            tu, ts, tvh = _svd(residual)
-            del residual, projected
             cols = slice(k + t * s, k + (t + 1) * s)
-            u_all[:, cols], s_all[cols], vh_all[cols] = tu[:, :s], ts[:s], tvh[:s]
-            del tu, ts, tvh
+            if residual.numel() >= GRAM_ELEMENTS:
+                top_triplets([residual], s, u_all[:, cols], s_all[cols], vh_all[cols])
+            else:
+                tu, ts, tvh = _svd(residual)
+                u_all[:, cols], s_all[cols], vh_all[cols] = tu[:, :s], ts[:s], tvh[:s]
+                del tu, ts, tvh
+            del residual, projected
+        del common
+    factors = [u_all, s_all, vh_all]
+    del u_all, s_all, vh_all
+    return _iso_cts_finish(factors, shape)
+
+
+def _orthogonalized(factors: list, shape):
+    """(U_perp, S_all on its support, V_perp^T) from ``factors`` = [U_all, S_all, V_all^T], which
+    is emptied so each basis is freed as soon as its orthogonal factor exists."""
+    u_all, s_all, vh_all = factors
+    factors.clear()
     keep = support(s_all, shape)
     u_perp = orthogonal_factor(u_all.mul_(keep))
     del u_all
     vh_perp = orthogonal_factor(vh_all.mul_(keep[:, None]))
     del vh_all
-    return flat_spectrum(u_perp, s_all * keep, vh_perp)
+    return u_perp, s_all * keep, vh_perp
+
+
+def _iso_cts_finish(factors: list, shape):
+    """Orthogonalized bases with the flat spectrum (``factors`` as for ``_orthogonalized``)."""
+    return flat_spectrum(*_orthogonalized(factors, shape))
 
 
 def tsv_m(deltas: Sequence):
@@ -247,16 +292,17 @@ def tsv_m(deltas: Sequence):
     vh_all = deltas[0].new_empty(r, n)
     s_all = deltas[0].new_empty(r)
     for t, d in enumerate(deltas):
-        u, s, vh = _svd(d)
         cols = slice(t * k, (t + 1) * k)  # k <= min(m, n): spectral matrices are at least 2 x 2
+        if d.numel() >= GRAM_ELEMENTS:  # the triplets from the short side's Gram matrix
+            top_triplets([d], k, u_all[:, cols], s_all[cols], vh_all[cols])
+            continue
+        u, s, vh = _svd(d)
         u_all[:, cols], s_all[cols], vh_all[cols] = u[:, :k], s[:k], vh[:k]
         del u, s, vh
-    keep = support(s_all, (m, n))
-    u_perp = orthogonal_factor(u_all.mul_(keep))
-    del u_all
-    vh_perp = orthogonal_factor(vh_all.mul_(keep[:, None]))
-    del vh_all
-    return u_perp.mul_(s_all * keep) @ vh_perp
+    factors = [u_all, s_all, vh_all]
+    del u_all, s_all, vh_all
+    u_perp, kept, vh_perp = _orthogonalized(factors, (m, n))
+    return u_perp.mul_(kept) @ vh_perp
 
 
 # -- the same updates from Gram matrices (large tall matrices) ---------------------------------------
@@ -265,12 +311,11 @@ def tsv_m(deltas: Sequence):
 # float64) and returns, per task, the n x n matrix F_t with Delta_merged = sum_t D_t F_t.
 
 
-def _eig_desc(g):
-    """Singular values (descending) and right singular vectors of a matrix whose Gram matrix is ``g``."""
-    import torch
-
-    lam, v = torch.linalg.eigh(g)
-    return lam.flip(0).clamp(min=0.0).sqrt(), v.flip(1)
+def _eig_desc(g, consume: bool = False):
+    """Singular values (descending) and right singular vectors of a matrix whose Gram matrix is
+    ``g`` (float64); ``consume``: ``g`` may be overwritten (it is not copied)."""
+    lam, v = top_eigh(g if consume else g.clone(), g.shape[0])
+    return lam.clamp(min=0.0).sqrt(), v
 
 
 def _support64(s, shape):
@@ -288,14 +333,14 @@ def _inverse(s, keep):
 
 def _orth_from_gram(w, shape):
     """Z with A Z = the orthogonal factor of A (on its support), from W = A^T A."""
-    sig, q = _eig_desc(w)
+    sig, q = _eig_desc(w, consume=True)
     keep = _support64(sig, shape)
     return (q * _inverse(sig, keep)) @ q.T
 
 
 def _orth_rows(b, shape):
     """The orthogonal factor of a short, wide matrix ``b`` held whole: (B B^T)^-1/2 B on its support."""
-    sig, q = _eig_desc(b @ b.T)
+    sig, q = _eig_desc(b @ b.T, consume=True)
     keep = _support64(sig, shape)
     return ((q * _inverse(sig, keep)) @ q.T) @ b
 
@@ -308,9 +353,10 @@ def _sum_gram(gram: Callable[[int, int], Any], tasks: int):
     return total
 
 
-def iso_c_from_gram(g, m: int, n: int) -> list:
-    """Iso-C from the Gram matrix of the summed task matrix M (one task): M P = mean(S) U V^T."""
-    s, v = _eig_desc(g)
+def iso_c_from_gram(g, m: int, n: int, consume: bool = False) -> list:
+    """Iso-C from the Gram matrix of the summed task matrix M (one task): M P = mean(S) U V^T
+    (``consume``: ``g`` may be overwritten)."""
+    s, v = _eig_desc(g, consume)
     keep = _support64(s, (m, n))
     mean = (s * keep).sum() / keep.sum().clamp(min=1)
     return [(v * (_inverse(s, keep) * mean)) @ v.T]
@@ -354,14 +400,14 @@ def iso_cts_from_gram(gram: Callable[[int, int], Any], tasks: int, m: int, n: in
 
     rank = min(m, n)
     k, s_task = common_split(rank, tasks, fraction)
-    s_m, v_m = _eig_desc(_sum_gram(gram, tasks))
+    s_m, v_m = _eig_desc(_sum_gram(gram, tasks), consume=True)
     v_k, inv_k = v_m[:, :k], _inverse(s_m[:k], _support64(s_m, (m, n))[:k])
     common = v_k * inv_k  # U_k = sum_u D_u common
     a = [sum(common.T @ gram(u, t) for u in range(tasks)) for t in range(tasks)]  # A_t = U_k^T D_t = common^T M^T D_t  (k x n)
     v_ts, s_ts = [], []
     for t in range(tasks):
         if s_task:
-            s, v = _eig_desc(gram(t, t) - a[t].T @ a[t])
+            s, v = _eig_desc(gram(t, t) - a[t].T @ a[t], consume=True)
             v_ts.append(v[:, :s_task].clone())  # not a view: the full eigenbasis is freed
             s_ts.append(s[:s_task])
             del s, v
@@ -597,7 +643,7 @@ class IsoC(SpectralMerge):
         return iso_c(deltas)
 
     def update_from_gram(self, gram, tasks, m, n):
-        return iso_c_from_gram(gram(0, 0), m, n)
+        return iso_c_from_gram(gram(0, 0), m, n, consume=True)
 
 
 @register
