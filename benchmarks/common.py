@@ -181,12 +181,6 @@ def ensure_widths_set(cache_dir: str | os.PathLike[str] | None = None) -> tuple[
     return ensure_bench_set(SPEC_WIDTHS, cache_dir)
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    b, f = ensure_1b_set()
-    print(b, *f)
-
-
 def write_results(data, json_path: str | os.PathLike[str] | None, name: str) -> Path:
     """Write a benchmark's results as JSON to ``json_path``, or to ``benchmarks/results/<name>.json``
     (ignored by git: results are quoted in the README, never committed); says where."""
@@ -210,3 +204,8 @@ def cached_demo_world(config, cache_dir=None):
         return None
     return load_world(root)
 
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    b, f = ensure_1b_set()
+    print(b, *f)

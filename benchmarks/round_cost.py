@@ -177,6 +177,8 @@ class RoundSettings:
     delta_dtype: str
     compression: str = "none"
     publish_compression: str = "none"
+    parts_in_flight: int | None = None  # None: the federation config's default
+    parts_in_flight_total: int | None = None
 
 
 class Deployment:
@@ -199,6 +201,9 @@ class Deployment:
         overrides = {"delta_dtype": s.delta_dtype, "wait_for_clients_s": 600.0, "compression": s.compression}
         if s.publish_compression != "none":
             overrides["publish_compression"] = s.publish_compression
+        for key in ("parts_in_flight", "parts_in_flight_total"):
+            if getattr(s, key) is not None:
+                overrides[key] = getattr(s, key)
         tf = build_toy_federation(self.work / "fed", self.n, models_from=models, part_bytes=s.part_bytes, round_timeout_s=3600.0, federation_overrides=overrides)
         return names, tf
 
@@ -266,6 +271,7 @@ class Deployment:
             "model_bytes_received_per_client": pub.model_bytes,
             "peak_rss_gb": rss.gb(),
             "round_cpu_seconds_by_process": cpu.seconds,
+            "phase_seconds": phases(rec),
         }
 
     def bare(self, up_bytes: int, down_bytes: int) -> dict:
@@ -307,6 +313,23 @@ class Deployment:
         t0 = time.perf_counter()
         merge(self.base, deltas, self.work / "engine-only", MergeSpec(**self.strategy), progress=False)
         return round(time.perf_counter() - t0, 1)
+
+
+def phases(rec) -> dict[str, float]:
+    """Where the round's wall time went, from its record's events: opened -> every package accepted
+    (pack, upload, verify), -> merged (merge, and the encoding and rebuild of a compressed
+    publication), -> signed, -> every hospital installed (push, rebuild, verify, install)."""
+    at = {}
+    for e in rec.events:
+        at.setdefault(e.kind.value, []).append(e.at)
+    marks = [("collect", "accepted"), ("merge", "merged"), ("sign", "signed"), ("push_and_install", "installed")]
+    out, last = {}, rec.started_at
+    for name, kind in marks:
+        if kind in at:
+            end = max(at[kind])
+            out[name] = round(end - last, 1)
+            last = end
+    return out
 
 
 def transport_effects(work: Path, n: int, models: tuple[Path, list[Path]], settings: RoundSettings, names: list[str], each_bytes: int) -> list[dict]:
@@ -383,6 +406,8 @@ def main() -> int:
     ap.add_argument("--clients", default="3", help="comma-separated N values for rounds on real Flower processes (default 3; 'none' for none)")
     ap.add_argument("--simulated", default=None, help="comma-separated N values for rounds under Flower's simulation engine")
     ap.add_argument("--part-mb", type=int, default=64, help="part size in MiB (default 64)")
+    ap.add_argument("--parts-in-flight", type=int, default=None, help="part requests outstanding per client (default: the config's)")
+    ap.add_argument("--parts-in-flight-total", type=int, default=None, help="part requests outstanding across clients (default: the config's)")
     ap.add_argument("--delta-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--compression", default="none", help="the federation's compression: what hospitals send (none, int4, sparse:0.25+int4...)")
     ap.add_argument("--publish-compression", default="none", help="what the coordinator pushes back: none (the whole model) or a codec spec")
@@ -399,7 +424,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = _models(args.set)
-    settings = RoundSettings(args.part_mb * 1024**2, args.delta_dtype, args.compression, args.publish_compression)
+    settings = RoundSettings(args.part_mb * 1024**2, args.delta_dtype, args.compression, args.publish_compression, args.parts_in_flight, args.parts_in_flight_total)
     results = []
     bare_for = None if args.bare_for is None else {int(x) for x in args.bare_for.split(",")}
     real_ns = [] if args.clients == "none" else [int(x) for x in args.clients.split(",")]

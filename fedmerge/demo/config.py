@@ -182,7 +182,6 @@ class FederationSettings(_Strict):
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
 
 
-
 class DemoConfig(_Strict):
     world: WorldConfig = Field(default_factory=WorldConfig)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
