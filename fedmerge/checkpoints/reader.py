@@ -315,12 +315,15 @@ class CheckpointReader:
             raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from exc
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        fds = getattr(self, "_fds", None)  # absent when __init__ failed before opening anything
+        if not fds:
+            return
+        for fd in fds.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self._fds.clear()
+        fds.clear()
 
     def __del__(self) -> None:
         self.close()

@@ -187,3 +187,16 @@ def test_unknown_tensor_is_named(tmp_path):
     r = CheckpointReader(_sharded(tmp_path))
     with pytest.raises(MissingTensor, match="no tensor named 'nope'"):
         r.get("nope")
+
+
+def test_a_reader_that_failed_to_open_closes_quietly(recwarn):
+    # A path of the wrong type fails before any file is opened; the half-built reader's close
+    # (called again by its finalizer) must neither raise nor print "Exception ignored".
+    import gc
+
+    with pytest.raises(TypeError):
+        CheckpointReader(["not", "a", "path"])
+    gc.collect()
+    half = CheckpointReader.__new__(CheckpointReader)
+    half.close()
+    assert not [w for w in recwarn.list if issubclass(w.category, pytest.PytestUnraisableExceptionWarning)]
