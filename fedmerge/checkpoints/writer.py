@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from fedmerge.checkpoints.direct_file import SequentialFile
 from fedmerge.checkpoints.dtypes import safetensors_dtype
 from fedmerge.checkpoints.errors import CheckpointError
 from fedmerge.checkpoints.fingerprint import tensor_bytes
@@ -39,7 +40,7 @@ def _header_bytes(entries: Sequence[tuple[str, str, Sequence[int], int, int]]) -
 class _Shard:
     """One output file being filled in order: header first, then each tensor's bytes."""
 
-    def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]]):
+    def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], direct: bool = True):
         self.path = path
         self.order = [n for n, _, _ in entries]
         self.expect = {n: (d, s) for n, d, s in entries}
@@ -51,7 +52,7 @@ class _Shard:
             pos += size
         self.nbytes = pos
         self.next = 0
-        self.fh = open(path, "wb")
+        self.fh = SequentialFile(path, direct=direct)
         self.fh.write(_header_bytes(layout))
 
     def write(self, data: memoryview) -> None:
@@ -63,11 +64,7 @@ class _Shard:
         return self.next == len(self.order)
 
     def close(self, durable: bool = True) -> None:
-        if not self.fh.closed:
-            self.fh.flush()
-            if durable:
-                os.fsync(self.fh.fileno())
-            self.fh.close()
+        self.fh.close(durable)
 
 
 def _partial_prefix(out_dir: Path) -> str:
@@ -252,7 +249,9 @@ class CheckpointWriter:
             if self._planned:
                 self._planned[-1].close(self.durable)
             i = len(self._planned)
-            self._planned.append(_Shard(self.tmp / self._weight_map[self._plan_specs[i][0][0]], self._plan_specs[i]))
+            # A scratch folder is read back at once (from the page cache); a durable one goes
+            # around it (see ``SequentialFile``).
+            self._planned.append(_Shard(self.tmp / self._weight_map[self._plan_specs[i][0][0]], self._plan_specs[i], direct=self.durable))
 
     # -- unplanned spooling ----------------------------------------------------------------------
     def _write_spooled(self, name: str, t) -> None:
@@ -353,7 +352,7 @@ class CheckpointWriter:
         if not self._done:
             for s in self._planned or []:
                 try:
-                    s.fh.close()
+                    s.fh.discard()
                 except OSError:
                     pass
             if self._spool is not None:

@@ -1,0 +1,111 @@
+"""SequentialFile: the bytes on disk are exactly the bytes written, around the page cache or not."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+
+from fedmerge.checkpoints import direct_file
+from fedmerge.checkpoints.direct_file import BLOCK, BUFFER, SequentialFile
+
+
+def _pieces(total: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out, left = [], total
+    while left:
+        n = min(left, rng.choice([1, 7, BLOCK - 1, BLOCK, BLOCK + 3, 100_000, BUFFER - 5, BUFFER + 11]))
+        out.append(rng.randbytes(n))
+        left -= n
+    return out
+
+
+@pytest.mark.parametrize("total", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, BUFFER - 1, BUFFER, BUFFER + 5, 2 * BUFFER + 3 * BLOCK + 17])
+@pytest.mark.parametrize("direct", [True, False])
+def test_file_holds_exactly_what_was_written(tmp_path, total, direct):
+    pieces = _pieces(total, seed=total)
+    path = tmp_path / "out.bin"
+    f = SequentialFile(path, direct=direct)
+    for p in pieces:
+        assert f.write(memoryview(p)) == len(p)
+    f.close(durable=True)
+    assert f.closed
+    assert path.stat().st_size == total  # the padding of the last block is cut off again
+    assert path.read_bytes() == b"".join(pieces)
+
+
+def test_direct_io_is_used_where_the_filesystem_offers_it(tmp_path):
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this system")
+    probe = tmp_path / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    f = SequentialFile(tmp_path / "a", direct=True)
+    assert f.direct
+    f.close()
+    g = SequentialFile(tmp_path / "b", direct=False)
+    assert not g.direct
+    g.close()
+
+
+def test_a_filesystem_without_direct_io_gets_the_same_bytes(tmp_path):
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or not hasattr(os, "O_DIRECT"):
+        pytest.skip("no tmpfs to try")
+    try:
+        fd = os.open(os.path.join(shm, f"fedmerge-probe-{os.getpid()}"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+        os.close(fd)
+        os.unlink(os.path.join(shm, f"fedmerge-probe-{os.getpid()}"))
+        pytest.skip("this tmpfs takes O_DIRECT")
+    except OSError:
+        pass
+    path = os.path.join(shm, f"fedmerge-test-{os.getpid()}")
+    try:
+        f = SequentialFile(path, direct=True)
+        assert not f.direct
+        data = random.Random(1).randbytes(BUFFER + 123)
+        f.write(data)
+        f.close()
+        with open(path, "rb") as fh:
+            assert fh.read() == data
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def test_a_refused_aligned_write_goes_on_through_the_page_cache(tmp_path, monkeypatch):
+    f = SequentialFile(tmp_path / "out.bin", direct=True)
+    if not f.direct:
+        f.close()
+        pytest.skip("no O_DIRECT here")
+    real_write = os.write
+    calls = {"n": 0}
+
+    def refusing_write(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second block: some bytes are already on disk
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_file.os, "write", refusing_write)
+    data = random.Random(2).randbytes(3 * BUFFER + 999)
+    f.write(data[: BUFFER + 10])
+    f.write(data[BUFFER + 10 :])
+    assert not f.direct
+    f.close()
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_discard_closes_without_finishing(tmp_path):
+    f = SequentialFile(tmp_path / "out.bin", direct=True)
+    fd = f.fileno()
+    f.write(b"x" * 10)
+    f.discard()
+    assert f.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    f.close()  # closing again is a no-op
