@@ -431,38 +431,80 @@ class MergeRun:
                 b32, per_model = self._load_remapped(ot)
                 if item.copy:
                     return [b32 if ot.scale is None else b32.mul_(ot.scale)], None
+            elif item.copy:
+                raw = self._reference_rows(ot, item.rows)
+                if not raw.is_floating_point():
+                    self._check_reference(ot, raw, None, item.rows, check=False)
+                    return [raw], None
+                b32 = raw.float()
+                self._check_reference(ot, raw, b32, item.rows)
+                return [raw if ot.scale is None else b32.mul_(ot.scale)], None
             else:
-                raw, b32 = self._read_reference(ot, item.rows)
-                if item.copy:
-                    if not raw.is_floating_point():
-                        return [raw], None
-                    return [raw if ot.scale is None else b32.mul_(ot.scale)], None
-                per_model = self._deltas(ot, item.rows, b32)
+                b32, per_model = self._read_rows(ot, item.rows, check=True)
             bases.append(_to(b32, self.device, self.compute_dtype))
             deltas.append(per_model)
         return bases, deltas
 
-    def _read_reference(self, ot: OutputTensor, rows, check: bool = True):
-        """The reference's raw rows and their float32 copy (hashed for the base's fingerprint)."""
-        ref_reader = self.layout.references[ot.reference]
+    def _reference_rows(self, ot: OutputTensor, rows):
+        return self.layout.references[ot.reference].get(ot.reference_name, rows=rows)
+
+    def _check_reference(self, ot: OutputTensor, raw, b32, rows, check: bool = True) -> None:
+        """Hash the reference's raw rows for the base's fingerprint; refuse non-finite values."""
+        self._hash_reference(ot, raw, rows)
+        self._reference_finite(ot, b32, check)
+
+    def _hash_reference(self, ot: OutputTensor, raw, rows) -> None:
         nm = ot.name
-        raw = ref_reader.get(ot.reference_name, rows=rows)
         if self.spec.fingerprints and ot.reference == 0 and ot.reference_name == nm and nm not in self.base_done:
-            _feed_base(self.base_digests, self.base_done, ref_reader.info(nm), raw, rows)
-        if not raw.is_floating_point():
-            return raw, None
-        b32 = raw.float()
-        if check and self.spec.check_finite and not all_finite(b32):
+            _feed_base(self.base_digests, self.base_done, self.layout.references[0].info(nm), raw, rows)
+
+    def _reference_finite(self, ot: OutputTensor, b32, check: bool) -> None:
+        if b32 is not None and check and self.spec.check_finite and not all_finite(b32):
+            ref_reader = self.layout.references[ot.reference]
             raise NonFiniteTensor(f"reference {ref_reader.file_of(ot.reference_name)}: tensor {ot.reference_name!r} holds NaN or infinite values")
-        return raw, b32
 
-    def _read_rows(self, ot: OutputTensor, rows: tuple[int, int], check: bool):
-        """(reference rows, one delta per input) in the compute dtype, on the device."""
-        _, b32 = self._read_reference(ot, rows, check)
-        deltas = self._deltas(ot, rows, b32, check)
-        return _to(b32, self.device, self.compute_dtype), deltas
+    def _read_rows(self, ot: OutputTensor, rows, check: bool):
+        """(reference rows, one delta per input) in the compute dtype, on the device.
 
-    def _deltas(self, ot: OutputTensor, rows, b32, check: bool = True) -> list[Any]:
+        The inputs' deltas are computed by the loader threads and the reference's rows hashed by
+        the hashing thread while this one checks them: no share of the work waits for another
+        (the base's hashing and checks, done first, were the longest chain of a merge).
+        """
+        raw = self._reference_rows(ot, rows)
+        b32 = raw.float()
+        pending = self._start_deltas(ot, rows, b32, check)
+        if self.hasher is not None:
+            pending.append(self.hasher.submit(self._hash_reference, ot, raw, rows))
+        else:
+            self._hash_reference(ot, raw, rows)
+        try:
+            self._reference_finite(ot, b32, check)
+        except BaseException:
+            for f in pending:  # let the loaders finish with b32 before it is dropped
+                if not f.cancel():
+                    f.exception()
+            raise
+        results = [f.result() for f in pending]
+        return _to(b32, self.device, self.compute_dtype), results[: len(ot.inputs)]
+
+    def _start_deltas(self, ot: OutputTensor, rows, b32, check: bool) -> list[Any]:
+        """One future per input (its delta for ``rows``), running on the loader threads."""
+        from concurrent.futures import Future
+
+        one = self._delta_loader(ot, rows, b32, check)
+        if self.pool is not None:
+            return [self.pool.submit(one, p) for p in ot.inputs]
+        done = []
+        for p in ot.inputs:
+            f: Future = Future()
+            try:
+                f.set_result(one(p))
+            except BaseException as exc:  # raised when collected, after the reference's checks
+                f.set_exception(exc)
+            done.append(f)
+        return done
+
+    def _delta_loader(self, ot: OutputTensor, rows, b32, check: bool = True):
         import torch
 
         check = check and self.spec.check_finite
@@ -480,9 +522,7 @@ class MergeRun:
         # Reading, converting, subtracting and hashing each input is independent of the others
         # (and releases the GIL), so the inputs of one tensor load side by side. Each input is
         # still visited in tensor order, which its running digest relies on.
-        if self.pool is not None:
-            return list(self.pool.map(one_delta, ot.inputs))
-        return [one_delta(p) for p in ot.inputs]
+        return one_delta
 
     def _load_remapped(self, ot: OutputTensor):
         """Embedding rows re-indexed to the output vocabulary, for the reference and every input;
@@ -609,6 +649,8 @@ class MergeRun:
         n = len(self.sources)
         workers = min(max(n, 1), self.spec.read_workers or os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
+        # The base's running digests are fed in order by one thread of their own.
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmerge-hash") if self.pool is not None and self.spec.fingerprints else None
         with torch_threads(self.spec.threads or os.cpu_count() or 1), _old_objects_frozen():
             try:
                 with CheckpointWriter(self.out_dir, max_shard_bytes=self.spec.max_shard_bytes, overwrite=self.overwrite, durable=self.durable) as writer:
@@ -616,8 +658,9 @@ class MergeRun:
                     self.stream(writer)
                     meta = self.finish(writer)
             finally:
-                if self.pool is not None:
-                    self.pool.shutdown(wait=True)
+                for pool in (self.pool, self.hasher):
+                    if pool is not None:
+                        pool.shutdown(wait=True)
         seconds = time.perf_counter() - t0
         log.debug("merged %d inputs with %s into %s in %.1f s", n, self.method, self.out_dir, seconds)
         return MergeResult(self.out_dir, seconds, len(self.plan), writer.bytes_written, self.method, meta)

@@ -275,3 +275,61 @@ def test_merge_layout_per_tensor_parameters_and_scaled_copies(tiny, tmp_path):
         else:
             expected = bt[n] + 2.0 * (0.5 * (m1[n] - bt[n]) + 0.5 * (m2[n] - bt[n]))
         torch.testing.assert_close(got[n], expected, rtol=0, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("read_workers", [1, 2])
+def test_non_finite_base_is_named_as_the_reference(tiny, tmp_path, read_workers):
+    # Every input's delta is then non-finite too (model - NaN); the reference is what is named,
+    # whether the deltas are computed inline or by the loader threads meanwhile.
+    base, fts = tiny
+    bad = tmp_path / "badbase"
+    shutil.copytree(base, bad)
+    from fedmerge.checkpoints import CheckpointWriter
+
+    t = tensors(base)
+    t["model.layers.0.self_attn.q_proj.weight"][0, 1] = float("inf")
+    with CheckpointWriter(bad, overwrite=True) as w:
+        for n, v in t.items():
+            w.add(n, v)
+        w.commit(sidecars_from=base)
+    spec = MergeSpec(method="task_arithmetic", device="cpu", read_workers=read_workers)
+    with pytest.raises(NonFiniteTensor, match="reference .*badbase.*tensor 'model.layers.0.self_attn.q_proj.weight' holds NaN or infinite"):
+        merge(bad, fts, tmp_path / "out", spec, progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_objects_alive_before_a_merge_are_frozen_only_during_it(tiny, tmp_path, monkeypatch):
+    import gc
+
+    from fedmerge.merging.strategies.linear import TaskArithmetic
+
+    seen = []
+    real = TaskArithmetic.merge_tensor
+
+    def watching(self, ctx, base, deltas):
+        seen.append(gc.get_freeze_count())
+        return real(self, ctx, base, deltas)
+
+    monkeypatch.setattr(TaskArithmetic, "merge_tensor", watching)
+    base, fts = tiny
+    before = gc.get_freeze_count()
+    merge(base, fts, tmp_path / "out", MergeSpec(method="task_arithmetic", device="cpu"), progress=False)
+    assert seen and min(seen) > before + 1000  # the imported world is out of the collector's way
+    assert gc.get_freeze_count() == before
+
+
+def test_free_memory_is_looked_at_once_per_check_interval():
+    from fedmerge.merging.engine import _FreedMemory
+
+    freed = _FreedMemory(limit=1 << 40, check_every=100)
+    if freed._libc is None:
+        pytest.skip("not glibc: nothing is trimmed")
+    looks = []
+    freed._resident = lambda: looks.append(1) or 0
+    for _ in range(9):
+        freed.settle(10)
+    assert looks == []
+    freed.settle(10)  # 100 bytes released since the last look
+    assert len(looks) == 1
+    freed.settle(99)
+    assert len(looks) == 1
