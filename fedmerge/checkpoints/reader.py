@@ -172,6 +172,7 @@ class CheckpointReader:
         self.path = Path(path)
         self._fds: dict[Path, int] = {}
         self._entries: dict[str, _Entry] = {}
+        self._buffers = None
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such model folder or file")
         if self.path.is_file():
@@ -261,7 +262,9 @@ class CheckpointReader:
         return self._entry(name).file
 
     def get(self, name: str, rows: tuple[int, int] | None = None):
-        """Load one tensor (on the CPU, in its stored dtype); ``rows=(a, b)`` loads rows a..b-1 only."""
+        """Load one tensor (on the CPU, in its stored dtype); ``rows=(a, b)`` loads rows a..b-1 only.
+
+        A whole tensor is read into a buffer of the pool set by ``use_buffers``, if any."""
         import torch
 
         e = self._entry(name)
@@ -276,7 +279,8 @@ class CheckpointReader:
             row_bytes = (e.info.nbytes // shape[0]) if shape[0] else 0
             offset += a * row_bytes
             shape[0] = b - a
-        out = torch.empty(shape, dtype=torch_dtype(e.info.dtype))
+        pool = self._buffers if rows is None else None
+        out = (pool.empty if pool is not None else torch.empty)(shape, dtype=torch_dtype(e.info.dtype))
         nbytes = out.numel() * out.element_size()
         if nbytes:
             buf = memoryview(out.view(-1).view(torch.uint8).numpy())
@@ -291,6 +295,11 @@ class CheckpointReader:
                     raise CheckpointError(f"{e.file}: tensor {name!r} is truncated (file ends before its last byte)")
                 done += got
         return out
+
+    def use_buffers(self, pool) -> None:
+        """Read whole tensors into ``pool``'s reusable buffers (a ``BufferPool``; None: allocate
+        each). Whoever gets such a tensor may give it back to the pool once done with it."""
+        self._buffers = pool
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

@@ -66,6 +66,7 @@ from fedmerge.checkpoints import (
     torch_dtype,
     torch_name,
 )
+from fedmerge.checkpoints.buffers import BufferPool
 from fedmerge.checkpoints.compat import CompatibilityCheck
 from fedmerge.checkpoints.finite import all_finite
 from fedmerge.checkpoints.pipeline import ByteBudget, Stage, run_pipeline
@@ -112,6 +113,9 @@ class MergeSpec(BaseModel):
     )
     prefetch_bytes: int = Field(128 * 1024**2, ge=0, description="read-ahead budget")
     read_workers: int | None = Field(None, ge=1, description="inputs loaded in parallel per tensor; default: min(inputs, cores)")
+    reuse_buffers_from: int = Field(
+        16 * 1024**2, ge=0, description="whole tensors of at least this many bytes are read and widened into reused buffers (CPU, float32 compute; 0: never)"
+    )
     check_finite: bool = True
     fingerprints: bool = True
 
@@ -440,7 +444,7 @@ class MergeRun:
                 self._check_reference(ot, raw, b32, item.rows)
                 return [raw if ot.scale is None else b32.mul_(ot.scale)], None
             else:
-                b32, per_model = self._read_rows(ot, item.rows, check=True)
+                b32, per_model = self._read_rows(ot, item.rows, check=True, pooled=item.rows is None)
             bases.append(_to(b32, self.device, self.compute_dtype))
             deltas.append(per_model)
         return bases, deltas
@@ -463,15 +467,20 @@ class MergeRun:
             ref_reader = self.layout.references[ot.reference]
             raise NonFiniteTensor(f"reference {ref_reader.file_of(ot.reference_name)}: tensor {ot.reference_name!r} holds NaN or infinite values")
 
-    def _read_rows(self, ot: OutputTensor, rows, check: bool):
+    def _read_rows(self, ot: OutputTensor, rows, check: bool, pooled: bool = False):
         """(reference rows, one delta per input) in the compute dtype, on the device.
 
         The inputs' deltas are computed by the loader threads and the reference's rows hashed by
         the hashing thread while this one checks them: no share of the work waits for another
         (the base's hashing and checks, done first, were the longest chain of a merge).
+        ``pooled``: a whole tensor, read into the run's reusable buffers (``_compute`` gives
+        them back).
         """
+        import torch
+
+        pool = self.buffers if pooled else None
         raw = self._reference_rows(ot, rows)
-        b32 = raw.float()
+        b32 = raw.float() if pool is None else pool.empty(tuple(raw.shape), torch.float32).copy_(raw)
         pending = self._start_deltas(ot, rows, b32, check)
         if self.hasher is not None:
             pending.append(self.hasher.submit(self._hash_reference, ot, raw, rows))
@@ -485,6 +494,8 @@ class MergeRun:
                     f.exception()
             raise
         results = [f.result() for f in pending]
+        if pool is not None:
+            pool.give(raw)  # hashed and widened
         return _to(b32, self.device, self.compute_dtype), results[: len(ot.inputs)]
 
     def _start_deltas(self, ot: OutputTensor, rows, b32, check: bool) -> list[Any]:
@@ -543,6 +554,13 @@ class MergeRun:
         deltas = [_to(remapped[self.layout.input_keys[i]] - b32, self.device, self.compute_dtype) for i, _ in ot.inputs]
         return b32, deltas
 
+    def _lend_buffers(self, pool) -> None:
+        """Let the references and the inputs that can read into ``pool`` do so (None: stop)."""
+        for obj in [*self.layout.references, *self.sources]:
+            hook = getattr(obj, "use_buffers", None)
+            if hook is not None:
+                hook(pool)
+
     def _fit(self, holder: _Streamed) -> None:
         """Every statistics pass of a streamed tensor, each over all its chunks read afresh."""
         for p in holder.tensor.passes():
@@ -594,6 +612,10 @@ class MergeRun:
             if self.spec.check_finite and not all_finite(m):
                 raise NonFiniteTensor(f"merge result for tensor {nm!r} holds NaN or infinite values (method {strategy.name}); check its parameters")
             outs.append(m.to(self.out_torch[nm]).cpu() if m.device.type != "cpu" else m.to(self.out_torch[nm]))
+        if self.buffers is not None and item.span is None:
+            self.buffers.forget(*outs)  # a result that is one of its inputs is still to be written
+            bases, deltas = payload
+            self.buffers.give(*bases, *(d for per_model in deltas for d in per_model))
         return outs
 
     # -- stage 4: write --------------------------------------------------------------------------
@@ -649,6 +671,11 @@ class MergeRun:
         n = len(self.sources)
         workers = min(max(n, 1), self.spec.read_workers or os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
+        # Whole tensors of repeating shapes are read and widened into reused buffers (CPU,
+        # float32 compute): allocating them afresh cost millions of page faults per merge.
+        reuse = self.spec.reuse_buffers_from and self.device == "cpu" and self.spec.dtype == "float32"
+        self.buffers = BufferPool(min_bytes=self.spec.reuse_buffers_from) if reuse else None
+        self._lend_buffers(self.buffers)
         # The base's running digests are fed in order by one thread of their own.
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmerge-hash") if self.pool is not None and self.spec.fingerprints else None
         with torch_threads(self.spec.threads or os.cpu_count() or 1), _old_objects_frozen():
@@ -661,6 +688,10 @@ class MergeRun:
                 for pool in (self.pool, self.hasher):
                     if pool is not None:
                         pool.shutdown(wait=True)
+                self._lend_buffers(None)
+                if self.buffers is not None:
+                    log.debug("buffers: %d allocated, %d reused", self.buffers.allocated, self.buffers.reused)
+                    self.buffers.clear()
         seconds = time.perf_counter() - t0
         log.debug("merged %d inputs with %s into %s in %.1f s", n, self.method, self.out_dir, seconds)
         return MergeResult(self.out_dir, seconds, len(self.plan), writer.bytes_written, self.method, meta)

@@ -77,6 +77,10 @@ class DeltaSource(DeltaTensors, Protocol):
     def record_digests(self, enabled: bool) -> None:
         """Hash what ``get_delta`` reads, for ``describe()``'s fingerprint (a no-op by default)."""
 
+    # Optional: ``use_buffers(pool)``, where a source may take the buffers of whole tensors it
+    # reads from a ``fedmerge.checkpoints.buffers.BufferPool`` (the engine gives back the deltas
+    # it was handed once the tensor is merged). Sources without it allocate as usual.
+
 
 _MEMBERS = ("label", "kind", "complete", "folder", "config", "names", "info", "file_of", "get_delta", "weight", "describe", "record_digests")
 _DELTA_KEYWORDS = ("rows", "base")

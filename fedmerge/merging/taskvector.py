@@ -89,6 +89,7 @@ class TaskVector(DeltaSource):
         self.label = label or self.model.path.name
         self.folder = self.model.folder
         self.digests = _DigestRecorder()
+        self.buffers = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -104,11 +105,20 @@ class TaskVector(DeltaSource):
         return self.model.file_of(name)
 
     def get_delta(self, name: str, *, rows: tuple[int, int] | None = None, base=None):
+        pool = self.buffers if rows is None else None
         raw = self.model.get(name, rows=rows)
         self.digests.feed(self.model.info(name), raw, rows)
         if base is None:
             base = self.base.get(name, rows=rows)
-        return subtract_reference(raw, base)  # the reader hands out fresh tensors: raw may be reused
+        delta = subtract_reference(raw, base, alloc=pool.empty if pool is not None else None)  # the reader hands out fresh tensors: raw may be reused
+        if pool is not None and delta is not raw:
+            pool.give(raw)
+        return delta
+
+    def use_buffers(self, pool) -> None:
+        """Read and widen whole tensors into ``pool``'s buffers (a ``BufferPool``; None: allocate)."""
+        self.buffers = pool
+        self.model.use_buffers(pool)
 
     def weight(self, name: str, reference):
         return self.model.get(name).float()

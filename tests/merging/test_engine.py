@@ -333,3 +333,46 @@ def test_free_memory_is_looked_at_once_per_check_interval():
     assert len(looks) == 1
     freed.settle(99)
     assert len(looks) == 1
+
+
+def _as_bf16(src, dst):
+    from fedmerge.checkpoints import CheckpointWriter
+
+    if dst.exists():
+        return dst
+    with CheckpointWriter(dst) as w:
+        for n, v in tensors(src).items():
+            w.add(n, v.to(torch.bfloat16) if v.is_floating_point() else v)
+        w.commit(sidecars_from=src)
+    return dst
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "method,params",
+    [("task_arithmetic", {}), ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}), ("breadcrumbs", {"density": 0.8, "gamma": 0.05}), ("model_stock", {})],
+)
+def test_reused_buffers_change_no_byte_of_the_result(tiny, tmp_path_factory, method, params, dtype, caplog):
+    import logging
+
+    base, fts = tiny
+    if dtype == "bfloat16":  # the inputs are widened into reused float32 buffers
+        root = tmp_path_factory.mktemp("bf16")
+        base, fts = _as_bf16(base, root / "base"), [_as_bf16(f, root / f.name) for f in fts]
+    out = tmp_path_factory.mktemp("reuse")
+    results = {}
+    for reuse in (0, 1):  # 0: never; 1: every whole tensor goes through the pool
+        spec = MergeSpec(method=method, model_parameters=[params] * len(fts), device="cpu", reuse_buffers_from=reuse)
+        with caplog.at_level(logging.DEBUG, logger="fedmerge.merging.engine"):
+            caplog.clear()
+            merge(base, fts, out / f"r{reuse}", spec, progress=False)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("buffers:")]
+        results[reuse] = (tensors(out / f"r{reuse}"), lines)
+    plain, pooled = results[0][0], results[1][0]
+    assert plain.keys() == pooled.keys()
+    for n in plain:
+        assert torch.equal(plain[n], pooled[n]), n
+    assert results[0][1] == []  # no pool at all
+    (line,) = results[1][1]
+    allocated, reused = (int(w) for w in line.replace(",", "").split() if w.isdigit())
+    assert allocated > 0 and reused > 0  # the layers' repeating shapes were served again
