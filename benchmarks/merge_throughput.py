@@ -100,19 +100,12 @@ def _run_child(kind: str, base: Path, fts: list[Path], out: Path, device: str, e
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _warm(paths: list[Path]) -> None:
-    """Read every input file once so every run sees the same (warm) page cache."""
-    for p in paths:
-        for f in sorted(p.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                while fh.read(64 * 1024**2):
-                    pass
-
-
 def run_set(label: str, base: Path, fts: list[Path], methods: list[str], device: str, out_root: Path, extra: tuple[str, ...] = ()) -> dict:
-    _warm([base, *fts])
+    from benchmarks.common import warm_page_cache
+
     rows = []
     for kind in ["baseline", "io_floor", *methods]:
+        warm_page_cache([base, *fts])
         r = _run_child(kind, base, fts, out_root / f"{label}-{kind}", device, extra)
         if "seconds" in r and r["seconds"] > 0:
             r["gb_per_s"] = (r["read_bytes"] + r["written_bytes"]) / r["seconds"] / 1e9

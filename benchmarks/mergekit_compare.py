@@ -7,8 +7,11 @@ with the interpreter that runs the script. For every method, one mergekit-format
 the two fine-tunes of ``benchmarks/common.py``, bf16 output) is merged by ``mergekit-yaml`` and
 by ``fedmerge merge``, alternately, ``--repeats`` times (fedmerge, mergekit, fedmerge, ...), each
 run a fresh process whose wall time, CPU time (user + system, every thread and child) and peak
-RSS (its VmHWM, sampled from /proc, children included) are recorded. The load average is printed
-with every run: wall times move with it on a shared machine; CPU time and peak RSS much less.
+RSS (its VmHWM, sampled from /proc, children included) are recorded. Before every run the input
+files are read once, so each tool starts from the same warm page cache (mergekit's ~9 GB resident
+set, and the kernel's reclaim of pages left cold, evict them between runs). The load average is
+printed with every run: wall times move with it on a shared machine; CPU time and peak RSS much
+less.
 
     .venv/bin/python benchmarks/mergekit_compare.py [--methods task_arithmetic,ties] [--repeats 3] [--json out.json]
     .venv/bin/python benchmarks/mergekit_compare.py --setup-only     # just make the environment
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_only:
         print(mergekit_yaml)
         return 0
-    from benchmarks.common import cache_root, ensure_1b_set
+    from benchmarks.common import cache_root, ensure_1b_set, warm_page_cache
 
     base, fts = ensure_1b_set(args.cache_dir)
     work = cache_root(args.cache_dir) / "mergekit-compare"
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             for tool in ("fedmerge", "mergekit"):
                 out = work / f"out-{tool}"
                 shutil.rmtree(out, ignore_errors=True)
+                warm_page_cache([base, *fts])  # neither tool pays for what the other evicted
                 if tool == "fedmerge":
                     r = measure([*fedmerge_cli, str(cfg), str(out), "-q"], env)
                 else:
