@@ -21,7 +21,7 @@ from typing import Any, Sequence
 class BufferPool:
     """Thread-safe free lists of flat CPU tensors keyed by (dtype, element count)."""
 
-    def __init__(self, min_bytes: int = 16 * 1024**2, keep: int = 3):
+    def __init__(self, min_bytes: int = 16 * 1024**2, keep: int = 2):
         self.min_bytes = int(min_bytes)
         self.keep = int(keep)
         self._free: dict[tuple[Any, int], list[Any]] = {}
@@ -84,6 +84,12 @@ class BufferPool:
             return False
         with self._lock:
             return t.untyped_storage().data_ptr() in self._out
+
+    def release_idle(self) -> None:
+        """Let go of the buffers waiting to be handed out (those handed out stay tracked): before
+        work of other shapes, which would otherwise find them resident and unused."""
+        with self._lock:
+            self._free.clear()
 
     def clear(self) -> None:
         with self._lock:

@@ -563,6 +563,8 @@ class MergeRun:
 
     def _fit(self, holder: _Streamed) -> None:
         """Every statistics pass of a streamed tensor, each over all its chunks read afresh."""
+        if self.buffers is not None:  # a streamed tensor works in chunks: whole-tensor buffers wait in vain
+            self.buffers.release_idle()
         for p in holder.tensor.passes():
             feed = _FlatFeed(self, holder.ot, check=not holder.checked)
             for s, e in holder.tensor.chunks:
