@@ -675,7 +675,7 @@ class MergeRun:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
         # Whole tensors of repeating shapes are read and widened into reused buffers (CPU,
         # float32 compute): allocating them afresh cost millions of page faults per merge.
-        reuse = self.spec.reuse_buffers_from and self.device == "cpu" and self.spec.dtype == "float32"
+        reuse = self.spec.reuse_buffers_from and self.device == "cpu" and self.spec.dtype == "float32" and getattr(self.cls, "reuse_buffers", True)
         self.buffers = BufferPool(min_bytes=self.spec.reuse_buffers_from) if reuse else None
         self._lend_buffers(self.buffers)
         # The base's running digests are fed in order by one thread of their own.

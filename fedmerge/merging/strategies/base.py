@@ -212,6 +212,10 @@ class Strategy:
     min_models: ClassVar[int] = 2
     max_models: ClassVar[int | None] = None
     elementwise: ClassVar[bool] = False
+    # Whether the engine should read this method's whole tensors into reused buffers. Methods
+    # whose own working memory (decompositions) dwarfs their inputs turn it off: for them idle
+    # buffers only raise the peak, and allocation is not what they wait on.
+    reuse_buffers: ClassVar[bool] = True
 
     def __init__(self, params: StrategyParams, model_params: Sequence[ModelParams]):
         self.params = params

@@ -566,6 +566,7 @@ class SpectralMerge(Strategy):
 
     PerModel = SpectralModel
     min_models = 2
+    reuse_buffers = False  # Gram and factor matrices set the peak (Iso-CTS: 1,046 MB with reuse, widths set)
 
     def __init__(self, params: StrategyParams, model_params: Sequence[ModelParams]):
         super().__init__(params, model_params)
