@@ -378,13 +378,15 @@ def test_reused_buffers_change_no_byte_of_the_result(tiny, tmp_path_factory, met
     assert allocated > 0 and reused > 0  # the layers' repeating shapes were served again
 
 
-def test_spectral_methods_hold_no_idle_buffers(tiny, tmp_path, caplog):
-    # Their decompositions set their peak memory; buffers waiting for reuse would only add to it.
+@pytest.mark.parametrize("method", ["iso_c", "della"])
+def test_methods_whose_own_memory_sets_the_peak_hold_no_idle_buffers(tiny, tmp_path, caplog, method):
+    # Decompositions (spectral methods) or per-row rankings (DELLA) set their peak memory;
+    # buffers waiting for reuse would only add to it.
     import logging
 
     base, fts = tiny
     with caplog.at_level(logging.DEBUG, logger="fedmerge.merging.engine"):
-        merge(base, fts, tmp_path / "iso", MergeSpec(method="iso_c", device="cpu", reuse_buffers_from=1), progress=False)
+        merge(base, fts, tmp_path / "iso", MergeSpec(method=method, device="cpu", reuse_buffers_from=1), progress=False)
         assert not [r for r in caplog.records if r.getMessage().startswith("buffers:")]
         merge(base, fts, tmp_path / "ta", MergeSpec(method="task_arithmetic", device="cpu", reuse_buffers_from=1), progress=False)
         assert [r for r in caplog.records if r.getMessage().startswith("buffers:")]
