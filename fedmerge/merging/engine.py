@@ -114,7 +114,7 @@ class MergeSpec(BaseModel):
     prefetch_bytes: int = Field(128 * 1024**2, ge=0, description="read-ahead budget")
     read_workers: int | None = Field(None, ge=1, description="inputs loaded in parallel per tensor; default: min(inputs, cores)")
     reuse_buffers_from: int = Field(
-        16 * 1024**2, ge=0, description="whole tensors of at least this many bytes are read and widened into reused buffers (CPU, float32 compute; 0: never)"
+        16 * 1024**2, ge=0, description="whole tensors of at least this many bytes are read and widened into reused CPU buffers (0: never)"
     )
     check_finite: bool = True
     fingerprints: bool = True
@@ -494,9 +494,12 @@ class MergeRun:
                     f.exception()
             raise
         results = [f.result() for f in pending]
+        base = _to(b32, self.device, self.compute_dtype)
         if pool is not None:
             pool.give(raw)  # hashed and widened
-        return _to(b32, self.device, self.compute_dtype), results[: len(ot.inputs)]
+            if base is not b32 and self.device == "cpu":  # (a copy to the device may still be reading it)
+                pool.give(b32)  # every delta is taken
+        return base, results[: len(ot.inputs)]
 
     def _start_deltas(self, ot: OutputTensor, rows, b32, check: bool) -> list[Any]:
         """One future per input (its delta for ``rows``), running on the loader threads."""
@@ -528,7 +531,10 @@ class MergeRun:
                 return _to(torch.zeros_like(b32), self.device, self.compute_dtype)
             if check and not all_finite(d):
                 raise NonFiniteTensor(f"input {src.label} ({src.file_of(name)}): tensor {name!r} holds NaN or infinite values")
-            return _to(d, self.device, self.compute_dtype)
+            out = _to(d, self.device, self.compute_dtype)
+            if out is not d and self.buffers is not None and self.device == "cpu":
+                self.buffers.give(d)  # computed in another dtype: the float32 delta is done with
+            return out
 
         # Reading, converting, subtracting and hashing each input is independent of the others
         # (and releases the GIL), so the inputs of one tensor load side by side. Each input is
@@ -673,9 +679,10 @@ class MergeRun:
         n = len(self.sources)
         workers = min(max(n, 1), self.spec.read_workers or os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedmerge-load") if workers > 1 else None
-        # Whole tensors of repeating shapes are read and widened into reused buffers (CPU,
-        # float32 compute): allocating them afresh cost millions of page faults per merge.
-        reuse = self.spec.reuse_buffers_from and self.device == "cpu" and self.spec.dtype == "float32" and getattr(self.cls, "reuse_buffers", True)
+        # Whole tensors of repeating shapes are read and widened into reused buffers (on the
+        # CPU, before any move to the compute dtype or device): allocating them afresh cost
+        # millions of page faults per merge.
+        reuse = self.spec.reuse_buffers_from and getattr(self.cls, "reuse_buffers", True)
         self.buffers = BufferPool(min_bytes=self.spec.reuse_buffers_from) if reuse else None
         self._lend_buffers(self.buffers)
         # The base's running digests are fed in order by one thread of their own.

@@ -347,12 +347,12 @@ def _as_bf16(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,compute", [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")])
 @pytest.mark.parametrize(
     "method,params",
     [("task_arithmetic", {}), ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}), ("breadcrumbs", {"density": 0.8, "gamma": 0.05}), ("model_stock", {})],
 )
-def test_reused_buffers_change_no_byte_of_the_result(tiny, tmp_path_factory, method, params, dtype, caplog):
+def test_reused_buffers_change_no_byte_of_the_result(tiny, tmp_path_factory, method, params, dtype, compute, caplog):
     import logging
 
     base, fts = tiny
@@ -362,7 +362,7 @@ def test_reused_buffers_change_no_byte_of_the_result(tiny, tmp_path_factory, met
     out = tmp_path_factory.mktemp("reuse")
     results = {}
     for reuse in (0, 1):  # 0: never; 1: every whole tensor goes through the pool
-        spec = MergeSpec(method=method, model_parameters=[params] * len(fts), device="cpu", reuse_buffers_from=reuse)
+        spec = MergeSpec(method=method, model_parameters=[params] * len(fts), device="cpu", dtype=compute, reuse_buffers_from=reuse)
         with caplog.at_level(logging.DEBUG, logger="fedmerge.merging.engine"):
             caplog.clear()
             merge(base, fts, out / f"r{reuse}", spec, progress=False)
