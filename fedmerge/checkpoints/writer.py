@@ -114,9 +114,15 @@ class CheckpointWriter:
     ``durable=False`` is for scratch folders that are made again, never recovered, after a crash
     (a merge that is encoded and rebuilt at once): the folder still appears whole, by a rename,
     but nothing is fsynced, so its bytes need never reach the disk.
+
+    ``direct=True`` (durable folders only) writes planned shards around the page cache (see
+    ``SequentialFile``): for a model that is the end product, not read again at once. A folder
+    that is read back right away (a package, a spool, a model about to be verified) is better
+    left in the page cache: on this project's 2-core machine a round whose hospitals rebuilt
+    their models with it took longer to verify and install them.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, durable: bool = True):
+    def __init__(self, out_dir: str | os.PathLike[str], max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, durable: bool = True, direct: bool = False):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise CheckpointError(f"{self.out_dir}: already exists; choose another output folder or pass overwrite")
@@ -125,6 +131,7 @@ class CheckpointWriter:
         self.max_shard_bytes = int(max_shard_bytes)
         self.overwrite = overwrite
         self.durable = durable
+        self.direct = direct and durable
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.out_dir)
         # The owner's pid is part of the name, so a later run can tell a dead writer's leftovers
@@ -249,9 +256,7 @@ class CheckpointWriter:
             if self._planned:
                 self._planned[-1].close(self.durable)
             i = len(self._planned)
-            # A scratch folder is read back at once (from the page cache); a durable one goes
-            # around it (see ``SequentialFile``).
-            self._planned.append(_Shard(self.tmp / self._weight_map[self._plan_specs[i][0][0]], self._plan_specs[i], direct=self.durable))
+            self._planned.append(_Shard(self.tmp / self._weight_map[self._plan_specs[i][0][0]], self._plan_specs[i], direct=self.direct))
 
     # -- unplanned spooling ----------------------------------------------------------------------
     def _write_spooled(self, name: str, t) -> None:

@@ -215,10 +215,12 @@ def merge(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
     durable: bool = True,
+    direct: bool = True,
 ) -> MergeResult:
     """Merge ``inputs`` (delta sources, or folders: models, LoRA adapters, delta checkpoints)
     relative to ``base_dir`` into a new HF folder at ``out_dir`` (``durable=False``: a scratch
-    folder, not fsynced; see ``CheckpointWriter``).
+    folder, not fsynced; ``direct=False``: written through the page cache, for an output that is
+    read again at once; see ``CheckpointWriter``).
 
     Without a base (``base_dir=None``), a method that does not need one uses the first input,
     which must then be a model folder, as the reference: its delta is zero and the algebra of
@@ -242,7 +244,7 @@ def merge(
     if spec.model_parameters and len(spec.model_parameters) != n:
         raise MergeError(f"model_parameters has {len(spec.model_parameters)} entries for {n} inputs")
     layout = identity_layout(base, n, spec.parameters, spec.model_parameters or [{}] * n)
-    return MergeRun(layout, sources, out_dir, spec, progress=progress, metadata=metadata, overwrite=overwrite, durable=durable).run()
+    return MergeRun(layout, sources, out_dir, spec, progress=progress, metadata=metadata, overwrite=overwrite, durable=durable, direct=direct).run()
 
 
 def merge_layout(
@@ -282,6 +284,7 @@ class MergeRun:
         overwrite: bool = False,
         outputs: OutputFiles | None = None,
         durable: bool = True,
+        direct: bool = True,
     ):
         self.layout = layout
         self.sources: list[DeltaSource] = [require_delta_source(s, f"merge input #{i}") for i, s in enumerate(sources)]
@@ -291,6 +294,7 @@ class MergeRun:
         self.extra_metadata = metadata
         self.overwrite = overwrite
         self.durable = durable
+        self.direct = direct
         self.outputs = outputs
         self.reference = layout.references[0]
         self.tensors = layout.by_name()
@@ -689,7 +693,7 @@ class MergeRun:
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmerge-hash") if self.pool is not None and self.spec.fingerprints else None
         with torch_threads(self.spec.threads or os.cpu_count() or 1), _old_objects_frozen():
             try:
-                with CheckpointWriter(self.out_dir, max_shard_bytes=self.spec.max_shard_bytes, overwrite=self.overwrite, durable=self.durable) as writer:
+                with CheckpointWriter(self.out_dir, max_shard_bytes=self.spec.max_shard_bytes, overwrite=self.overwrite, durable=self.durable, direct=self.direct) as writer:
                     writer.plan(self.plan)
                     self.stream(writer)
                     meta = self.finish(writer)

@@ -233,6 +233,7 @@ class RoundRunner:
             progress=False,
             metadata={"round": record.round, "contributors": contributors, "federation": cfg.name},
             durable=not compressed,  # a merge encoded and rebuilt at once is scratch: redone after a crash, never recovered
+            direct=False,  # read again at once: hashed, signed, evaluated and pushed
         )
         seconds = time.perf_counter() - t0
         if compressed:  # what is published (and evaluated, signed, pushed) is what hospitals rebuild

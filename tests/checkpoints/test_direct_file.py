@@ -109,3 +109,26 @@ def test_discard_closes_without_finishing(tmp_path):
     with pytest.raises(OSError):
         os.fstat(fd)
     f.close()  # closing again is a no-op
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_checkpoint_writer_folders_are_the_same_either_way(tmp_path, direct):
+    import torch
+
+    from fedmerge.checkpoints import CheckpointReader, CheckpointWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(37 + i, 129, generator=g).to(torch.bfloat16) for i in range(5)}
+    out = tmp_path / f"m{int(direct)}"
+    with CheckpointWriter(out, max_shard_bytes=40_000, direct=direct) as w:
+        w.plan([(n, tuple(t.shape), "BF16") for n, t in tensors.items()])
+        for n, t in tensors.items():
+            half = t.shape[0] // 2
+            w.add_part(n, t[:half], final=False)
+            w.add_part(n, t[half:], final=True)
+        w.commit()
+    r = CheckpointReader(out)
+    assert sorted(r.names()) == sorted(tensors)
+    for n, t in tensors.items():
+        assert torch.equal(r.get(n), t)
+    assert len(list(out.glob("*.safetensors"))) > 1  # several shards, each finished and cut to size
