@@ -5,7 +5,9 @@ cache every byte is first copied into freshly allocated cache pages: on a virtua
 host reclaims free guest memory, each such page costs a host fault on first touch: writing and
 fsyncing 2.1 GiB took 3.6-6.9 s wall and 3.0-6.2 CPU s here, against 1.6-2.0 s and 0.4-0.6 CPU s
 with ``O_DIRECT`` (``benchmarks/write_path.py``). On bare metal the copy still costs CPU that the
-merge could use, and the cache pages evict the inputs the merge is reading.
+merge could use, and the cache pages evict the inputs the merge is reading. A file that is read
+again at once (a package, a spool, a model about to be verified) belongs in the page cache
+instead: ``CheckpointWriter`` writes around it only when asked (``direct=True``).
 
 ``SequentialFile`` gathers the bytes in one page-aligned buffer and hands it to the device in
 whole blocks; the last block is padded and the file cut back to its true length before it is
