@@ -321,18 +321,32 @@ def test_objects_alive_before_a_merge_are_frozen_only_during_it(tiny, tmp_path, 
 def test_free_memory_is_looked_at_once_per_check_interval():
     from fedmerge.merging.engine import _FreedMemory
 
-    freed = _FreedMemory(limit=1 << 40, check_every=100)
-    if freed._libc is None:
-        pytest.skip("not glibc: nothing is trimmed")
+    class Allocator:  # stands in for glibc: 300 bytes in use, counts the trims asked for
+        trims = 0
+
+        def mallinfo2(self):
+            return types.SimpleNamespace(uordblks=300, hblkhd=0)
+
+        def malloc_trim(self, pad):
+            Allocator.trims += 1
+
+    import types
+
+    freed = _FreedMemory(limit=500, check_every=100)
+    freed._libc, freed._outside = Allocator(), 0
     looks = []
-    freed._resident = lambda: looks.append(1) or 0
+    resident = {"bytes": 1000}  # 700 bytes free: above the limit
+    freed._resident = lambda: looks.append(1) or resident["bytes"]
     for _ in range(9):
         freed.settle(10)
-    assert looks == []
+    assert looks == [] and Allocator.trims == 0
     freed.settle(10)  # 100 bytes released since the last look
-    assert len(looks) == 1
+    assert len(looks) == 1 and Allocator.trims == 1
     freed.settle(99)
     assert len(looks) == 1
+    resident["bytes"] = 700  # 400 free: under the limit, nothing to trim
+    freed.settle(1)
+    assert len(looks) == 2 and Allocator.trims == 1
 
 
 def _as_bf16(src, dst):
