@@ -78,13 +78,6 @@ class BufferPool:
                 with self._lock:
                     self._out.pop(t.untyped_storage().data_ptr(), None)
 
-    def owns(self, t) -> bool:
-        """Whether ``t`` lies in a buffer this pool handed out and has not had back."""
-        if t is None or getattr(t, "device", None) is None or t.device.type != "cpu":
-            return False
-        with self._lock:
-            return t.untyped_storage().data_ptr() in self._out
-
     def release_idle(self) -> None:
         """Let go of the buffers waiting to be handed out (those handed out stay tracked): before
         work of other shapes, which would otherwise find them resident and unused."""

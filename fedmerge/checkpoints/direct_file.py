@@ -73,9 +73,6 @@ class SequentialFile:
         self._size += n
         return n
 
-    def flush(self) -> None:
-        """Nothing to do until ``close``: an unaligned tail can only go out as the last block."""
-
     def close(self, durable: bool = True) -> None:
         if self.closed:
             return

@@ -485,42 +485,30 @@ class MergeRun:
         pool = self.buffers if pooled else None
         raw = self._reference_rows(ot, rows)
         b32 = raw.float() if pool is None else pool.empty(tuple(raw.shape), torch.float32).copy_(raw)
-        pending = self._start_deltas(ot, rows, b32, check)
-        if self.hasher is not None:
-            pending.append(self.hasher.submit(self._hash_reference, ot, raw, rows))
+        one = self._delta_loader(ot, rows, b32, check)
+        if self.pool is None:  # one input, or one core: in turn, the reference first
+            self._check_reference(ot, raw, b32, rows, check)
+            results = [one(p) for p in ot.inputs]
         else:
-            self._hash_reference(ot, raw, rows)
-        try:
-            self._reference_finite(ot, b32, check)
-        except BaseException:
-            for f in pending:  # let the loaders finish with b32 before it is dropped
-                if not f.cancel():
-                    f.exception()
-            raise
-        results = [f.result() for f in pending]
+            pending = [self.pool.submit(one, p) for p in ot.inputs]
+            if self.hasher is not None:
+                pending.append(self.hasher.submit(self._hash_reference, ot, raw, rows))
+            else:
+                self._hash_reference(ot, raw, rows)
+            try:
+                self._reference_finite(ot, b32, check)
+            except BaseException:
+                for f in pending:  # let the loaders finish with b32 before it is dropped
+                    if not f.cancel():
+                        f.exception()
+                raise
+            results = [f.result() for f in pending][: len(ot.inputs)]
         base = _to(b32, self.device, self.compute_dtype)
         if pool is not None:
             pool.give(raw)  # hashed and widened
             if base is not b32 and self.device == "cpu":  # (a copy to the device may still be reading it)
                 pool.give(b32)  # every delta is taken
-        return base, results[: len(ot.inputs)]
-
-    def _start_deltas(self, ot: OutputTensor, rows, b32, check: bool) -> list[Any]:
-        """One future per input (its delta for ``rows``), running on the loader threads."""
-        from concurrent.futures import Future
-
-        one = self._delta_loader(ot, rows, b32, check)
-        if self.pool is not None:
-            return [self.pool.submit(one, p) for p in ot.inputs]
-        done = []
-        for p in ot.inputs:
-            f: Future = Future()
-            try:
-                f.set_result(one(p))
-            except BaseException as exc:  # raised when collected, after the reference's checks
-                f.set_exception(exc)
-            done.append(f)
-        return done
+        return base, results
 
     def _delta_loader(self, ot: OutputTensor, rows, b32, check: bool = True):
         import torch

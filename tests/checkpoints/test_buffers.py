@@ -25,11 +25,13 @@ def test_a_given_back_buffer_is_handed_out_again_for_the_same_size_and_dtype():
 def test_small_requests_and_foreign_tensors_are_not_pooled():
     pool = BufferPool(min_bytes=1 << 20)
     small = pool.empty((10,), torch.float32)
-    pool.give(small, torch.zeros(1 << 20), None)
-    assert not pool.owns(small)
+    stranger = torch.zeros(1 << 18)  # 1 MiB, but not the pool's
+    pool.give(small, stranger, None)
     assert pool.allocated == 0
-    big = pool.empty((1 << 18,), torch.float32)  # exactly 1 MiB
-    assert pool.owns(big) and pool.allocated == 1
+    big = pool.empty((1 << 18,), torch.float32)  # exactly 1 MiB: from the pool, not the stranger
+    assert pool.allocated == 1 and pool.reused == 0 and big.data_ptr() != stranger.data_ptr()
+    pool.give(big)
+    assert pool.empty((1 << 18,), torch.float32).data_ptr() == big.data_ptr()
 
 
 def test_a_buffer_comes_back_once_and_forgotten_ones_not_at_all():
