@@ -37,3 +37,18 @@ def test_empty_and_strided_tensors():
     x = torch.randn(8, 8)
     x[3, 3] = float("nan")
     assert all_finite(x[:, :3].t()) and not all_finite(x[2:5, 2:5].t())
+
+
+def test_half_precision_values_whose_half_sum_overflows_are_finite():
+    big = torch.full((64, 64), 60000.0, dtype=torch.float16)  # the fp16 sum is inf, each value is not
+    assert not torch.isfinite(big.sum())
+    assert all_finite(big)
+    big[63, 63] = float("nan")
+    assert not all_finite(big)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_strided_half_precision_views(dtype):
+    x = torch.randn(16, 16).to(dtype)
+    x[3, 3] = float("-inf")
+    assert all_finite(x[:, :3].t()) and not all_finite(x[2:5, 2:5].t())
