@@ -136,3 +136,20 @@ def test_half_precision_inputs_are_ranked_exactly():
 def test_chunks_cover_the_range_once():
     assert list(rs.chunks(10, 4)) == [(0, 4), (4, 8), (8, 10)]
     assert list(rs.chunks(0, 4)) == []
+
+
+@pytest.mark.parametrize("kind", ["continuous", "few_values", "one_value", "wide_span"])
+def test_kth_smallest_magnitude_equals_the_sorted_value(kind):
+    g = torch.Generator().manual_seed(11)
+    n = 200_000  # above the size it sorts directly: the bit histograms narrow it first
+    if kind == "continuous":
+        x = torch.rand(n, generator=g)
+    elif kind == "few_values":  # bf16 deltas: a few thousand distinct magnitudes, large clusters
+        x = (torch.rand(n, generator=g) * 3000).floor() * 2.0**-20
+    elif kind == "one_value":
+        x = torch.full((n,), 0.125)
+    else:  # zeros, subnormals and huge values: the bits span most of the float32 range
+        x = torch.cat([torch.zeros(1000), torch.rand(n, generator=g) * 1e-40, torch.rand(n, generator=g) * 1e30])
+    ordered = x.sort().values
+    for k in (0, 1, x.numel() // 3, x.numel() // 2, x.numel() - 1):
+        assert rs.kth_smallest_magnitude(x.clone(), k) == float(ordered[k])

@@ -27,6 +27,7 @@ Invariants (tested in tests/merging/test_rank_select.py):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,6 +36,7 @@ _TOP_BUCKETS = 1 << 15  # |x| has a zero sign bit: the top 16 bits take values <
 _LOW_BUCKETS = 1 << 16
 
 SAMPLE = 1 << 15  # magnitudes sampled to bracket a rank before the exact pass
+_SORT_AT_MOST = 1 << 14  # candidates few enough to sort (see kth_smallest_magnitude)
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,7 @@ class RankSearch:
         else:
             self.phase = "exact" if n <= sample else "sample"
         if self.phase == "sample":
-            import torch
-
-            gen = torch.Generator(device=device).manual_seed(n)
-            idx = torch.randint(n, (sample,), generator=gen, device=device)
-            self._picks = idx.sort().values  # gathered chunk by chunk: the same multiset as flat[idx]
+            self._picks = _sample_positions(n, sample, str(device))  # gathered chunk by chunk: the same multiset as flat[idx]
 
     @property
     def done(self) -> bool:
@@ -114,13 +112,16 @@ class RankSearch:
             a = abs_into(x, fbuf)
             flag = ibuf.view(torch.float32)[: end - start]  # comparisons into float 0/1 are far cheaper than into bool
             for j, (lo, hi) in enumerate(self._brackets):
-                torch.gt(a, hi, out=flag)
-                self._above[j] += int(flag.sum())  # exact: 0/1 partial sums stay below 2**24
                 if lo == hi:
+                    torch.gt(a, hi, out=flag)
+                    self._above[j] += int(flag.sum())  # exact: 0/1 partial sums stay below 2**24
                     torch.eq(a, lo, out=flag)
                     self._cands[j].append(int(flag.sum()))
-                else:
-                    self._cands[j].append(a[(a >= lo) & (a <= hi)])
+                else:  # the bool mask of the elements above the bracket also cuts the bracket's out
+                    above = a > hi
+                    self._above[j] += int(torch.count_nonzero(above))
+                    inside = a >= lo
+                    self._cands[j].append(a[inside.logical_xor_(above)])
         elif self.phase == "radix_top":
             a = abs_into(x, fbuf)
             top = ibuf[: end - start]
@@ -214,7 +215,7 @@ class RankSearch:
             if not (below <= r < below + n_cand):
                 break
             values = torch.cat(self._cands[j])
-            v = float(values.sort().values[r - below])  # kthvalue degrades on heavily repeated values
+            v = kth_smallest_magnitude(values, r - below)
             less = below + int(torch.count_nonzero(values < v))
             per = tuple(int(torch.count_nonzero(c == v)) for c in self._cands[j])
             out.append(Boundary(v, less, sum(per), per))
@@ -237,6 +238,44 @@ class RankSearch:
                 self.observe(s, e, flat[s:e], fbuf, ibuf)
             self.end_pass()
         return self.result  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_positions(n: int, sample: int, device: str):
+    """The sorted positions sampled from a tensor of ``n`` elements (seeded by ``n``): the same
+    for every model's delta of a tensor, and for every tensor of one shape, so drawn once."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(n)
+    return torch.randint(n, (sample,), generator=gen, device=device).sort().values
+
+
+def kth_smallest_magnitude(values, k: int) -> float:
+    """The k-th smallest (0-based) of non-negative float32 ``values``, exactly, without sorting them all.
+
+    A bracket's candidates can be a large share of a tensor (with deltas of bf16 weights a few
+    thousand distinct magnitudes cover it, so a bracket's edges fall on large clusters), and
+    sorting them cost more than the pass that collected them. The float32 bits of non-negative
+    numbers order like the numbers: a 65,536-bucket histogram over the bits' span finds the bucket
+    holding rank k, and the search repeats inside it (at most three times, each 16 bits narrower)
+    until few candidates are left, which are sorted. ``kthvalue`` is avoided: it degrades on
+    heavily repeated values.
+    """
+    import torch
+
+    while values.numel() > _SORT_AT_MOST:
+        bits = values.view(torch.int32)
+        low = int(bits.min())
+        span = int(bits.max()) - low
+        if span == 0:
+            break
+        key = torch.sub(bits, low).bitwise_right_shift_(max(0, span.bit_length() - 16))
+        hist = torch.bincount(key)
+        cum = hist.cumsum(0)
+        bucket = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True)[0])
+        k -= int(cum[bucket] - hist[bucket])
+        values = values[key == bucket]
+    return float(values.sort().values[k])
 
 
 def _offsets(sizes: Sequence[int]):
@@ -349,20 +388,15 @@ class RankBand:
             keep.mul_(tmp)
         for v, (kind, first) in state.items():
             if kind == "split":
-                self._drop_ties(a, keep, v, self.lo - first, self.hi - first, kbuf2)
+                self._drop_ties(a, keep, v, self.lo - first, self.hi - first)
         return keep
 
     @staticmethod
-    def _drop_ties(a, keep, value: float, lo: int, hi: int, scratch) -> None:
+    def _drop_ties(a, keep, value: float, lo: int, hi: int) -> None:
         """Zero ``keep`` at the tied elements (|x| == value) of this chunk whose index among the
         chunk's tied elements (0, 1, ... in order) falls outside [lo, hi)."""
         import torch
 
-        m = a.numel()
-        flag = scratch[:m]
-        torch.eq(a, value, out=flag)
-        count = torch.cumsum(flag, 0)  # 1, 2, ... at tied elements; exact in float32 (m < 2**24)
-        drop = torch.empty_like(count)
-        torch.le(count, lo, out=drop)  # count - 1 < lo
-        torch.gt(count, hi, out=count)  # count - 1 >= hi
-        keep.sub_(drop.add_(count).mul_(flag))  # those tied elements had keep = 1
+        tied = torch.eq(a, value).nonzero().squeeze(1)  # positions of the tied elements, in order
+        drop = torch.cat([tied[: max(lo, 0)], tied[max(hi, 0) :]])
+        keep.index_fill_(0, drop, 0.0)  # those tied elements had keep = 1
