@@ -149,7 +149,7 @@ def generalized_merge(
         sparsification=sparsification, consensus=consensus, normalize=normalize, rescale=rescale,
         rescale_mode=rescale_mode, lambda_=lambda_, chunk=chunk,
     )  # fmt: skip
-    return merge_in_memory(merge, base, deltas)
+    return merge_in_memory(merge, base, deltas, out=ctx.result_like(base))
 
 
 class GeneralizedMerge(StreamedTensor):
@@ -403,7 +403,10 @@ class _Sparsifier:
             keep = self._della_keep(d, raw)
         if scale != 1.0:
             keep.mul_(scale)
-        torch.mul(d, keep, out=t)
+        if t.dtype == keep.dtype:
+            torch.mul(d, keep, out=t)
+        else:  # a mixed-dtype product written to a narrower out= goes through a fresh temporary
+            t.copy_(keep.mul_(d))
         return t
 
     def _della_keep(self, d, raw):
@@ -550,7 +553,7 @@ class GeneralizedTaskArithmetic(Strategy):
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
         if len(deltas) != len(ctx.model_params):
             raise StrategyError(f"{self.name}: {len(deltas)} deltas for {ctx.name} but {len(ctx.model_params)} model parameter sets")
-        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas], device=base.device), base, deltas)
+        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas], device=base.device), base, deltas, out=ctx.result_like(base))
 
     def streams(self, name: str, shape: Sequence[int]) -> bool:
         return True
