@@ -200,6 +200,11 @@ class CheckpointWriter:
             self._planned[si].write(tensor_bytes(tensor))
             self._cursor += 1
 
+    def holds(self, name: str) -> bool:
+        """True while a tensor added ahead of the planned order waits here to be written: the
+        writer still reads it, so its memory must not be reused yet."""
+        return name in self._early
+
     def add_part(self, name: str, part, final: bool) -> None:
         """Append the next rows of a planned tensor (the one the writer is waiting for), so a large
         tensor can be written as it is computed, chunk by chunk, without ever being whole in memory."""

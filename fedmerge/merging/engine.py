@@ -503,7 +503,7 @@ class MergeRun:
                         f.exception()
                 raise
             results = [f.result() for f in pending][: len(ot.inputs)]
-        base = _to(b32, self.device, self.compute_dtype)
+        base = _to(b32, self.device, self.compute_dtype, pool)
         if pool is not None:
             pool.give(raw)  # hashed and widened
             if base is not b32 and self.device == "cpu":  # (a copy to the device may still be reading it)
@@ -523,7 +523,7 @@ class MergeRun:
                 return _to(torch.zeros_like(b32), self.device, self.compute_dtype)
             if check and not all_finite(d):
                 raise NonFiniteTensor(f"input {src.label} ({src.file_of(name)}): tensor {name!r} holds NaN or infinite values")
-            out = _to(d, self.device, self.compute_dtype)
+            out = _to(d, self.device, self.compute_dtype, self.buffers if rows is None else None)
             if out is not d and self.buffers is not None and self.device == "cpu":
                 self.buffers.give(d)  # computed in another dtype: the float32 delta is done with
             return out
@@ -598,8 +598,9 @@ class MergeRun:
             from fedmerge.merging.strategies import TensorContext
 
             bases, deltas = payload
+            results = self.buffers.empty if self.buffers is not None and self.device == "cpu" else None
             contexts = [
-                TensorContext(name=n, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config, workspace=self.workspace)
+                TensorContext(name=n, model_params=strategy.model_params, seed=self.spec.seed, device=self.device, config=self.config, workspace=self.workspace, results=results)
                 for n in item.names
             ]
             with torch.no_grad():
@@ -611,11 +612,17 @@ class MergeRun:
         for nm, m in zip(item.names, merged):
             if self.spec.check_finite and not all_finite(m):
                 raise NonFiniteTensor(f"merge result for tensor {nm!r} holds NaN or infinite values (method {strategy.name}); check its parameters")
-            outs.append(m.to(self.out_torch[nm]).cpu() if m.device.type != "cpu" else m.to(self.out_torch[nm]))
+            if m.device.type != "cpu":
+                outs.append(m.to(self.out_torch[nm]).cpu())
+            else:
+                outs.append(_to(m, "cpu", self.out_torch[nm], self.buffers if item.span is None else None))
         if self.buffers is not None and item.span is None:
-            self.buffers.forget(*outs)  # a result that is one of its inputs is still to be written
+            # Inputs and results go back to the pool, but not a buffer still to be written (a
+            # result, or an input a result is): ``_write`` gives those back once written.
+            writing = {o.untyped_storage().data_ptr() for o in outs}
             bases, deltas = payload
-            self.buffers.give(*bases, *(d for per_model in deltas for d in per_model))
+            done = [*bases, *(d for per_model in deltas for d in per_model), *merged]
+            self.buffers.give(*(t for t in done if t is not None and t.untyped_storage().data_ptr() not in writing))
         return outs
 
     # -- stage 4: write --------------------------------------------------------------------------
@@ -627,6 +634,8 @@ class MergeRun:
                 self.writer.add_part(nm, t, final=item.final)
             else:
                 self.writer.add(nm, t)
+        if self.buffers is not None and item.span is None:  # written: a pooled result (or input) may be handed out again
+            self.buffers.give(*(t for nm, t in zip(item.names, outputs) if not self.writer.holds(nm)))
         self.budget.release(item.nbytes)
         self.freed.settle(item.nbytes)
         if self.bar is not None:
@@ -924,9 +933,11 @@ class _FreedMemory:
             self._libc.malloc_trim(0)
 
 
-def _to(t, device: str, dtype):
+def _to(t, device: str, dtype, pool=None):
+    """``t`` in ``dtype`` on ``device``; a conversion on the CPU is written into one of ``pool``'s
+    buffers when there is a pool (fresh memory costs a page fault per 4 KiB on first touch)."""
     if t.dtype != dtype:
-        t = t.to(dtype)
+        t = pool.empty(tuple(t.shape), dtype).copy_(t) if pool is not None and device == "cpu" else t.to(dtype)
     if device != "cpu":
         t = t.to(device, non_blocking=True)
     return t

@@ -200,3 +200,17 @@ def test_a_reader_that_failed_to_open_closes_quietly(recwarn):
     half = CheckpointReader.__new__(CheckpointReader)
     half.close()
     assert not [w for w in recwarn.list if issubclass(w.category, pytest.PytestUnraisableExceptionWarning)]
+
+
+def test_a_tensor_added_ahead_of_the_plan_is_held_until_its_turn(tmp_path):
+    a, b = torch.arange(4, dtype=torch.float32), torch.arange(4, 8, dtype=torch.float32)
+    with CheckpointWriter(tmp_path / "m") as w:
+        w.plan([("a", (4,), "F32"), ("b", (4,), "F32")])
+        w.add("b", b)
+        assert w.holds("b")  # its memory is still read: not to be reused by the caller yet
+        w.add("a", a)
+        assert not w.holds("a") and not w.holds("b")  # both written once "a" arrived
+        b.fill_(-1.0)  # changing it now changes nothing on disk
+        w.commit()
+    got = CheckpointReader(tmp_path / "m")
+    assert torch.equal(got.get("b"), torch.arange(4, 8, dtype=torch.float32))

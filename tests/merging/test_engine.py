@@ -364,7 +364,7 @@ def _as_bf16(src, dst):
 @pytest.mark.parametrize("dtype,compute", [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")])
 @pytest.mark.parametrize(
     "method,params",
-    [("task_arithmetic", {}), ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}), ("breadcrumbs", {"density": 0.8, "gamma": 0.05}), ("model_stock", {})],
+    [("task_arithmetic", {}), ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}), ("breadcrumbs", {"density": 0.8, "gamma": 0.05}), ("model_stock", {}), ("hierarchical", {})],
 )
 def test_reused_buffers_change_no_byte_of_the_result(tiny, tmp_path_factory, method, params, dtype, compute, caplog):
     import logging

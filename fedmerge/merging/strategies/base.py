@@ -98,6 +98,9 @@ class TensorContext:
     device: str = "cpu"
     config: dict[str, Any] = field(default_factory=dict)  # the base model's config.json
     workspace: Workspace | None = None  # where to take scratch buffers from (None: allocate)
+    # Allocates a whole tensor's result, (shape, dtype) -> CPU tensor (None: ``torch.empty``): the
+    # engine hands out buffers it takes back once the result is written.
+    results: Callable[[tuple[int, ...], Any], Any] | None = None
 
     def scratch(self, numel: int, dtype, device=None):
         """A scratch buffer of ``numel`` elements, from the workspace when there is one; a strategy
@@ -108,6 +111,14 @@ class TensorContext:
         if self.workspace is None:
             return torch.empty(numel, dtype=dtype, device=device)
         return self.workspace.take(numel, dtype, device)[:numel]
+
+    def result_like(self, t):
+        """An uninitialised tensor shaped like ``t`` (same dtype and device) for a whole result."""
+        import torch
+
+        if self.results is None or t.device.type != "cpu":
+            return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        return self.results(tuple(t.shape), t.dtype)
 
     def generator(self, salt: str = ""):
         """A torch generator seeded from (merge seed, tensor name, salt): reproducible per tensor,
@@ -173,8 +184,9 @@ def flat_chunks(numel: int, size: int, row: int | None = None) -> list[tuple[int
     return [(s, min(numel, s + size)) for s in range(0, numel, size)]
 
 
-def merge_in_memory(st: StreamedTensor, base, deltas: Sequence[Any]):
-    """Run a ``StreamedTensor`` over whole tensors held in memory; returns the merged tensor."""
+def merge_in_memory(st: StreamedTensor, base, deltas: Sequence[Any], out=None):
+    """Run a ``StreamedTensor`` over whole tensors held in memory; returns the merged tensor,
+    written into ``out`` (shaped like ``base``) when given."""
     import torch
 
     flat_b = base.reshape(-1)
@@ -182,7 +194,7 @@ def merge_in_memory(st: StreamedTensor, base, deltas: Sequence[Any]):
     for p in st.passes():
         for s, e in st.chunks:
             p.observe(s, e, flat_b[s:e], [None if d is None else d[s:e] for d in flat_d])
-    out = torch.empty_like(flat_b)
+    out = torch.empty_like(flat_b) if out is None else out.view(-1)
     try:
         for s, e in st.chunks:
             st.merge(s, e, flat_b[s:e], [None if d is None else d[s:e] for d in flat_d], out=out[s:e])

@@ -146,7 +146,7 @@ class Hierarchical(Strategy):
 
     # -- merging -------------------------------------------------------------------------------------
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
-        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas)
+        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas, out=ctx.result_like(base))
 
     def streams(self, name: str, shape) -> bool:
         return True  # the engine asks only for tensors merged on their own (not an attention block)

@@ -62,7 +62,7 @@ class ModelStock(Strategy):
         n = len(deltas)
         if n < 2:
             raise StrategyError(f"model_stock needs at least 2 task vectors for {ctx.name}, got {n}")
-        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas)
+        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas, out=ctx.result_like(base))
 
     def streams(self, name: str, shape) -> bool:
         return True

@@ -57,7 +57,7 @@ class Slerp(Strategy):
     def merge_tensor(self, ctx: TensorContext, base, deltas: Sequence):
         if len(deltas) != 2:
             raise StrategyError(f"slerp merges exactly two models, got {len(deltas)} for {ctx.name}")
-        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas)
+        return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas, out=ctx.result_like(base))
 
     def streams(self, name: str, shape) -> bool:
         return True

@@ -597,7 +597,7 @@ class SpectralMerge(Strategy):
         if not used:
             return base.clone()
         if base.numel() >= GRAM_ELEMENTS and self._gram_path(ctx.name, base.shape):
-            return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas)
+            return merge_in_memory(self.streamed(ctx, base.shape, base.dtype, [d is not None for d in deltas]), base, deltas, out=ctx.result_like(base))
         dev = torch.device(ctx.device)
         scaled = []
         for w, d in used:
