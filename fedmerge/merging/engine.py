@@ -684,7 +684,9 @@ class MergeRun:
         # CPU, before any move to the compute dtype or device): allocating them afresh cost
         # millions of page faults per merge.
         reuse = self.spec.reuse_buffers_from and getattr(self.cls, "reuse_buffers", True)
-        self.buffers = BufferPool(min_bytes=self.spec.reuse_buffers_from) if reuse else None
+        # An item of one shape holds the reference, a delta per input and the result at once:
+        # that many idle buffers per shape are kept for the next item.
+        self.buffers = BufferPool(min_bytes=self.spec.reuse_buffers_from, keep=n + 2) if reuse else None
         self._lend_buffers(self.buffers)
         # The base's running digests are fed in order by one thread of their own.
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmerge-hash") if self.pool is not None and self.spec.fingerprints else None

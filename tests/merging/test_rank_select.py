@@ -19,7 +19,7 @@ def _reference_topk_mask(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return mask
 
 
-def _band_mask(x: torch.Tensor, lo: int, hi: int, chunk: int, sample: int = rs.SAMPLE) -> torch.Tensor:
+def _band_mask(x: torch.Tensor, lo: int, hi: int, chunk: int, sample: int | None = None) -> torch.Tensor:
     f = torch.empty(chunk)
     i = torch.empty(chunk, dtype=torch.int32)
     band = rs.RankBand(x, lo, hi, f, i, sample)

@@ -35,7 +35,8 @@ from typing import Sequence
 _TOP_BUCKETS = 1 << 15  # |x| has a zero sign bit: the top 16 bits take values < 2**15
 _LOW_BUCKETS = 1 << 16
 
-SAMPLE = 1 << 15  # magnitudes sampled to bracket a rank before the exact pass
+SAMPLE = 1 << 15  # fewest magnitudes sampled to bracket a rank before the exact pass
+SAMPLE_MAX = 1 << 18  # most: a larger sample narrows the bracket (fewer candidates to collect)
 _SORT_AT_MOST = 1 << 14  # candidates few enough to sort (see kth_smallest_magnitude)
 
 
@@ -79,7 +80,8 @@ class RankSearch:
     chunk of a pass, then ``end_pass``; ``result`` is set once ``done``.
     """
 
-    def __init__(self, n: int, ranks: Sequence[int], device, sample: int = SAMPLE, radix: bool = False):
+    def __init__(self, n: int, ranks: Sequence[int], device, sample: int | None = None, radix: bool = False):
+        sample = sample_size(n) if sample is None else sample
         self.n, self.ranks, self.device, self.sample = n, list(ranks), device, sample
         self.result: list[Boundary] | None = None
         self._parts: list = []
@@ -164,7 +166,7 @@ class RankSearch:
                 out.append(Boundary(v, less, sum(per), per))
             self._finish(out)
         elif self.phase == "sample":
-            drawn = torch.cat(self._parts).abs().float().sort().values
+            drawn = torch.cat(self._parts).abs().float()
             self._parts = []
             sample = self.sample
             self._brackets = []
@@ -172,8 +174,8 @@ class RankSearch:
                 q = (r + 0.5) / self.n
                 margin = 6.0 * math.sqrt(q * (1.0 - q) / sample) + 4.0 / sample
                 i_lo, i_hi = math.floor((q - margin) * sample), math.ceil((q + margin) * sample)
-                lo = float(drawn[i_lo]) if i_lo > 0 else -1.0
-                hi = float(drawn[i_hi]) if i_hi < sample - 1 else math.inf
+                lo = kth_smallest_magnitude(drawn, i_lo) if i_lo > 0 else -1.0
+                hi = kth_smallest_magnitude(drawn, i_hi) if i_hi < sample - 1 else math.inf
                 self._brackets.append((lo, hi))
             self.phase = "count"
         elif self.phase == "count":
@@ -240,6 +242,14 @@ class RankSearch:
         return self.result  # type: ignore[return-value]
 
 
+def sample_size(n: int) -> int:
+    """How many magnitudes of an ``n``-element tensor are sampled: 1/64 of them within
+    [SAMPLE, SAMPLE_MAX]. The bracket's width shrinks with the square root of the sample, and
+    collecting the candidates inside it (a scan whose cost grows with their share) is the
+    costliest step of the counting pass."""
+    return min(SAMPLE_MAX, max(SAMPLE, n >> 6))
+
+
 @functools.lru_cache(maxsize=16)
 def _sample_positions(n: int, sample: int, device: str):
     """The sorted positions sampled from a tensor of ``n`` elements (seeded by ``n``): the same
@@ -285,7 +295,7 @@ def _offsets(sizes: Sequence[int]):
         start += size
 
 
-def rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf, sample: int = SAMPLE) -> list[Boundary]:
+def rank_boundaries(flat, ranks: Sequence[int], fbuf, ibuf, sample: int | None = None) -> list[Boundary]:
     """For each 0-based ascending rank r of |flat|, the exact magnitude found there.
 
     A seeded random sample brackets each rank between two magnitudes (a wide margin of order
@@ -312,7 +322,7 @@ class RankBand:
     must be called on the same consecutive chunks as the boundaries were computed on, in order.
     """
 
-    def __init__(self, flat, lo: int, hi: int, fbuf, ibuf, sample: int = SAMPLE):
+    def __init__(self, flat, lo: int, hi: int, fbuf, ibuf, sample: int | None = None):
         n = flat.numel()
         wanted = self.ranks_needed(n, lo, hi)
         self._setup(n, lo, hi, dict(zip(wanted, rank_boundaries(flat, wanted, fbuf, ibuf, sample))) if wanted else {})

@@ -197,6 +197,13 @@ class GeneralizedMerge(StreamedTensor):
             if has
         ]
         total_weight = sum(p.weight for p in plans)
+        # With positive weights a divisor is 0 (no model agrees, so the numerator is 0 too) or at
+        # least the smallest weight: raising 0 to the smallest normal number is then one pass.
+        import torch
+
+        weights = [sp.plan.weight for sp in self.sparsifiers]
+        tiny = torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
+        self._den_floor = tiny if weights and min(weights) >= tiny else None
         self.total_weight = 1.0 if abs(total_weight) < 1e-8 else total_weight  # as mergekit: nothing sensible to divide by
         self._scratch: dict[str, Any] | None = None
 
@@ -282,12 +289,20 @@ class GeneralizedMerge(StreamedTensor):
             if self.normalize:
                 acc.div_(self.total_weight)
         else:
-            self._elect(sc, acc, [buf[:m] for buf in sc["work"]], deltas, m)
+            sgn, den = self._elect(sc, acc, [buf[:m] for buf in sc["work"]], deltas, m)
+            # acc holds the agreeing models' summed magnitudes: the elected sign and the divisor
+            # are applied in the pass that adds the result to the base.
+            if den is None:
+                torch.addcmul(base, acc, sgn, value=self.lambda_, out=out)
+            else:
+                torch.addcdiv(base, acc, den.mul_(sgn), value=self.lambda_, out=out)
+            return out
         torch.add(base, acc, alpha=self.lambda_, out=out)
         return out
 
-    def _elect(self, sc, acc, ts, deltas, m) -> None:
-        """TIES' sign election over one chunk, leaving the agreeing sum (or mean) in ``acc``.
+    def _elect(self, sc, acc, ts, deltas, m):
+        """TIES' sign election over one chunk: leaves the agreeing models' summed magnitudes in
+        ``acc`` and returns the elected signs (+1/-1) and, when normalizing, the divisor (never 0).
 
         The masks are made chunk by chunk (their tie counts and random draws are per chunk); the
         election, a dozen elementwise passes, runs over blocks of ``ELECT_BLOCK`` elements so
@@ -298,6 +313,7 @@ class GeneralizedMerge(StreamedTensor):
         for s in range(0, m, ELECT_BLOCK):
             e = min(m, s + ELECT_BLOCK)
             self._elect_block(sc, acc[s:e], [t[s:e] for t in ts], s, e)
+        return sc["sgn"][:m], (sc["den"][:m] if sc["den"] is not None else None)
 
     def _elect_block(self, sc, acc, ts, s, e) -> None:
         import torch
@@ -318,24 +334,24 @@ class GeneralizedMerge(StreamedTensor):
         torch.copysign(sc["one"].expand(n), acc, out=sgn)
         # t * sgn > 0 exactly where a model agrees: clamping keeps |t| there and 0 elsewhere.
         den = sc["den"][s:e] if sc["den"] is not None else None
-        for j, (sp, t) in enumerate(zip(self.sparsifiers, ts)):
+        for t in ts:
             t.mul_(sgn).clamp_(min=0)
-            if j == 0:
-                acc.copy_(t)
-            else:
-                acc.add_(t)
-            if den is not None:
+        torch.add(ts[0], ts[1], out=acc) if len(ts) > 1 else acc.copy_(ts[0])
+        for t in ts[2:]:
+            acc.add_(t)
+        if den is not None:
+            for j, (sp, t) in enumerate(zip(self.sparsifiers, ts)):
                 t.sign_()
                 if j == 0:
                     torch.mul(t, sp.plan.weight, out=den)
                 else:
                     den.add_(t, alpha=sp.plan.weight)
-        acc.mul_(sgn)
-        if den is not None:
-            zero = sc["bufs"].k[s:e]
-            torch.eq(den, 0, out=zero)
-            den.add_(zero)  # no agreeing model: the numerator is 0, divide by 1
-            acc.div_(den)
+            if self._den_floor is not None:  # weights all positive: den is 0 only where acc is
+                den.clamp_(min=self._den_floor)
+            else:
+                zero = sc["bufs"].k[s:e]
+                torch.eq(den, 0, out=zero)
+                den.add_(zero)  # no agreeing model: the numerator is 0, divide by 1
 
 
 class _Sparsifier:
