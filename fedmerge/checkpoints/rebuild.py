@@ -29,6 +29,7 @@ from fedmerge.checkpoints.delta import subtract_reference
 from fedmerge.checkpoints.dtypes import FLOAT_DTYPES, torch_dtype
 from fedmerge.checkpoints.errors import CheckpointError, IncompatibleCheckpoint
 from fedmerge.checkpoints.layout import INDEX_NAME, METADATA_NAME, TensorInfo
+from fedmerge.checkpoints.pipeline import run_ordered
 from fedmerge.checkpoints.reader import CheckpointReader
 from fedmerge.checkpoints.writer import CheckpointWriter
 
@@ -116,27 +117,41 @@ def encode_and_rebuild(model_dir, reference_dir, delta_dir, out_dir, compression
 
     model, ref = CheckpointReader(model_dir), CheckpointReader(reference_dir)
     plan = _DeltaPlan(model, ref, compression, seed, max_shard_bytes)
+
+    def encode(block):  # on a thread of its own, while the previous blocks are written
+        name, rows = block
+        base, codec, dtype = ref.get(name, rows=rows), plan.codecs[name], torch_dtype(model.info(name).dtype)
+        d = subtract_reference(model.get(name, rows=rows), base)
+        if codec is None:
+            return d, torch.add(d, base.to(torch.float32)).to(dtype)
+        enc = codec.encode(d, rows[0])
+        return enc, codec.decode(enc, rows[0]).add_(base.to(torch.float32)).to(dtype)
+
     with (_rebuilding_into(out_dir, sidecars_from) as tmp, CheckpointWriter(delta_dir, overwrite=True) as dw,
           CheckpointWriter(tmp, max_shard_bytes=max_shard_bytes) as mw):
         dw.plan(plan.stored)
         mw.plan([model.info(n) for n in model.names()])
-        for name in model.names():
-            info, codec = model.info(name), plan.codecs[name]
-            for rows in _row_blocks(info):
-                base = ref.get(name, rows=rows)
-                d = subtract_reference(model.get(name, rows=rows), base)
-                if codec is None:
-                    dw.add(name, d)  # written before ``d`` is reused below
-                    part = d.add_(base.to(torch.float32)).to(torch_dtype(info.dtype))
-                    mw.add(name, part)
-                    continue
-                enc = codec.encode(d, rows[0])
-                dw.add_part(name, enc, final=rows[1] == codec.rows)
-                part = codec.decode(enc, rows[0]).add_(base.to(torch.float32)).to(torch_dtype(info.dtype))
+
+        def write(block, encoded) -> None:
+            (name, rows), (stored, part), codec = block, encoded, plan.codecs[block[0]]
+            if codec is None:
+                dw.add(name, stored)
+                mw.add(name, part)
+            else:
+                dw.add_part(name, stored, final=rows[1] == codec.rows)
                 mw.add_part(name, part, final=rows[1] == codec.rows)
+
+        run_ordered(_blocks(model.names(), model.info), encode, write, workers=1, depth=4)
         dw.commit(metadata=plan.meta)
         mw.commit()
     return Path(delta_dir), Path(out_dir)
+
+
+def _blocks(names, info_of):
+    """(name, rows) of every row block of every tensor, in order."""
+    for name in names:
+        for rows in _row_blocks(info_of(name)):
+            yield name, rows
 
 
 def read_model_delta(delta_dir) -> tuple[CheckpointReader, dict[str, Any]]:
@@ -171,18 +186,25 @@ def rebuild_model(reference_dir, delta_dir, out_dir, sidecars_from=None) -> Path
         want = codecs[name].shape if name in codecs else delta.info(name).shape
         if want != shape or (name not in codecs and delta.info(name).dtype != "F32"):
             raise IncompatibleCheckpoint(f"{delta_dir}: the delta of tensor {name!r} does not have the model's shape {list(shape)}")
+    infos = {n: TensorInfo(n, s, d) for n, d, s in layout}
+
+    def rebuild(block):  # on a thread of its own, while the previous blocks are written
+        (name, rows), codec = block, codecs.get(block[0])
+        stored = delta.get(name, rows=rows)
+        d = codec.decode(stored, rows[0]) if codec is not None else stored
+        return d.add_(ref.get(name, rows=rows).to(torch.float32)).to(torch_dtype(infos[name].dtype))
+
     with _rebuilding_into(out_dir, sidecars_from) as tmp, CheckpointWriter(tmp, max_shard_bytes=int(meta["max_shard_bytes"])) as w:
-        w.plan([TensorInfo(n, s, d) for n, d, s in layout])
-        for name, dtype, shape in layout:
-            info, codec = TensorInfo(name, shape, dtype), codecs.get(name)
-            for rows in _row_blocks(info):
-                stored = delta.get(name, rows=rows)
-                d = codec.decode(stored, rows[0]) if codec is not None else stored
-                part = d.add_(ref.get(name, rows=rows).to(torch.float32)).to(torch_dtype(dtype))
-                if rows is None:
-                    w.add(name, part)
-                else:
-                    w.add_part(name, part, final=rows[1] == shape[0])
+        w.plan(list(infos.values()))
+
+        def write(block, part) -> None:
+            name, rows = block
+            if rows is None:
+                w.add(name, part)
+            else:
+                w.add_part(name, part, final=rows[1] == infos[name].shape[0])
+
+        run_ordered(_blocks(infos, infos.__getitem__), rebuild, write, workers=1, depth=4)
         w.commit()
     return Path(out_dir)
 
