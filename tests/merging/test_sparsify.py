@@ -51,6 +51,14 @@ def test_ties_weights_apply_before_sign_election_as_mergekit():
     assert_close(out, torch.tensor([0.0, -2.0, 3.5 / 1.5, -4.0, 0.0, 2.0]), rtol=0, atol=1e-6)
 
 
+def test_ties_divisor_with_a_negative_weight_may_cancel_to_zero():
+    # weights [1, -1]: tau1 = [0, -2, 3, -4, 0, 0], tau2 = -1 * [0, 0, 1, 5, 0, 2] = [0, 0, -1, -5, 0, -2]
+    # sum = [0, -2, 2, -9, 0, -2] -> elected + - + - + -
+    # idx 3: both agree, divisor 1 + (-1) = 0 -> divided by 1: -9; idx 5: only tau2, divisor -1: 2.
+    out = run("ties", torch.zeros(6), [D1, D2], {"density": 0.5}, [{"weight": 1.0}, {"weight": -1.0}])
+    assert torch.equal(out, torch.tensor([0.0, -2.0, 3.0, -9.0, 0.0, 2.0]))
+
+
 def test_ties_unnormalized_sums_agreeing_entries_and_lambda_scales():
     # as the first test but without normalize: [0, -2, 3+1, 5, 0, 2], then lambda 0.5
     out = run("ties", torch.zeros(6), [D1, D2], {"density": 0.5, "normalize": False, "lambda": 0.5})

@@ -197,13 +197,7 @@ class GeneralizedMerge(StreamedTensor):
             if has
         ]
         total_weight = sum(p.weight for p in plans)
-        # With positive weights a divisor is 0 (no model agrees, so the numerator is 0 too) or at
-        # least the smallest weight: raising 0 to the smallest normal number is then one pass.
-        import torch
-
-        weights = [sp.plan.weight for sp in self.sparsifiers]
-        tiny = torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
-        self._den_floor = tiny if weights and min(weights) >= tiny else None
+        self._den_floor = _divisor_floor([sp.plan.weight for sp in self.sparsifiers], dtype)
         self.total_weight = 1.0 if abs(total_weight) < 1e-8 else total_weight  # as mergekit: nothing sensible to divide by
         self._scratch: dict[str, Any] | None = None
 
@@ -352,6 +346,16 @@ class GeneralizedMerge(StreamedTensor):
                 zero = sc["bufs"].k[s:e]
                 torch.eq(den, 0, out=zero)
                 den.add_(zero)  # no agreeing model: the numerator is 0, divide by 1
+
+
+def _divisor_floor(weights: Sequence[float], dtype) -> float | None:
+    """With positive weights a divisor of the sign election is 0 (no model agrees, so the
+    numerator is 0 too) or at least the smallest weight: clamping it to the smallest normal
+    number of ``dtype`` then replaces the test for 0 in one pass. None when a weight is not."""
+    import torch
+
+    tiny = torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
+    return tiny if weights and min(weights) >= tiny else None
 
 
 class _Sparsifier:
