@@ -285,16 +285,14 @@ class _LerpTensor(StreamedTensor):
         import torch
 
         items = list(self.coeffs.items())
-        if not items:
-            merged = base.clone()
-        else:
-            m0, c0 = items[0]
-            merged = torch.add(base, deltas[m0], alpha=c0)
-            for m, c in items[1:]:
-                merged.add_(deltas[m], alpha=c)
         if out is None:
-            return merged
-        out.copy_(merged)
+            out = torch.empty_like(base)
+        if not items:
+            return out.copy_(base)
+        m0, c0 = items[0]
+        torch.add(base, deltas[m0], alpha=c0, out=out)  # straight into the result: no temporary per chunk
+        for m, c in items[1:]:
+            out.add_(deltas[m], alpha=c)
         return out
 
 
