@@ -37,7 +37,6 @@ _LOW_BUCKETS = 1 << 16
 
 SAMPLE = 1 << 15  # fewest magnitudes sampled to bracket a rank before the exact pass
 SAMPLE_MAX = 1 << 18  # most: a larger sample narrows the bracket (fewer candidates to collect)
-_SORT_AT_MOST = 1 << 14  # candidates few enough to sort (see kth_smallest_magnitude)
 
 
 @dataclass(frozen=True)
@@ -261,31 +260,16 @@ def _sample_positions(n: int, sample: int, device: str):
 
 
 def kth_smallest_magnitude(values, k: int) -> float:
-    """The k-th smallest (0-based) of non-negative float32 ``values``, exactly, without sorting them all.
-
-    A bracket's candidates can be a large share of a tensor (with deltas of bf16 weights a few
-    thousand distinct magnitudes cover it, so a bracket's edges fall on large clusters), and
-    sorting them cost more than the pass that collected them. The float32 bits of non-negative
-    numbers order like the numbers: a 65,536-bucket histogram over the bits' span finds the bucket
-    holding rank k, and the search repeats inside it (at most three times, each 16 bits narrower)
-    until few candidates are left, which are sorted. ``kthvalue`` is avoided: it degrades on
-    heavily repeated values.
-    """
+    """The k-th smallest (0-based) of non-negative ``values``, exactly, by the radix search below
+    (two bit histograms, one chunk) rather than a sort: a bracket's candidates can be a large
+    share of a tensor (with deltas of bf16 weights a few thousand distinct magnitudes cover it,
+    so a bracket's edges fall on large clusters), and sorting them cost more than the pass that
+    collected them. ``kthvalue`` is avoided: it degrades on heavily repeated values."""
     import torch
 
-    while values.numel() > _SORT_AT_MOST:
-        bits = values.view(torch.int32)
-        low = int(bits.min())
-        span = int(bits.max()) - low
-        if span == 0:
-            break
-        key = torch.sub(bits, low).bitwise_right_shift_(max(0, span.bit_length() - 16))
-        hist = torch.bincount(key)
-        cum = hist.cumsum(0)
-        bucket = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True)[0])
-        k -= int(cum[bucket] - hist[bucket])
-        values = values[key == bucket]
-    return float(values.sort().values[k])
+    n = values.numel()
+    fbuf, ibuf = torch.empty(n, device=values.device), torch.empty(n, dtype=torch.int32, device=values.device)
+    return radix_boundaries(values.reshape(-1), [k], fbuf, ibuf)[0].value
 
 
 def _offsets(sizes: Sequence[int]):
