@@ -9,7 +9,8 @@ fresh page also costs the host a fault. ``BufferPool`` keeps the blocks of each 
 that come back and hands them out again; smaller requests go to the allocator as before.
 
 A buffer must be given back only when nothing else holds it: the engine gives back what it
-read for an item after the item's result is computed (and keeps any buffer the result aliases).
+read for an item once the item's result is computed, and the result (or an input it aliases)
+once it is written.
 """
 
 from __future__ import annotations
@@ -70,13 +71,6 @@ class BufferPool:
                 free = self._free.setdefault(key, [])
                 if len(free) < self.keep:
                     free.append(t.new_empty(0).set_(storage, 0, (numel,)))
-
-    def forget(self, *tensors) -> None:
-        """Stop tracking buffers that must not come back (a result that aliases one)."""
-        for t in tensors:
-            if t is not None and getattr(t, "device", None) is not None and t.device.type == "cpu":
-                with self._lock:
-                    self._out.pop(t.untyped_storage().data_ptr(), None)
 
     def release_idle(self) -> None:
         """Let go of the buffers waiting to be handed out (those handed out stay tracked): before
